@@ -1,0 +1,53 @@
+"""Typed, frozen configuration of the temporal-graph model (shared by server and trainer)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["ModelConfig"]
+
+
+class ModelConfig(BaseModel):
+    """Architecture of a TGN-family model. Presets: ``ModelConfig.preset("tgn" | "jodie")``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory_dim: int = Field(100, ge=1, description="node memory width d_mem")
+    time_dim: int = Field(100, ge=1, description="time-encoding width")
+    embedding_dim: int = Field(100, ge=1, description="node embedding width (attention output)")
+    edge_dim: int = Field(0, ge=0, description="edge feature width (0 = featureless)")
+    message: Literal["identity", "mlp"] = Field("identity", description="message function")
+    message_dim: int = Field(100, ge=1, description="output width of the MLP message function")
+    aggregator: Literal["last", "mean"] = Field("last", description="combines a node's messages")
+    updater: Literal["gru", "rnn"] = Field("gru", description="memory updater cell")
+    embedding: Literal["attention", "time", "identity"] = Field(
+        "attention", description="attention = TGN-attn, time = JODIE projection, identity = memory"
+    )
+    num_neighbors: int = Field(10, ge=1, description="K most recent neighbours kept per node")
+    num_heads: int = Field(2, ge=1, description="attention heads")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    pair_features: bool = Field(
+        False, description="decoder also sees past u-v count, time since last u-v event, common neighbours"
+    )
+    decoder_hidden: int = Field(100, ge=1, description="hidden width of the link decoder MLP")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.embedding == "attention" and self.embedding_dim % self.num_heads:
+            raise ValueError(
+                f"embedding_dim {self.embedding_dim} must be divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+    @staticmethod
+    def preset(name: str, **overrides) -> ModelConfig:
+        """``tgn``: GRU + temporal graph attention. ``jodie``: RNN + time projection."""
+        presets = {
+            "tgn": dict(updater="gru", embedding="attention"),
+            "jodie": dict(updater="rnn", embedding="time"),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
+        return ModelConfig(**{**presets[name], **overrides})

@@ -1,0 +1,329 @@
+"""MemoryEngine: the pure TGN engine (state + model, tensors in, tensors out, one device).
+
+Step order, shared by trainer and server (TGN "memory update at batch start"):
+
+1. **score** the batch with the current state. A node's pending message (from its previous
+   events) is folded into its memory on the fly, with gradient when training.
+2. **loss** (training only).
+3. **apply** the batch: persist the folded memories of the batch's nodes, store the batch's
+   events as their new pending messages, insert them in the neighbour table and edge history.
+4. the persisted state is detached (``apply_events`` runs without grad).
+
+Every prediction within a batch sees the same state, so no event can see itself or a later
+event (no leakage); the same batch boundaries give the same state online and offline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.edge_history import EdgeHistory
+from tgnstream.core.events import EventBatch
+from tgnstream.core.idmap import IdMap
+from tgnstream.core.memory import NodeMemory
+from tgnstream.core.model import TGNModel
+from tgnstream.core.modules import encode_pair_features
+from tgnstream.core.neighbors import RecentNeighbors
+
+__all__ = ["MemoryEngine", "FreshMemory"]
+
+
+@dataclass
+class FreshMemory:
+    """Memories of a sorted set of nodes with their pending messages folded in.
+
+    nodes: ``[U]`` sorted unique ids; memory: ``[U, d_mem]`` (may carry grad);
+    last_update: ``[U]`` float64.
+    """
+
+    nodes: torch.Tensor
+    memory: torch.Tensor
+    last_update: torch.Tensor
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.nodes, ids)
+
+
+class MemoryEngine(nn.Module):
+    """A TGN-family model with all of its node state as buffers on one device.
+
+    Submodules: ``model`` (parameters), ``memory`` (memory + mailbox), ``neighbors`` (K most
+    recent neighbours), ``history`` (per-pair count and last time), ``ids`` (external id map).
+    ``state_dict()`` therefore captures weights and state together; ``state_only_dict()`` only
+    the state. Capacity grows by doubling when larger ids arrive.
+
+    Args:
+        config: model architecture.
+        capacity: initial number of node slots.
+        device: where every tensor lives.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int = 1024, device: torch.device | str = "cpu"):
+        super().__init__()
+        capacity = max(int(capacity), 1)
+        self.config = config
+        self.model = TGNModel(config)
+        self.memory = NodeMemory(capacity, config.memory_dim, config.edge_dim)
+        self.neighbors = RecentNeighbors(capacity, config.num_neighbors, config.edge_dim)
+        self.history = EdgeHistory()
+        self.ids = IdMap()
+        self.register_buffer("events_applied", torch.zeros((), dtype=torch.long))
+        self.register_buffer("watermark", torch.full((), float("-inf"), dtype=torch.float64))
+        self.to(device)
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def device(self) -> torch.device:
+        return self.memory.memory.device
+
+    @property
+    def capacity(self) -> int:
+        return self.memory.capacity
+
+    def ensure_capacity(self, num_nodes: int) -> None:
+        """Make room for ids ``< num_nodes`` (doubling, so growth is amortised O(1))."""
+        if num_nodes <= self.capacity:
+            return
+        new_cap = max(num_nodes, 2 * self.capacity)
+        self.memory.grow(new_cap)
+        self.neighbors.grow(new_cap)
+
+    def reset_state(self) -> None:
+        """Forget every event (memory, mailbox, neighbours, pair history); keep weights."""
+        self.memory.reset()
+        self.neighbors.reset()
+        self.history.reset()
+        self.events_applied.zero_()
+        self.watermark.fill_(float("-inf"))
+
+    _STATE_PREFIXES = ("memory.", "neighbors.", "history.", "ids.", "events_applied", "watermark")
+
+    def state_only_dict(self) -> dict[str, torch.Tensor]:
+        """Node state without weights (what a snapshot or a backup needs)."""
+        return {k: v.clone() for k, v in self.state_dict().items() if k.startswith(self._STATE_PREFIXES)}
+
+    def load_state_only(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.state_dict() if k.startswith(self._STATE_PREFIXES) and k not in state]
+        if missing:
+            raise KeyError(f"state is missing {missing[:5]}")
+        merged = {**{k: v for k, v in self.state_dict().items() if k.startswith("model.")}, **state}
+        self.load_state_dict(merged)
+
+    # ------------------------------------------------------------------- memory + embedding
+    def fresh_memory(self, nodes: torch.Tensor) -> FreshMemory:
+        """Memories of ``nodes`` (any ids) with pending messages folded in; grad if enabled."""
+        uniq = torch.unique(nodes)
+        mem = self.memory.memory[uniq]
+        last = self.memory.last_update[uniq]
+        pending = self.memory.has_mail[uniq].nonzero().squeeze(1)
+        if pending.numel():
+            ids = uniq[pending]
+            mail_ts = self.memory.mail_ts[ids]
+            dt = (mail_ts - self.memory.last_update[ids]).clamp(min=0)
+            updated = self.model.update_memory(self.memory.mail[ids], dt, mem[pending])
+            mem = mem.index_put((pending,), updated)
+            last = last.index_put((pending,), mail_ts)
+        return FreshMemory(uniq, mem, last)
+
+    def embed_with(self, nodes: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, FreshMemory]:
+        """Embeddings ``[M, d_emb]`` of ``nodes [M]`` at times ``t [M]`` (float64), plus the fresh
+        memories used (covering ``nodes`` and their neighbours)."""
+        cfg = self.config
+        if cfg.embedding == "attention":
+            nb_ids, nb_ts, nb_feats, mask = self.neighbors.gather(nodes)
+            fresh = self.fresh_memory(torch.cat([nodes, nb_ids[mask]]))
+            q_idx = fresh.rows(nodes)
+            nb_idx = fresh.rows(nb_ids.clamp(min=0))
+            nb_idx = torch.where(mask, nb_idx, torch.zeros_like(nb_idx))
+            nb_dt = (t.unsqueeze(1) - nb_ts).clamp(min=0)
+            z = self.model.embedding(fresh.memory, q_idx, nb_idx, nb_dt, nb_feats, mask)
+            return z, fresh
+        fresh = self.fresh_memory(nodes)
+        rows = fresh.rows(nodes)
+        mem = fresh.memory[rows]
+        if cfg.embedding == "time":
+            return self.model.embedding(mem, t - fresh.last_update[rows]), fresh
+        return mem, fresh
+
+    def pair_features(self, u: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Pair features ``[*, F]`` for broadcastable ``u, v, t``: past u-v count, time since the
+        last u-v event, common recent neighbours. Uses only already-applied events."""
+        u, v, t = torch.broadcast_tensors(u, v, t)
+        count, last_t = self.history.lookup(u, v)
+        nb_u = self.neighbors.ids[u]  # [*, K]
+        nb_v = self.neighbors.ids[v]
+        same = (nb_u.unsqueeze(-1) == nb_v.unsqueeze(-2)) & (nb_u >= 0).unsqueeze(-1)
+        common = same.any(-1).sum(-1)
+        return encode_pair_features(count, last_t, t, common)
+
+    def _rank_common(self, src: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        nb_s = self.neighbors.ids[src]  # [P, K]
+        nb_c = self.neighbors.ids[cand]  # [Q, K]
+        k = nb_s.shape[1]
+        common = torch.zeros(src.numel(), cand.numel(), dtype=torch.long, device=src.device)
+        for i in range(k):  # K small: avoids a [P, Q, K, K] intermediate
+            col = nb_s[:, i : i + 1]
+            hit = (nb_c.unsqueeze(0) == col.unsqueeze(1)).any(-1) & (col >= 0)
+            common += hit
+        return common
+
+    # ------------------------------------------------------------------------------ scoring
+    def logits(
+        self, src: torch.Tensor, dst: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, FreshMemory]:
+        """Link logits ``[B]`` for pairs at times ``t [B]``; grad if enabled. All pairs share
+        one embedding pass (so a positive and its negative see the same state)."""
+        b = src.numel()
+        z, fresh = self.embed_with(torch.cat([src, dst]), torch.cat([t, t]))
+        pair = self.pair_features(src, dst, t) if self.config.pair_features else None
+        return self.model.decoder(z[:b], z[b:], pair), fresh
+
+    def training_logits(
+        self, batch: EventBatch, neg_dst: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, FreshMemory]:
+        """Positive ``[B]`` and negative ``[B]`` logits in one embedding pass (grad enabled)."""
+        b = len(batch)
+        self.ensure_capacity(int(torch.max(torch.stack([batch.src.max(), batch.dst.max(), neg_dst.max()]))) + 1)
+        nodes = torch.cat([batch.src, batch.dst, neg_dst])
+        t = batch.t
+        z, fresh = self.embed_with(nodes, torch.cat([t, t, t]))
+        z_src, z_dst, z_neg = z[:b], z[b : 2 * b], z[2 * b :]
+        if self.config.pair_features:
+            pf = self.pair_features(batch.src.repeat(2), torch.cat([batch.dst, neg_dst]), t.repeat(2))
+            pf_pos, pf_neg = pf[:b], pf[b:]
+        else:
+            pf_pos = pf_neg = None
+        pos = self.model.decoder(z_src, z_dst, pf_pos)
+        neg = self.model.decoder(z_src, z_neg, pf_neg)
+        return pos, neg, fresh
+
+    @torch.no_grad()
+    def score(self, src: torch.Tensor, dst: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Link probabilities ``[B]`` for ``src [B], dst [B]`` at times ``t [B]`` (float64)."""
+        self._check_ids(src, dst)
+        return torch.sigmoid(self.logits(src, dst, t)[0])
+
+    @torch.no_grad()
+    def rank_logits(
+        self, src: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, t_candidates: float | None = None
+    ) -> torch.Tensor:
+        """Logits ``[P, Q]`` of each source ``src [P]`` (at its time ``t [P]``) against every
+        candidate ``[Q]``. Candidate embeddings are computed once, at ``t_candidates`` (default:
+        the earliest of ``t``), as a TopK query issued at that time would; pair features use
+        each source's own time."""
+        self._check_ids(src, candidates)
+        t_c = float(t.min()) if t_candidates is None else t_candidates
+        q = candidates.numel()
+        z, _ = self.embed_with(
+            torch.cat([src, candidates]),
+            torch.cat([t, torch.full((q,), t_c, dtype=torch.float64, device=t.device)]),
+        )
+        z_src, z_c = z[: src.numel()], z[src.numel() :]
+        pair = None
+        if self.config.pair_features:
+            u = src.unsqueeze(1).expand(-1, q)
+            v = candidates.unsqueeze(0).expand(src.numel(), -1)
+            count, last_t = self.history.lookup(u, v)
+            common = self._rank_common(src, candidates)
+            pair = encode_pair_features(count, last_t, t.unsqueeze(1).expand(-1, q), common)
+        return self.model.decoder.rank(z_src, z_c, pair)
+
+    @torch.no_grad()
+    def top_k(
+        self,
+        src: int,
+        t: float,
+        k: int,
+        candidates: torch.Tensor | None = None,
+        exclude_seen: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best destinations for ``src`` at time ``t``: ``(ids [k'], probs [k'])``,
+        best first; ``candidates`` defaults to every node slot in use."""
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        if candidates is None:
+            candidates = torch.arange(self.num_nodes_in_use(), device=self.device)
+        s = torch.tensor([src], device=self.device)
+        tt = torch.tensor([t], dtype=torch.float64, device=self.device)
+        logits = self.rank_logits(s, tt, candidates, t)[0]
+        if exclude_seen:
+            count, _ = self.history.lookup(s.expand(candidates.numel()), candidates)
+            logits = logits.masked_fill(count > 0, float("-inf"))
+        logits = logits.masked_fill(candidates == src, float("-inf"))
+        top = torch.topk(logits, min(k, candidates.numel()))
+        keep = torch.isfinite(top.values)
+        return candidates[top.indices[keep]], torch.sigmoid(top.values[keep])
+
+    @torch.no_grad()
+    def embed(self, nodes: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Node embeddings ``[M, d_emb]`` at times ``t [M]``."""
+        self._check_ids(nodes)
+        return self.embed_with(nodes, t)[0]
+
+    def num_nodes_in_use(self) -> int:
+        """1 + the largest id that has appeared in an applied event (0 when none)."""
+        seen = (self.neighbors.count > 0).nonzero()
+        return int(seen.max()) + 1 if seen.numel() else 0
+
+    def _check_ids(self, *tensors: torch.Tensor) -> None:
+        for x in tensors:
+            if x.numel() and (int(x.min()) < 0):
+                raise ValueError("node ids must be non-negative")
+            if x.numel():
+                self.ensure_capacity(int(x.max()) + 1)
+
+    # ------------------------------------------------------------------------------- apply
+    @torch.no_grad()
+    def apply_events(self, batch: EventBatch, fresh: FreshMemory | None = None) -> None:
+        """Apply a time-ordered batch to the state (step 3 of the module docstring).
+
+        ``fresh`` may carry the memories computed while scoring this batch (they must cover
+        its nodes and come from the current state); otherwise they are recomputed.
+        """
+        if len(batch) == 0:
+            return
+        src, dst, t = batch.src, batch.dst, batch.t
+        self.ensure_capacity(int(torch.maximum(src.max(), dst.max())) + 1)
+        nodes = torch.unique(torch.cat([src, dst]))
+        if fresh is None:
+            fresh = self.fresh_memory(nodes)
+        rows = fresh.rows(nodes)
+        mem_nodes = fresh.memory[rows].detach()
+        mem = self.memory
+        mem.memory[nodes] = mem_nodes
+        mem.last_update[nodes] = fresh.last_update[rows]
+
+        # New raw messages [s_self, s_other, e] from the just-folded memories, interleaved so
+        # that per node they stay in event order (event i's two roles before event i+1's).
+        slot_src = torch.searchsorted(nodes, src)
+        slot_dst = torch.searchsorted(nodes, dst)
+        owner = torch.stack([slot_src, slot_dst], 1).flatten()
+        other = torch.stack([slot_dst, slot_src], 1).flatten()
+        when = t.repeat_interleave(2)
+        parts = [mem_nodes[owner], mem_nodes[other]]
+        if batch.feats.shape[1]:
+            parts.append(batch.feats.repeat_interleave(2, 0))
+        mails = torch.cat(parts, 1)
+        n = nodes.numel()
+        pos = torch.arange(owner.numel(), device=owner.device)
+        newest = torch.full((n,), -1, dtype=torch.long, device=owner.device).scatter_reduce(
+            0, owner, pos, reduce="amax"
+        )
+        if self.config.aggregator == "last":
+            agg = mails[newest]
+        else:
+            agg = torch.zeros(n, mails.shape[1], device=mails.device).index_add_(0, owner, mails)
+            agg /= torch.bincount(owner, minlength=n).unsqueeze(1).float()
+        mem.mail[nodes] = agg
+        mem.mail_ts[nodes] = when[newest]
+        mem.has_mail[nodes] = True
+
+        self.neighbors.insert(src, dst, t, batch.feats)
+        self.history.insert(src, dst, t)
+        self.events_applied += len(batch)
+        self.watermark.copy_(torch.maximum(self.watermark, t.max()))

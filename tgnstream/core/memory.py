@@ -1,0 +1,55 @@
+"""Node memory and mailbox: the per-node recurrent state of a TGN-family model."""
+
+from __future__ import annotations
+
+import torch
+
+from tgnstream.core.buffers import ResizableBufferModule
+
+__all__ = ["NodeMemory"]
+
+
+class NodeMemory(ResizableBufferModule):
+    """Per-node memory plus one pending (aggregated) raw message per node, TGL style.
+
+    A node's pending message is built when one of its events is applied and is folded into the
+    memory only when the node's *next* events are processed (TGN "memory update at batch start"):
+    this is what lets the updater receive gradient from the loss without label leakage.
+
+    Buffers (N = capacity):
+        memory: ``[N, d_mem]`` float32 memory after the last folded message.
+        last_update: ``[N]`` float64 time of the last folded message (0 = never).
+        mail: ``[N, 2*d_mem + d_edge]`` float32 pending raw message ``[s_self, s_other, e]``.
+        mail_ts: ``[N]`` float64 time of the pending message.
+        has_mail: ``[N]`` bool whether a message is pending.
+    """
+
+    def __init__(self, capacity: int, memory_dim: int, edge_dim: int, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.memory_dim = memory_dim
+        self.mail_dim = 2 * memory_dim + edge_dim
+        self.register_buffer("memory", torch.zeros(capacity, memory_dim, device=device))
+        self.register_buffer("last_update", torch.zeros(capacity, dtype=torch.float64, device=device))
+        self.register_buffer("mail", torch.zeros(capacity, self.mail_dim, device=device))
+        self.register_buffer("mail_ts", torch.zeros(capacity, dtype=torch.float64, device=device))
+        self.register_buffer("has_mail", torch.zeros(capacity, dtype=torch.bool, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.memory.shape[0])
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        for name in ("memory", "last_update", "mail", "mail_ts", "has_mail"):
+            cur = getattr(self, name)
+            pad = torch.zeros((extra, *cur.shape[1:]), dtype=cur.dtype, device=cur.device)
+            setattr(self, name, torch.cat([cur, pad]))
+
+    def reset(self) -> None:
+        self.memory.zero_()
+        self.last_update.zero_()
+        self.mail.zero_()
+        self.mail_ts.zero_()
+        self.has_mail.zero_()

@@ -1,0 +1,56 @@
+"""The learnable part of a TGN-family model, assembled from ``ModelConfig``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.modules import (
+    PAIR_FEATURE_DIM,
+    IdentityMessage,
+    LinkDecoder,
+    MLPMessage,
+    TemporalAttentionEmbedding,
+    TimeEncoder,
+    TimeProjectionEmbedding,
+)
+
+__all__ = ["TGNModel"]
+
+
+class TGNModel(nn.Module):
+    """Parameters only (no node state): time encoder, message function, memory updater,
+    embedding and link decoder. Node state lives in ``MemoryEngine``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        mail_dim = 2 * cfg.memory_dim + cfg.edge_dim
+        self.time_encoder = TimeEncoder(cfg.time_dim)
+        if cfg.message == "identity":
+            self.message = IdentityMessage(mail_dim, cfg.time_dim)
+        else:
+            self.message = MLPMessage(mail_dim, cfg.time_dim, cfg.message_dim)
+        cell = nn.GRUCell if cfg.updater == "gru" else nn.RNNCell
+        self.updater = cell(self.message.out_dim, cfg.memory_dim)
+        if cfg.embedding == "attention":
+            self.embedding = TemporalAttentionEmbedding(cfg, self.time_encoder)
+            emb_dim = cfg.embedding_dim
+        elif cfg.embedding == "time":
+            self.embedding = TimeProjectionEmbedding(cfg.memory_dim)
+            emb_dim = cfg.memory_dim
+        else:
+            self.embedding = None
+            emb_dim = cfg.memory_dim
+        self.decoder = LinkDecoder(
+            emb_dim, cfg.decoder_hidden, PAIR_FEATURE_DIM if cfg.pair_features else 0
+        )
+
+    def update_memory(
+        self, mail: torch.Tensor, dt: torch.Tensor, memory: torch.Tensor
+    ) -> torch.Tensor:
+        """Fold pending messages into memory: ``mail [M, d_mail], dt [M], memory [M, d] -> [M, d]``."""
+        msg = self.message(mail, self.time_encoder(dt))
+        return self.updater(msg, memory)

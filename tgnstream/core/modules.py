@@ -1,0 +1,186 @@
+"""Learnable building blocks of TGN-family models. Each has one ``forward``; shapes in docstrings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tgnstream.core.config import ModelConfig
+
+__all__ = [
+    "TimeEncoder",
+    "IdentityMessage",
+    "MLPMessage",
+    "TemporalAttentionEmbedding",
+    "TimeProjectionEmbedding",
+    "LinkDecoder",
+    "PAIR_FEATURE_DIM",
+    "encode_pair_features",
+]
+
+
+class TimeEncoder(nn.Module):
+    """phi(dt) = cos(w * dt + b), w initialised to 10^-linspace(0, 9, d) (TGAT / TGN).
+
+    ``forward(dt [*]) -> [*, d]``; ``dt`` in seconds, any float dtype.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = nn.Parameter(10.0 ** -torch.linspace(0, 9, dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, dt: torch.Tensor) -> torch.Tensor:
+        return torch.cos(dt.float().unsqueeze(-1) * self.w + self.b)
+
+
+class IdentityMessage(nn.Module):
+    """Message = raw mail ``[s_self, s_other, e]`` concatenated with phi(dt).
+
+    ``forward(mail [M, d_mail], time_enc [M, d_time]) -> [M, d_mail + d_time]``.
+    """
+
+    def __init__(self, mail_dim: int, time_dim: int):
+        super().__init__()
+        self.out_dim = mail_dim + time_dim
+
+    def forward(self, mail: torch.Tensor, time_enc: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mail, time_enc], dim=-1)
+
+
+class MLPMessage(nn.Module):
+    """Two-layer MLP over ``[mail, phi(dt)]``; ``forward -> [M, message_dim]``."""
+
+    def __init__(self, mail_dim: int, time_dim: int, out_dim: int):
+        super().__init__()
+        self.out_dim = out_dim
+        self.net = nn.Sequential(
+            nn.Linear(mail_dim + time_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim)
+        )
+
+    def forward(self, mail: torch.Tensor, time_enc: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([mail, time_enc], dim=-1))
+
+
+class TemporalAttentionEmbedding(nn.Module):
+    """One layer of temporal graph attention over each query node's K most recent neighbours.
+
+    Query ``[h_i, phi(0)]``; keys/values ``[h_j]`` projected per node plus ``[e_ij, phi(t - t_j)]``
+    projected per edge (the edge term is shared by key and value, as in PyG's TransformerConv);
+    output ``MLP([h_i, attention])``. Nodes without neighbours get a zero attention vector.
+
+    ``forward(node_mem [U, d_mem], q_idx [M], nb_idx [M, K], nb_dt [M, K], nb_feats [M, K, d_e],
+    mask [M, K]) -> [M, d_emb]`` where ``q_idx``/``nb_idx`` index rows of ``node_mem``.
+    """
+
+    def __init__(self, cfg: ModelConfig, time_encoder: TimeEncoder):
+        super().__init__()
+        d, e = cfg.memory_dim, cfg.embedding_dim
+        self.heads = cfg.num_heads
+        self.head_dim = e // cfg.num_heads
+        self.time_encoder = time_encoder
+        self.q = nn.Linear(d + cfg.time_dim, e)
+        self.kv_node = nn.Linear(d, 2 * e, bias=False)
+        self.kv_edge = nn.Linear(cfg.edge_dim + cfg.time_dim, e)
+        self.merge = nn.Sequential(nn.Linear(d + e, e), nn.ReLU(), nn.Linear(e, e))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out_dim = e
+
+    def forward(self, node_mem, q_idx, nb_idx, nb_dt, nb_feats, mask):
+        m, k = nb_idx.shape
+        h_q = node_mem[q_idx]
+        phi0 = self.time_encoder(torch.zeros(1, device=node_mem.device)).expand(m, -1)
+        q = self.q(torch.cat([h_q, phi0], -1)).view(m, self.heads, self.head_dim)
+        kv = self.kv_node(node_mem)[nb_idx]  # per-node projection, gathered per edge
+        edge_in = self.time_encoder(nb_dt)
+        if nb_feats.shape[-1]:
+            edge_in = torch.cat([nb_feats, edge_in], -1)
+        edge = self.kv_edge(edge_in)
+        key, value = kv.chunk(2, dim=-1)
+        key = (key + edge).view(m, k, self.heads, self.head_dim)
+        value = (value + edge).view(m, k, self.heads, self.head_dim)
+        logits = torch.einsum("mhc,mkhc->mhk", q, key) / math.sqrt(self.head_dim)
+        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        has_nb = mask.any(1)
+        # Rows with no neighbour would softmax to NaN; give them zero attention instead.
+        logits = torch.where(has_nb.view(m, 1, 1), logits, torch.zeros_like(logits))
+        weights = self.dropout(torch.softmax(logits, -1)) * has_nb.view(m, 1, 1)
+        attn = torch.einsum("mhk,mkhc->mhc", weights, value).reshape(m, -1)
+        return self.merge(torch.cat([h_q, attn], -1))
+
+
+class TimeProjectionEmbedding(nn.Module):
+    """JODIE: ``z = s * (1 + w * log1p(dt))``; ``forward(mem [M, d], dt [M]) -> [M, d]``.
+
+    log1p keeps the projection bounded for raw second-scale gaps (JODIE normalises dt instead).
+    """
+
+    def __init__(self, memory_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(1, memory_dim)
+        nn.init.normal_(self.proj.weight, 0.0, 0.1)
+        nn.init.zeros_(self.proj.bias)
+        self.out_dim = memory_dim
+
+    def forward(self, mem: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        return mem * (1 + self.proj(torch.log1p(dt.clamp(min=0).float()).unsqueeze(-1)))
+
+
+# Pair features: [seen, log1p(count), 9 RBFs of log1p(time since last u-v event), log1p(common)].
+_RBF_CENTRES = torch.arange(0.0, 18.0, 2.0)
+PAIR_FEATURE_DIM = 3 + _RBF_CENTRES.numel()
+
+
+def encode_pair_features(
+    count: torch.Tensor, last_t: torch.Tensor, t: torch.Tensor, common: torch.Tensor
+) -> torch.Tensor:
+    """Fixed encoding of pair statistics; all inputs broadcast to one shape ``[*]``.
+
+    Returns ``[*, PAIR_FEATURE_DIM]`` float32. RBFs over log-time let a linear layer learn a
+    smooth, possibly monotone, recency curve.
+    """
+    seen = count > 0
+    gap = torch.where(seen, (t - last_t).clamp(min=0), torch.zeros_like(t))
+    x = torch.log1p(gap.float())
+    rbf = torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * seen.unsqueeze(-1)
+    return torch.cat(
+        [
+            seen.float().unsqueeze(-1),
+            torch.log1p(count.float()).unsqueeze(-1),
+            rbf,
+            torch.log1p(common.float()).unsqueeze(-1),
+        ],
+        -1,
+    )
+
+
+class LinkDecoder(nn.Module):
+    """Link logit from two embeddings (and optional pair features).
+
+    ``relu(W_s z_u + W_d z_v + W_p f_uv) -> w . h``. The source and destination terms are
+    separable, so ``rank`` scores P sources against Q candidates without building P*Q embeddings.
+
+    ``forward(z_src [B, d], z_dst [B, d], pair [B, F] | None) -> [B]``;
+    ``rank(z_src [P, d], z_cand [Q, d], pair [P, Q, F] | None) -> [P, Q]``.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, pair_dim: int = 0):
+        super().__init__()
+        self.lin_src = nn.Linear(in_dim, hidden)
+        self.lin_dst = nn.Linear(in_dim, hidden, bias=False)
+        self.lin_pair = nn.Linear(pair_dim, hidden, bias=False) if pair_dim else None
+        self.lin_out = nn.Linear(hidden, 1)
+
+    def forward(self, z_src, z_dst, pair=None):
+        h = self.lin_src(z_src) + self.lin_dst(z_dst)
+        if self.lin_pair is not None:
+            h = h + self.lin_pair(pair)
+        return self.lin_out(torch.relu(h)).squeeze(-1)
+
+    def rank(self, z_src, z_cand, pair=None):
+        h = self.lin_src(z_src).unsqueeze(1) + self.lin_dst(z_cand).unsqueeze(0)
+        if self.lin_pair is not None:
+            h = h + self.lin_pair(pair)
+        return self.lin_out(torch.relu(h)).squeeze(-1)

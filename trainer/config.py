@@ -1,0 +1,53 @@
+"""Configuration of offline training (typed, frozen; environment overrides ``TGNSTREAM_TRAIN_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["OfflineTrainConfig"]
+
+
+class OfflineTrainConfig(BaseSettings):
+    """Everything an offline run needs besides the model architecture."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", env_prefix="TGNSTREAM_TRAIN_")
+
+    data: Path = Field(description="dataset file (JODIE .csv or whitespace edge list)")
+    out: Path = Field(description="output directory for checkpoint.pt and results.json")
+    model: Literal["tgn", "jodie"] = "tgn"
+    pair_features: bool = False
+    epochs: int = Field(50, ge=1, description="maximum epochs")
+    patience: int = Field(5, ge=1, description="early stopping: epochs without improvement")
+    batch_size: int = Field(200, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    val_frac: float = Field(0.15, gt=0, lt=0.5)
+    test_frac: float = Field(0.15, gt=0, lt=0.5)
+    limit: int | None = Field(None, ge=1, description="use only the first N events")
+    select_metric: Literal["auto", "ap", "mrr"] = Field(
+        "auto", description="validation metric for early stopping (auto: mrr with pair features, else ap)"
+    )
+    neg_historical_ratio: float | None = Field(
+        None, ge=0, le=1,
+        description="share of training negatives drawn from the source's recent neighbours "
+        "(default 0.5 with pair features, else 0)",
+    )
+    progress: bool = True
+
+    @property
+    def selection_metric(self) -> str:
+        if self.select_metric != "auto":
+            return self.select_metric
+        return "mrr" if self.pair_features else "ap"
+
+    @property
+    def historical_ratio(self) -> float:
+        if self.neg_historical_ratio is not None:
+            return self.neg_historical_ratio
+        return 0.5 if self.pair_features else 0.0

@@ -1,0 +1,161 @@
+"""Offline training and evaluation on a recorded stream (design §6 offline, §8 protocol)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tgnstream.core.checkpoint import save_checkpoint
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.events import TemporalDataset
+from tgnstream.core.negatives import NegativeSampler
+from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
+from tgnstream.sysinfo import hardware_info
+from tgnstream.trainer.config import OfflineTrainConfig
+
+__all__ = ["train_epoch", "train_offline", "OfflineResult"]
+
+log = logging.getLogger(__name__)
+
+
+def train_epoch(
+    engine: MemoryEngine,
+    data: TemporalDataset,
+    stop: int,
+    optimizer: torch.optim.Optimizer,
+    sampler: NegativeSampler,
+    batch_size: int,
+    historical_ratio: float = 0.0,
+    progress: bool = False,
+    desc: str = "train",
+) -> float:
+    """One pass over events ``[0, stop)`` from an empty state; returns the mean loss.
+
+    Step order per batch: score (positives and one negative each) -> loss -> apply the batch
+    -> backward + optimizer step. Applying before ``backward`` is safe: the persisted state is
+    detached and the graph holds its own copies of what it read.
+    """
+    engine.reset_state()
+    engine.train()
+    dev = engine.device
+    total, n = 0.0, 0
+    bar = tqdm(range(0, stop, batch_size), desc=desc, disable=not progress, leave=False, unit="batch")
+    for i in bar:
+        batch = data.events.slice(i, min(i + batch_size, stop)).to(dev)
+        neg = sampler.sample(batch.src, 1, historical_ratio, engine.neighbors, exclude=batch.dst)
+        pos, negl, fresh = engine.training_logits(batch, neg)
+        loss = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
+            negl, torch.zeros_like(negl)
+        )
+        engine.apply_events(batch, fresh)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(batch)
+        n += len(batch)
+        if progress and (i // batch_size) % 50 == 0:
+            bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(n, 1)
+
+
+@dataclass
+class OfflineResult:
+    results: dict
+    engine: MemoryEngine
+    history: list[dict] = field(default_factory=list)
+
+
+def _inductive_mask(data: TemporalDataset, train_stop: int, start: int, stop: int) -> torch.Tensor:
+    seen = torch.zeros(data.num_nodes, dtype=torch.bool)
+    seen[data.events.src[:train_stop]] = True
+    seen[data.events.dst[:train_stop]] = True
+    src, dst = data.events.src[start:stop], data.events.dst[start:stop]
+    return ~seen[src] | ~seen[dst]
+
+
+def train_offline(
+    data: TemporalDataset, cfg: OfflineTrainConfig, model_cfg: ModelConfig, device: torch.device
+) -> OfflineResult:
+    """Chronological split, epochs with early stopping on validation, test of the best model.
+
+    Memory runs on from training into validation and from validation into test. The best
+    epoch's weights *and* its post-validation state are kept, so the test pass continues
+    exactly where that epoch's validation ended.
+    """
+    torch.manual_seed(cfg.seed)
+    val_start, test_start = data.chronological_split(cfg.val_frac, cfg.test_frac)
+    engine = MemoryEngine(model_cfg, capacity=data.num_nodes, device=device)
+    optimizer = torch.optim.Adam(engine.model.parameters(), lr=cfg.lr)
+    pool = data.dst_nodes if data.bipartite else torch.arange(data.num_nodes)
+    sampler = NegativeSampler(pool, seed=cfg.seed, device=device)
+    metric = cfg.selection_metric
+    val_settings = EvalSettings(batch_size=cfg.batch_size, rank=(metric == "mrr"), progress=cfg.progress)
+
+    best_score, best_epoch, best_snapshot, since_best = float("-inf"), -1, None, 0
+    history, train_seconds = [], 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        loss = train_epoch(
+            engine, data, val_start, optimizer, sampler, cfg.batch_size, cfg.historical_ratio,
+            cfg.progress, desc=f"epoch {epoch}",
+        )
+        secs = time.perf_counter() - t0
+        train_seconds += secs
+        val = summarise(evaluate_stream(engine, data, val_start, test_start, val_settings))
+        score = val[metric]
+        improved = score > best_score
+        row = {"epoch": epoch, "loss": loss, "train_seconds": secs, "train_events_per_s": val_start / secs,
+               **{f"val_{k}": v for k, v in val.items() if k != "n_events"}}
+        history.append(row)
+        log.info(
+            "epoch %d | loss %.4f | %.1fs (%.0f ev/s) | val %s%s", epoch, loss, secs, val_start / secs,
+            " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "n_events"), " *" if improved else "",
+        )
+        if improved:
+            best_score, best_epoch, since_best = score, epoch, 0
+            best_snapshot = {k: v.clone() for k, v in engine.state_dict().items()}
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                log.info("early stop: no val %s improvement for %d epochs", metric, cfg.patience)
+                break
+
+    engine.load_state_dict(best_snapshot)  # best weights + state after its validation pass
+    test_settings = EvalSettings(batch_size=cfg.batch_size, rank=True, progress=cfg.progress)
+    scores = evaluate_stream(engine, data, test_start, len(data), test_settings)
+    inductive = _inductive_mask(data, val_start, test_start, len(data))
+    epochs_run = len(history)
+    results = {
+        "dataset": data.name,
+        "featureless": data.edge_dim == 0,
+        "num_events": len(data),
+        "num_nodes": data.num_nodes,
+        "split": {"train": val_start, "val": test_start - val_start, "test": len(data) - test_start},
+        "model": model_cfg.model_dump(),
+        "train_config": json.loads(cfg.model_dump_json()),
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "selection_metric": metric,
+        "train_events_per_s": val_start * epochs_run / train_seconds,
+        "seconds_per_epoch": train_seconds / epochs_run,
+        "best_val": {k[4:]: v for k, v in history[best_epoch - 1].items() if k.startswith("val_")},
+        "test": {"transductive": summarise(scores), "inductive": summarise(scores, inductive)},
+        "hardware": hardware_info(device),
+        "history": history,
+    }
+    return OfflineResult(results, engine, history)
+
+
+def write_outputs(result: OfflineResult, out: Path) -> None:
+    """``out/checkpoint.pt`` (best weights + state after the whole stream) and ``out/results.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "checkpoint.pt", result.engine, meta={"results": result.results})
+    (out / "results.json").write_text(json.dumps(result.results, indent=2))
