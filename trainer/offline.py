@@ -59,7 +59,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(batch)
+        total += float(loss.detach()) * len(batch)
         n += len(batch)
         if progress and (i // batch_size) % 50 == 0:
             bar.set_postfix(loss=f"{total / n:.4f}")
