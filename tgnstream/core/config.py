@@ -31,6 +31,11 @@ class ModelConfig(BaseModel):
     pair_features: bool = Field(
         False, description="decoder also sees past u-v count, time since last u-v event, common neighbours"
     )
+    neighbor_memory_grad: bool = Field(
+        True,
+        description="backpropagate through the memory folds of neighbour-only nodes (TGN does); "
+        "False computes the same values without autograd for them, which is cheaper",
+    )
     decoder_hidden: int = Field(100, ge=1, description="hidden width of the link decoder MLP")
 
     @model_validator(mode="after")

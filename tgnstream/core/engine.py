@@ -115,8 +115,12 @@ class MemoryEngine(nn.Module):
         self.load_state_dict(merged)
 
     # ------------------------------------------------------------------- memory + embedding
-    def fresh_memory(self, nodes: torch.Tensor) -> FreshMemory:
-        """Memories of ``nodes`` (any ids) with pending messages folded in; grad if enabled."""
+    def fresh_memory(self, nodes: torch.Tensor, grad_nodes: torch.Tensor | None = None) -> FreshMemory:
+        """Memories of ``nodes`` (any ids) with pending messages folded in.
+
+        With autograd on, folds of nodes outside ``grad_nodes`` (when given) are computed
+        without it: same values, no backward cost.
+        """
         uniq = torch.unique(nodes)
         mem = self.memory.memory[uniq]
         last = self.memory.last_update[uniq]
@@ -125,7 +129,16 @@ class MemoryEngine(nn.Module):
             ids = uniq[pending]
             mail_ts = self.memory.mail_ts[ids]
             dt = (mail_ts - self.memory.last_update[ids]).clamp(min=0)
-            updated = self.model.update_memory(self.memory.mail[ids], dt, mem[pending])
+            if grad_nodes is None or not torch.is_grad_enabled():
+                updated = self.model.update_memory(self.memory.mail[ids], dt, mem[pending])
+            else:
+                with_grad = torch.isin(ids, grad_nodes)
+                updated = mem[pending].clone()
+                g = with_grad.nonzero().squeeze(1)
+                updated[g] = self.model.update_memory(self.memory.mail[ids[g]], dt[g], mem[pending[g]])
+                ng = (~with_grad).nonzero().squeeze(1)
+                with torch.no_grad():
+                    updated[ng] = self.model.update_memory(self.memory.mail[ids[ng]], dt[ng], mem[pending[ng]])
             mem = mem.index_put((pending,), updated)
             last = last.index_put((pending,), mail_ts)
         return FreshMemory(uniq, mem, last)
@@ -136,7 +149,8 @@ class MemoryEngine(nn.Module):
         cfg = self.config
         if cfg.embedding == "attention":
             nb_ids, nb_ts, nb_feats, mask = self.neighbors.gather(nodes)
-            fresh = self.fresh_memory(torch.cat([nodes, nb_ids[mask]]))
+            grad_nodes = None if cfg.neighbor_memory_grad else nodes
+            fresh = self.fresh_memory(torch.cat([nodes, nb_ids[mask]]), grad_nodes)
             q_idx = fresh.rows(nodes)
             nb_idx = fresh.rows(nb_ids.clamp(min=0))
             nb_idx = torch.where(mask, nb_idx, torch.zeros_like(nb_idx))

@@ -29,6 +29,10 @@ class IdMap(ResizableBufferModule):
     def __len__(self) -> int:
         return len(self._index)
 
+    def _apply(self, fn, recurse=True):
+        # Ids are only needed on the host (request decoding); keep them off the accelerator.
+        return self
+
     def lookup(self, ids: list[str], create: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense indices ``[n]`` int64 (``-1`` for unknown ids when ``create`` is False) and a
         ``[n]`` bool mask of ids that were not known before this call."""

@@ -1,0 +1,43 @@
+# tgnstream: the two entry points of the README, plus helpers. Each target creates or reuses
+# the virtualenv and installs what it needs (torch 2.13.0 first when no torch is present).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/datasets/wikipedia.csv
+OUT ?= runs/wikipedia
+EPOCHS ?= 10
+TRAIN_ARGS ?= --pair-features
+
+.PHONY: install train test test-all bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Main job: offline training + evaluation on JODIE Wikipedia (results in $(OUT)/results.json).
+train: install
+	$(VENV)/bin/tgnstream train --data $(DATA) --out $(OUT) --epochs $(EPOCHS) $(TRAIN_ARGS)
+
+## Default test suite: fast unit + integration tests (no slow/gpu markers).
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+bench: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/train_offline.py --epochs 12 --threads 2
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
