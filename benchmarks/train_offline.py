@@ -20,19 +20,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from tgnstream.trainer.config import OfflineTrainConfig  # noqa: E402
+from tgnstream.trainer.offline import train_offline  # noqa: E402
+
 from tgnstream.core.config import ModelConfig  # noqa: E402
 from tgnstream.core.loaders import load_dataset  # noqa: E402
 from tgnstream.sysinfo import hardware_info, resolve_device  # noqa: E402
-from tgnstream.trainer.config import OfflineTrainConfig  # noqa: E402
-from tgnstream.trainer.offline import train_offline  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
 
 
 def run_ours(data, args, device, pair_features: bool, tmp: Path) -> dict:
     cfg = OfflineTrainConfig(
-        data=args.data, out=tmp, epochs=args.epochs, patience=args.epochs, batch_size=args.batch_size,
-        seed=args.seed, device=str(device), progress=not args.no_progress, pair_features=pair_features,
+        data=args.data,
+        out=tmp,
+        epochs=args.epochs,
+        patience=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=str(device),
+        progress=not args.no_progress,
+        pair_features=pair_features,
         lr=args.lr,
     )
     model_cfg = ModelConfig.preset("tgn", pair_features=pair_features, edge_dim=data.edge_dim)
@@ -78,13 +86,22 @@ def main() -> int:
     if not args.skip_pyg:
         from pyg_baseline import run_pyg_tgn
 
-        pyg = run_pyg_tgn(data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                          device=str(device), lr=args.lr, progress=not args.no_progress)
+        pyg = run_pyg_tgn(
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=str(device),
+            lr=args.lr,
+            progress=not args.no_progress,
+        )
         pyg["system"] = "pyg-tgn"
         rows.append(pyg)
 
     base = next((r for r in rows if r["system"] == "pyg-tgn"), None)
-    header = f"{'system':<18}{'train ev/s':>12}{'s/epoch':>9}{'test AP':>9}{'AUC':>8}{'MRR':>8}{'hits@10':>9}{'ind. AP':>9}"
+    cols = ["train ev/s", "s/epoch", "test AP", "AUC", "MRR", "hits@10", "ind. AP"]
+    widths = [12, 9, 9, 8, 8, 9, 9]
+    header = f"{'system':<18}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))
     lines = [header, "-" * len(header)]
     for r in rows:
         t, ti = r["test"], r.get("test_inductive", {})
@@ -107,19 +124,36 @@ def main() -> int:
                 f"test AP {ratios[r['system']]['ap_diff']:+.4f}, MRR {ratios[r['system']]['mrr_diff']:+.4f}"
             )
     hw = hardware_info(device)
-    lines.append(f"data {data.name} ({len(data):,} events, featureless={data.edge_dim == 0}), epochs {args.epochs}, "
-                 f"batch {args.batch_size}, seed {args.seed}; {hw['cpu']} x{hw['cpu_cores']}, "
-                 f"{hw['torch_threads']} torch threads, device {hw['device']}{' ' + hw['gpu'] if 'gpu' in hw else ''}")
+    lines.append(
+        f"data {data.name} ({len(data):,} events, featureless={data.edge_dim == 0}), epochs {args.epochs}, "
+        f"batch {args.batch_size}, seed {args.seed}; {hw['cpu']} x{hw['cpu_cores']}, "
+        f"{hw['torch_threads']} torch threads, device {hw['device']}{' ' + hw['gpu'] if 'gpu' in hw else ''}"
+    )
     table = "\n".join(lines)
     print(table)
     out = ROOT / "benchmarks" / "results" / f"train_offline{'_' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "train_offline", "command": " ".join(sys.argv), "dataset": data.name,
-        "num_events": len(data), "featureless": data.edge_dim == 0, "epochs": args.epochs,
-        "batch_size": args.batch_size, "seed": args.seed, "hardware": hw, "rows": rows, "ratios": ratios,
-        "table": table, "wall_seconds": time.time() - started,
-    }, indent=2, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "train_offline",
+                "command": " ".join(sys.argv),
+                "dataset": data.name,
+                "num_events": len(data),
+                "featureless": data.edge_dim == 0,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+                "hardware": hw,
+                "rows": rows,
+                "ratios": ratios,
+                "table": table,
+                "wall_seconds": time.time() - started,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

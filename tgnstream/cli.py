@@ -19,11 +19,17 @@ def _train_parser(sub) -> None:
         "Writes OUT/checkpoint.pt and OUT/results.json. Every option can also be set with an "
         "environment variable TGNSTREAM_TRAIN_<OPTION>.",
     )
-    p.add_argument("--data", required=True, help="JODIE .csv (u,i,ts,label[,feats]) or 'src dst ts' edge list")
+    p.add_argument(
+        "--data", required=True, help="JODIE .csv (u,i,ts,label[,feats]) or 'src dst ts' edge list"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--model", choices=["tgn", "jodie"], help="tgn (attention, GRU; default) or jodie")
-    p.add_argument("--pair-features", action="store_true", default=None,
-                   help="decoder also uses past u-v count, time since last u-v event, common neighbours")
+    p.add_argument(
+        "--pair-features",
+        action="store_true",
+        default=None,
+        help="decoder also uses past u-v count, time since last u-v event, common neighbours",
+    )
     p.add_argument("--epochs", type=int, help="maximum epochs (default 50, early stopping patience 5)")
     p.add_argument("--patience", type=int)
     p.add_argument("--batch-size", type=int, help="events per batch (default 200)")
@@ -45,7 +51,9 @@ def _run_train(args) -> int:
     from tgnstream.trainer.config import OfflineTrainConfig
     from tgnstream.trainer.offline import train_offline, write_outputs
 
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "memory_dim", "func")}
+    given = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("command", "memory_dim", "func")
+    }
     cfg = OfflineTrainConfig(**given)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -53,17 +61,35 @@ def _run_train(args) -> int:
     data = load_dataset(cfg.data, limit=cfg.limit)
     d = args.memory_dim
     model_cfg = ModelConfig.preset(
-        cfg.model, pair_features=cfg.pair_features, edge_dim=data.edge_dim,
-        memory_dim=d, time_dim=d, embedding_dim=d,
+        cfg.model,
+        pair_features=cfg.pair_features,
+        edge_dim=data.edge_dim,
+        memory_dim=d,
+        time_dim=d,
+        embedding_dim=d,
     )
-    logging.info("%s: %d events, %d nodes, %s, edge dim %d, device %s",
-                 data.name, len(data), data.num_nodes, "bipartite" if data.bipartite else "general",
-                 data.edge_dim, device)
+    logging.info(
+        "%s: %d events, %d nodes, %s, edge dim %d, device %s",
+        data.name,
+        len(data),
+        data.num_nodes,
+        "bipartite" if data.bipartite else "general",
+        data.edge_dim,
+        device,
+    )
     result = train_offline(data, cfg, model_cfg, device)
     write_outputs(result, cfg.out)
     r = result.results
-    print(json.dumps({"train_events_per_s": round(r["train_events_per_s"]), "best_epoch": r["best_epoch"],
-                      "test": r["test"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "train_events_per_s": round(r["train_events_per_s"]),
+                "best_epoch": r["best_epoch"],
+                "test": r["test"],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {cfg.out / 'checkpoint.pt'} and {cfg.out / 'results.json'}")
     return 0
 

@@ -34,7 +34,9 @@ class OfflineTrainConfig(BaseSettings):
         "auto", description="validation metric for early stopping (auto: mrr with pair features, else ap)"
     )
     neg_historical_ratio: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="share of training negatives drawn from the source's recent neighbours "
         "(default 0.5 with pair features, else 0)",
     )

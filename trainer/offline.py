@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tgnstream.trainer.config import OfflineTrainConfig
 from tqdm.auto import tqdm
 
 from tgnstream.core.checkpoint import save_checkpoint
@@ -19,11 +20,19 @@ from tgnstream.core.events import TemporalDataset
 from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.sysinfo import hardware_info
-from tgnstream.trainer.config import OfflineTrainConfig
 
-__all__ = ["train_epoch", "train_offline", "OfflineResult"]
+__all__ = ["train_epoch", "train_offline", "make_optimizer", "OfflineResult"]
 
 log = logging.getLogger(__name__)
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused when this torch build supports it for the device (one kernel per step)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
 
 
 def train_epoch(
@@ -52,9 +61,9 @@ def train_epoch(
         batch = data.events.slice(i, min(i + batch_size, stop)).to(dev)
         neg = sampler.sample(batch.src, 1, historical_ratio, engine.neighbors, exclude=batch.dst)
         pos, negl, fresh = engine.training_logits(batch, neg)
-        loss = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
-            negl, torch.zeros_like(negl)
-        )
+        loss = F.binary_cross_entropy_with_logits(
+            pos, torch.ones_like(pos)
+        ) + F.binary_cross_entropy_with_logits(negl, torch.zeros_like(negl))
         engine.apply_events(batch, fresh)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,7 +102,7 @@ def train_offline(
     torch.manual_seed(cfg.seed)
     val_start, test_start = data.chronological_split(cfg.val_frac, cfg.test_frac)
     engine = MemoryEngine(model_cfg, capacity=data.num_nodes, device=device)
-    optimizer = torch.optim.Adam(engine.model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(engine.model.parameters(), cfg.lr)
     pool = data.dst_nodes if data.bipartite else torch.arange(data.num_nodes)
     sampler = NegativeSampler(pool, seed=cfg.seed, device=device)
     metric = cfg.selection_metric
@@ -104,20 +113,37 @@ def train_offline(
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         loss = train_epoch(
-            engine, data, val_start, optimizer, sampler, cfg.batch_size, cfg.historical_ratio,
-            cfg.progress, desc=f"epoch {epoch}",
+            engine,
+            data,
+            val_start,
+            optimizer,
+            sampler,
+            cfg.batch_size,
+            cfg.historical_ratio,
+            cfg.progress,
+            desc=f"epoch {epoch}",
         )
         secs = time.perf_counter() - t0
         train_seconds += secs
         val = summarise(evaluate_stream(engine, data, val_start, test_start, val_settings))
         score = val[metric]
         improved = score > best_score
-        row = {"epoch": epoch, "loss": loss, "train_seconds": secs, "train_events_per_s": val_start / secs,
-               **{f"val_{k}": v for k, v in val.items() if k != "n_events"}}
+        row = {
+            "epoch": epoch,
+            "loss": loss,
+            "train_seconds": secs,
+            "train_events_per_s": val_start / secs,
+            **{f"val_{k}": v for k, v in val.items() if k != "n_events"},
+        }
         history.append(row)
         log.info(
-            "epoch %d | loss %.4f | %.1fs (%.0f ev/s) | val %s%s", epoch, loss, secs, val_start / secs,
-            " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "n_events"), " *" if improved else "",
+            "epoch %d | loss %.4f | %.1fs (%.0f ev/s) | val %s%s",
+            epoch,
+            loss,
+            secs,
+            val_start / secs,
+            " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "n_events"),
+            " *" if improved else "",
         )
         if improved:
             best_score, best_epoch, since_best = score, epoch, 0

@@ -32,5 +32,5 @@ class ResizableBufferModule(nn.Module):
         if strict:
             own = {prefix + n for n in self._buffers}
             for key in state_dict:
-                if key.startswith(prefix) and "." not in key[len(prefix):] and key not in own:
+                if key.startswith(prefix) and "." not in key[len(prefix) :] and key not in own:
                     unexpected_keys.append(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tgnstream.core.buffers import ResizableBufferModule
 
 __all__ = ["EdgeHistory", "pair_keys"]

@@ -43,9 +43,7 @@ class EventBatch:
         return self.src.device
 
     def to(self, device: torch.device | str) -> EventBatch:
-        return EventBatch(
-            self.src.to(device), self.dst.to(device), self.t.to(device), self.feats.to(device)
-        )
+        return EventBatch(self.src.to(device), self.dst.to(device), self.t.to(device), self.feats.to(device))
 
     def slice(self, start: int, stop: int) -> EventBatch:
         return EventBatch(
@@ -53,9 +51,7 @@ class EventBatch:
         )
 
     @staticmethod
-    def from_lists(
-        src: list[int], dst: list[int], t: list[float], d_edge: int = 0
-    ) -> EventBatch:
+    def from_lists(src: list[int], dst: list[int], t: list[float], d_edge: int = 0) -> EventBatch:
         """Convenience constructor for tests and small hand-built streams."""
         n = len(src)
         return EventBatch(
@@ -96,9 +92,7 @@ class TemporalDataset:
     def edge_dim(self) -> int:
         return int(self.events.feats.shape[1])
 
-    def chronological_split(
-        self, val_frac: float = 0.15, test_frac: float = 0.15
-    ) -> tuple[int, int]:
+    def chronological_split(self, val_frac: float = 0.15, test_frac: float = 0.15) -> tuple[int, int]:
         """Return ``(val_start, test_start)`` event indices of a chronological split by order."""
         if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
             raise ValueError(f"bad split fractions val={val_frac} test={test_frac}")

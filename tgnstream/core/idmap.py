@@ -82,4 +82,4 @@ class IdMap(ResizableBufferModule):
         self._pending = []
         raw = bytes(self.blob.tolist())
         offs = self.offsets.tolist()
-        self._index = {raw[offs[i]:offs[i + 1]].decode("utf-8"): i for i in range(len(offs) - 1)}
+        self._index = {raw[offs[i] : offs[i + 1]].decode("utf-8"): i for i in range(len(offs) - 1)}

@@ -44,13 +44,9 @@ class TGNModel(nn.Module):
         else:
             self.embedding = None
             emb_dim = cfg.memory_dim
-        self.decoder = LinkDecoder(
-            emb_dim, cfg.decoder_hidden, PAIR_FEATURE_DIM if cfg.pair_features else 0
-        )
+        self.decoder = LinkDecoder(emb_dim, cfg.decoder_hidden, PAIR_FEATURE_DIM if cfg.pair_features else 0)
 
-    def update_memory(
-        self, mail: torch.Tensor, dt: torch.Tensor, memory: torch.Tensor
-    ) -> torch.Tensor:
+    def update_memory(self, mail: torch.Tensor, dt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Fold pending messages into memory: ``mail [M, d_mail], dt [M], memory [M, d] -> [M, d]``."""
         msg = self.message(mail, self.time_encoder(dt))
         return self.updater(msg, memory)

@@ -90,10 +90,11 @@ class TemporalAttentionEmbedding(nn.Module):
 
     def forward(self, node_mem, q_idx, nb_idx, nb_dt, nb_feats, mask):
         m, k = nb_idx.shape
-        h_q = node_mem[q_idx]
+        h_q = node_mem.index_select(0, q_idx)
         phi0 = self.time_encoder(torch.zeros(1, device=node_mem.device)).expand(m, -1)
         q = self.q(torch.cat([h_q, phi0], -1)).view(m, self.heads, self.head_dim)
-        kv = self.kv_node(node_mem)[nb_idx]  # per-node projection, gathered per edge
+        # Project per node, then gather per edge: K times fewer rows through the matmul.
+        kv = self.kv_node(node_mem).index_select(0, nb_idx.reshape(-1)).view(m, k, -1)
         edge_in = self.time_encoder(nb_dt)
         if nb_feats.shape[-1]:
             edge_in = torch.cat([nb_feats, edge_in], -1)
@@ -128,19 +129,34 @@ class TimeProjectionEmbedding(nn.Module):
         return mem * (1 + self.proj(torch.log1p(dt.clamp(min=0).float()).unsqueeze(-1)))
 
 
-# Pair features: [seen, log1p(count), 9 RBFs of log1p(time since last u-v event), log1p(common)].
+# Pair features: [seen, log1p(count), 9 RBFs of log1p(time since last u-v event), log1p(common),
+# recency rank of v among u's K most recent partners (one-hot 0..3, >=4), same for u among v's].
 _RBF_CENTRES = torch.arange(0.0, 18.0, 2.0)
-PAIR_FEATURE_DIM = 3 + _RBF_CENTRES.numel()
+_RANK_BUCKETS = 5
+PAIR_FEATURE_DIM = 3 + _RBF_CENTRES.numel() + 2 * _RANK_BUCKETS
+
+
+def _rank_one_hot(rank: torch.Tensor) -> torch.Tensor:
+    """``rank [*]`` (-1 = absent) -> ``[*, 5]`` one-hot of 0, 1, 2, 3, >=4; zeros when absent."""
+    hot = torch.nn.functional.one_hot(rank.clamp(min=0, max=_RANK_BUCKETS - 1), _RANK_BUCKETS)
+    return hot.float() * (rank >= 0).unsqueeze(-1)
 
 
 def encode_pair_features(
-    count: torch.Tensor, last_t: torch.Tensor, t: torch.Tensor, common: torch.Tensor
+    count: torch.Tensor,
+    last_t: torch.Tensor,
+    t: torch.Tensor,
+    common: torch.Tensor,
+    rank_uv: torch.Tensor,
+    rank_vu: torch.Tensor,
 ) -> torch.Tensor:
     """Fixed encoding of pair statistics; all inputs broadcast to one shape ``[*]``.
 
     Returns ``[*, PAIR_FEATURE_DIM]`` float32. RBFs over log-time let a linear layer learn a
-    smooth, possibly monotone, recency curve.
+    smooth recency curve; the ranks say how recent the partner is *relative to the others*
+    (what decides a ranking among a user's past destinations).
     """
+    count, last_t, t, common = torch.broadcast_tensors(count, last_t, t, common)
     seen = count > 0
     gap = torch.where(seen, (t - last_t).clamp(min=0), torch.zeros_like(t))
     x = torch.log1p(gap.float())
@@ -151,6 +167,8 @@ def encode_pair_features(
             torch.log1p(count.float()).unsqueeze(-1),
             rbf,
             torch.log1p(common.float()).unsqueeze(-1),
+            _rank_one_hot(rank_uv),
+            _rank_one_hot(rank_vu),
         ],
         -1,
     )
@@ -159,7 +177,8 @@ def encode_pair_features(
 class LinkDecoder(nn.Module):
     """Link logit from two embeddings (and optional pair features).
 
-    ``relu(W_s z_u + W_d z_v + W_p f_uv) -> w . h``. The source and destination terms are
+    ``w . relu(W_s z_u + W_d z_v + W_p f_uv) + v . f_uv``: the linear pair term lets plain
+    recency/frequency orderings pass straight to the logit. The source and destination terms are
     separable, so ``rank`` scores P sources against Q candidates without building P*Q embeddings.
 
     ``forward(z_src [B, d], z_dst [B, d], pair [B, F] | None) -> [B]``;
@@ -171,16 +190,19 @@ class LinkDecoder(nn.Module):
         self.lin_src = nn.Linear(in_dim, hidden)
         self.lin_dst = nn.Linear(in_dim, hidden, bias=False)
         self.lin_pair = nn.Linear(pair_dim, hidden, bias=False) if pair_dim else None
+        self.pair_skip = nn.Linear(pair_dim, 1, bias=False) if pair_dim else None
         self.lin_out = nn.Linear(hidden, 1)
 
     def forward(self, z_src, z_dst, pair=None):
         h = self.lin_src(z_src) + self.lin_dst(z_dst)
-        if self.lin_pair is not None:
-            h = h + self.lin_pair(pair)
-        return self.lin_out(torch.relu(h)).squeeze(-1)
+        if self.lin_pair is None:
+            return self.lin_out(torch.relu(h)).squeeze(-1)
+        h = h + self.lin_pair(pair)
+        return (self.lin_out(torch.relu(h)) + self.pair_skip(pair)).squeeze(-1)
 
     def rank(self, z_src, z_cand, pair=None):
         h = self.lin_src(z_src).unsqueeze(1) + self.lin_dst(z_cand).unsqueeze(0)
-        if self.lin_pair is not None:
-            h = h + self.lin_pair(pair)
-        return self.lin_out(torch.relu(h)).squeeze(-1)
+        if self.lin_pair is None:
+            return self.lin_out(torch.relu(h)).squeeze(-1)
+        h = h + self.lin_pair(pair)
+        return (self.lin_out(torch.relu(h)) + self.pair_skip(pair)).squeeze(-1)

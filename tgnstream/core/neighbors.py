@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tgnstream.core.buffers import ResizableBufferModule
 
 __all__ = ["RecentNeighbors", "group_ranks"]
@@ -48,9 +49,7 @@ class RecentNeighbors(ResizableBufferModule):
         self.edge_dim = edge_dim
         self.register_buffer("ids", torch.full((capacity, k), -1, dtype=torch.long, device=device))
         self.register_buffer("ts", torch.zeros(capacity, k, dtype=torch.float64, device=device))
-        self.register_buffer(
-            "feats", torch.zeros(capacity, k, edge_dim, dtype=torch.float32, device=device)
-        )
+        self.register_buffer("feats", torch.zeros(capacity, k, edge_dim, dtype=torch.float32, device=device))
         self.register_buffer("count", torch.zeros(capacity, dtype=torch.long, device=device))
 
     @property
@@ -85,7 +84,9 @@ class RecentNeighbors(ResizableBufferModule):
         # Interleave so that, per owner, entries keep event order (src role and dst role of
         # event i come before those of event i+1).
         n = src.numel()
-        perm = torch.stack([torch.arange(n, device=src.device), torch.arange(n, device=src.device) + n], 1).flatten()
+        perm = torch.stack(
+            [torch.arange(n, device=src.device), torch.arange(n, device=src.device) + n], 1
+        ).flatten()
         owner, other, when, ef = owner[perm], other[perm], when[perm], ef[perm]
 
         order, rank, size = group_ranks(owner)
@@ -102,6 +103,6 @@ class RecentNeighbors(ResizableBufferModule):
         self.count.index_add_(0, owner, torch.ones_like(owner))
 
     def gather(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Neighbours of ``nodes [M]``: ids ``[M, K]``, ts ``[M, K]``, feats ``[M, K, d]``, mask ``[M, K]``."""
+        """Neighbours of ``nodes [M]``: ids, ts, mask ``[M, K]`` and feats ``[M, K, d]``."""
         ids = self.ids[nodes]
         return ids, self.ts[nodes], self.feats[nodes], ids >= 0

@@ -44,7 +44,9 @@ def evaluate_stream(
     was_training = engine.training
     engine.eval()
     dev = engine.device
-    sampler = NegativeSampler(data.dst_nodes if data.bipartite else torch.arange(data.num_nodes), settings.seed, dev)
+    sampler = NegativeSampler(
+        data.dst_nodes if data.bipartite else torch.arange(data.num_nodes), settings.seed, dev
+    )
     rank_pool = data.dst_nodes.to(dev)
     rank_all = rank_pool.numel() <= settings.rank_all_max
     pos_all, neg_all, rr_all = [], [], []
@@ -99,4 +101,3 @@ def summarise(scores: dict[str, torch.Tensor], mask: torch.Tensor | None = None)
         out["mrr"] = float(rr.mean())
         out["hits@10"] = float(((1.0 / rr) <= 10).double().mean())
     return out
-

@@ -26,8 +26,12 @@ def test_cuda_matches_cpu(pair_features):
     gpu.eval()
     g = torch.Generator().manual_seed(1)
     n = 400
-    stream = EventBatch(torch.randint(30, (n,), generator=g), torch.randint(30, (n,), generator=g),
-                        torch.cumsum(torch.rand(n, generator=g), 0).double(), torch.randn(n, 2, generator=g))
+    stream = EventBatch(
+        torch.randint(30, (n,), generator=g),
+        torch.randint(30, (n,), generator=g),
+        torch.cumsum(torch.rand(n, generator=g), 0).double(),
+        torch.randn(n, 2, generator=g),
+    )
     for i in range(0, n, 50):
         b = stream.slice(i, i + 50)
         s_cpu = cpu.score(b.src, b.dst, b.t)

@@ -65,8 +65,9 @@ class NaiveState:
 def test_apply_matches_naive_loop(aggregator, batch_size):
     torch.manual_seed(0)
     num_nodes, edge_dim = 12, 3  # few nodes: many repeats inside one batch
-    cfg = ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, edge_dim=edge_dim,
-                      aggregator=aggregator, num_neighbors=4)
+    cfg = ModelConfig(
+        memory_dim=8, time_dim=4, embedding_dim=8, edge_dim=edge_dim, aggregator=aggregator, num_neighbors=4
+    )
     engine = MemoryEngine(cfg, capacity=num_nodes)
     engine.eval()
     naive = NaiveState(engine, num_nodes)

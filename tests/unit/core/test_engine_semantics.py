@@ -89,8 +89,8 @@ def test_no_leakage(model, pair_features):
         feats = stream.feats.clone()
         src, dst = stream.src.clone(), stream.dst.clone()
         feats[j:] = torch.randn_like(feats[j:]) * 5
-        src[j + 1:] = torch.randint(10, (len(stream) - j - 1,))
-        dst[j + 1:] = torch.randint(10, (len(stream) - j - 1,))
+        src[j + 1 :] = torch.randint(10, (len(stream) - j - 1,))
+        dst[j + 1 :] = torch.randint(10, (len(stream) - j - 1,))
         changed = EventBatch(src, dst, stream.t, feats)
         engine = MemoryEngine(cfg, capacity=10)
         engine.load_state_dict(weights)
@@ -137,7 +137,9 @@ def test_training_is_deterministic_with_seed(tmp_path):
     from tgnstream.trainer.offline import train_offline
 
     data = _tiny_dataset()
-    cfg = OfflineTrainConfig(data=tmp_path / "x.csv", out=tmp_path, epochs=2, batch_size=50, seed=7, progress=False)
+    cfg = OfflineTrainConfig(
+        data=tmp_path / "x.csv", out=tmp_path, epochs=2, batch_size=50, seed=7, progress=False
+    )
     runs = [train_offline(data, cfg, ModelConfig(**SMALL), torch.device("cpu")) for _ in range(2)]
     for (k, v), (_, v2) in zip(runs[0].engine.state_dict().items(), runs[1].engine.state_dict().items()):
         assert torch.equal(v, v2), k

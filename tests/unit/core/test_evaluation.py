@@ -25,12 +25,16 @@ def test_ap_auc_match_sklearn_with_ties(seed):
 
 def test_reciprocal_ranks_hand_computed():
     pos = torch.tensor([0.9, 0.5, 0.1])
-    neg = torch.tensor([
-        [0.1, 0.2, 0.3],           # best: rank 1
-        [0.5, 0.7, float("-inf")],  # one above, one tie: rank 1 + 1 + 0.5 = 2.5
-        [0.2, 0.3, 0.4],           # worst of 4: rank 4
-    ])
-    torch.testing.assert_close(reciprocal_ranks(pos, neg), torch.tensor([1.0, 1 / 2.5, 0.25], dtype=torch.float64))
+    neg = torch.tensor(
+        [
+            [0.1, 0.2, 0.3],  # best: rank 1
+            [0.5, 0.7, float("-inf")],  # one above, one tie: rank 1 + 1 + 0.5 = 2.5
+            [0.2, 0.3, 0.4],  # worst of 4: rank 4
+        ]
+    )
+    torch.testing.assert_close(
+        reciprocal_ranks(pos, neg), torch.tensor([1.0, 1 / 2.5, 0.25], dtype=torch.float64)
+    )
     m = ranking_metrics(pos, neg, k=2)
     assert m["mrr"] == pytest.approx((1 + 0.4 + 0.25) / 3)
     assert m["hits@2"] == pytest.approx(1 / 3)

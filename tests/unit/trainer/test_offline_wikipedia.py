@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import torch
+from tgnstream.trainer.offline import train_epoch
 
 from tgnstream.cli import main
 from tgnstream.core.config import ModelConfig
+from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
-from tgnstream.core.engine import MemoryEngine
-from tgnstream.trainer.offline import train_epoch
 
 
 def test_one_short_epoch_beats_chance_clearly(wikipedia_csv):
@@ -20,8 +20,8 @@ def test_one_short_epoch_beats_chance_clearly(wikipedia_csv):
     data = load_dataset(wikipedia_csv, limit=20_000)
     val_start, _ = data.chronological_split(0.15, 0.15)
     engine = MemoryEngine(ModelConfig(), capacity=data.num_nodes)
-    opt = torch.optim.Adam(engine.model.parameters(), lr=1e-4)
-    loss = train_epoch(engine, data, val_start, opt, NegativeSampler(data.dst_nodes, seed=0), 200)
+    opt = torch.optim.Adam(engine.model.parameters(), lr=1e-3)  # a short epoch: few steps, so a livelier lr
+    loss = train_epoch(engine, data, val_start, opt, NegativeSampler(data.dst_nodes, seed=0), 100)
     assert loss < 1.2  # 2 * ln 2 = 1.386 is chance level
     scores = evaluate_stream(engine, data, val_start, len(data), EvalSettings(rank=False))
     ap = summarise(scores)["ap"]
@@ -29,8 +29,25 @@ def test_one_short_epoch_beats_chance_clearly(wikipedia_csv):
 
 
 def test_cli_train_writes_checkpoint_and_results(wikipedia_csv, tmp_path, capsys):
-    rc = main(["train", "--data", str(wikipedia_csv), "--out", str(tmp_path), "--limit", "3000",
-               "--epochs", "2", "--batch-size", "200", "--pair-features", "--no-progress", "--threads", "1"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(wikipedia_csv),
+            "--out",
+            str(tmp_path),
+            "--limit",
+            "3000",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "200",
+            "--pair-features",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
     for split in ("transductive", "inductive"):
