@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/datasets/wikipedia.csv
 OUT ?= runs/wikipedia
-EPOCHS ?= 10
+EPOCHS ?= 5
 TRAIN_ARGS ?= --pair-features
 
 .PHONY: install train test test-all bench lint clean

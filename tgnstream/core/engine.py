@@ -28,21 +28,9 @@ from tgnstream.core.memory import NodeMemory
 from tgnstream.core.model import TGNModel
 from tgnstream.core.modules import encode_pair_features
 from tgnstream.core.neighbors import RecentNeighbors
+from tgnstream.core.pair_stats import pairwise_stats, ranking_stats
 
 __all__ = ["MemoryEngine", "FreshMemory"]
-
-
-def _recency_rank(nb_ids: torch.Tensor, nb_ts: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """How many of a node's recent interactions are newer than its latest one with ``other``.
-
-    ``nb_ids, nb_ts [*a, K]`` (one node's table per leading index), ``other`` broadcastable to
-    the leading shape; returns ``[*]`` int64, -1 when ``other`` is not in the table.
-    """
-    match = nb_ids == other.unsqueeze(-1)
-    latest = torch.where(match, nb_ts, torch.full_like(nb_ts, float("-inf"))).amax(-1)
-    newer = (nb_ts > latest.unsqueeze(-1)) & (nb_ids >= 0)
-    rank = newer.sum(-1)
-    return torch.where(match.any(-1), rank, torch.full_like(rank, -1))
 
 
 @dataclass
@@ -186,31 +174,37 @@ class MemoryEngine(nn.Module):
             mem = self.model.embedding(mem, t_u - fresh.last_update[rows])
         return mem.index_select(0, inv), fresh
 
-    def pair_features(self, u: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Pair features ``[*, F]`` for broadcastable ``u, v, t`` (e.g. ``[B]`` each, or
-        ``[P, 1]`` against ``[1, Q]``): past u-v count, time since the last u-v event, common
-        recent neighbours, and each endpoint's recency rank among the other's recent partners.
-        Uses only already-applied events."""
-        count, last_t = self.history.lookup(*torch.broadcast_tensors(u, v))
-        nb_u, ts_u = self.neighbors.ids[u], self.neighbors.ts[u]  # [*u, K]
-        nb_v, ts_v = self.neighbors.ids[v], self.neighbors.ts[v]
-        common = torch.zeros(count.shape, dtype=torch.long, device=count.device)
-        for i in range(nb_u.shape[-1]):  # K is small: avoids a [*, K, K] intermediate
-            col = nb_u[..., i : i + 1]
-            common += (nb_v == col).any(-1) & (col[..., 0] >= 0)
-        return encode_pair_features(
-            count, last_t, t, common, _recency_rank(nb_u, ts_u, v), _recency_rank(nb_v, ts_v, u)
-        )
+    def pair_features(
+        self,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        t: torch.Tensor,
+        context: EventBatch | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pair features ``[N, F]`` of pairs ``u, v, t`` (``[N]``); see ``pair_stats``."""
+        stats = pairwise_stats(self.history, self.neighbors, u, v, context, visible)
+        return encode_pair_features(stats, t)
 
     # ------------------------------------------------------------------------------ scoring
     def logits(
-        self, src: torch.Tensor, dst: torch.Tensor, t: torch.Tensor
+        self,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        t: torch.Tensor,
+        context: EventBatch | None = None,
+        visible: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, FreshMemory]:
         """Link logits ``[B]`` for pairs at times ``t [B]``; grad if enabled. All pairs share
-        one embedding pass (so a positive and its negative see the same state)."""
+        one embedding pass (so a positive and its negative see the same state).
+
+        ``context``/``visible``: the not-yet-applied batch these queries belong to; query ``i``
+        sees its events ``< visible[i]`` in the pair statistics (never in memory).
+        """
+        self._check_ids(src, dst)
         b = src.numel()
         z, fresh = self.embed_with(torch.cat([src, dst]), torch.cat([t, t]))
-        pair = self.pair_features(src, dst, t) if self.config.pair_features else None
+        pair = self.pair_features(src, dst, t, context, visible) if self.config.pair_features else None
         return self.model.decoder(z[:b], z[b:], pair), fresh
 
     def training_logits(
@@ -226,7 +220,10 @@ class MemoryEngine(nn.Module):
         z, fresh = self.embed_with(nodes, torch.cat([t, t, t]))
         z_src, z_dst, z_neg = z[:b], z[b : 2 * b], z[2 * b :]
         if self.config.pair_features:
-            pf = self.pair_features(batch.src.repeat(2), torch.cat([batch.dst, neg_dst]), t.repeat(2))
+            visible = torch.arange(b, device=t.device).repeat(2)
+            pf = self.pair_features(
+                batch.src.repeat(2), torch.cat([batch.dst, neg_dst]), t.repeat(2), batch, visible
+            )
             pf_pos, pf_neg = pf[:b], pf[b:]
         else:
             pf_pos = pf_neg = None
@@ -237,17 +234,22 @@ class MemoryEngine(nn.Module):
     @torch.no_grad()
     def score(self, src: torch.Tensor, dst: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Link probabilities ``[B]`` for ``src [B], dst [B]`` at times ``t [B]`` (float64)."""
-        self._check_ids(src, dst)
         return torch.sigmoid(self.logits(src, dst, t)[0])
 
     @torch.no_grad()
     def rank_logits(
-        self, src: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor, t_candidates: float | None = None
+        self,
+        src: torch.Tensor,
+        t: torch.Tensor,
+        candidates: torch.Tensor,
+        t_candidates: float | None = None,
+        context: EventBatch | None = None,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[P, Q]`` of each source ``src [P]`` (at its time ``t [P]``) against every
         candidate ``[Q]``. Candidate embeddings are computed once, at ``t_candidates`` (default:
         the earliest of ``t``), as a TopK query issued at that time would; pair features use
-        each source's own time."""
+        each source's own time (and ``context``/``visible`` as in ``logits``)."""
         self._check_ids(src, candidates)
         t_c = float(t.min()) if t_candidates is None else t_candidates
         q = candidates.numel()
@@ -258,7 +260,8 @@ class MemoryEngine(nn.Module):
         z_src, z_c = z[: src.numel()], z[src.numel() :]
         pair = None
         if self.config.pair_features:
-            pair = self.pair_features(src.unsqueeze(1), candidates.unsqueeze(0), t.unsqueeze(1))
+            stats = ranking_stats(self.history, self.neighbors, src, candidates, context, visible)
+            pair = encode_pair_features(stats, t.unsqueeze(1))
         return self.model.decoder.rank(z_src, z_c, pair)
 
     @torch.no_grad()

@@ -129,46 +129,39 @@ class TimeProjectionEmbedding(nn.Module):
         return mem * (1 + self.proj(torch.log1p(dt.clamp(min=0).float()).unsqueeze(-1)))
 
 
-# Pair features: [seen, log1p(count), 9 RBFs of log1p(time since last u-v event), log1p(common),
-# recency rank of v among u's K most recent partners (one-hot 0..3, >=4), same for u among v's].
+# Pair features: [seen, log1p(count), RBF(log-time since last u-v event), log1p(common),
+# then for each endpoint: [this pair is its latest interaction, RBF(log-time it is behind that)].
 _RBF_CENTRES = torch.arange(0.0, 18.0, 2.0)
-_RANK_BUCKETS = 5
-PAIR_FEATURE_DIM = 3 + _RBF_CENTRES.numel() + 2 * _RANK_BUCKETS
+_NR = _RBF_CENTRES.numel()
+PAIR_FEATURE_DIM = 3 + _NR + 2 * (1 + _NR)
 
 
-def _rank_one_hot(rank: torch.Tensor) -> torch.Tensor:
-    """``rank [*]`` (-1 = absent) -> ``[*, 5]`` one-hot of 0, 1, 2, 3, >=4; zeros when absent."""
-    hot = torch.nn.functional.one_hot(rank.clamp(min=0, max=_RANK_BUCKETS - 1), _RANK_BUCKETS)
-    return hot.float() * (rank >= 0).unsqueeze(-1)
+def _rbf(gap: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    x = torch.log1p(torch.where(on, gap, torch.zeros_like(gap)).clamp(min=0).float())
+    return torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * on.unsqueeze(-1)
 
 
-def encode_pair_features(
-    count: torch.Tensor,
-    last_t: torch.Tensor,
-    t: torch.Tensor,
-    common: torch.Tensor,
-    rank_uv: torch.Tensor,
-    rank_vu: torch.Tensor,
-) -> torch.Tensor:
-    """Fixed encoding of pair statistics; all inputs broadcast to one shape ``[*]``.
+def encode_pair_features(stats, t: torch.Tensor) -> torch.Tensor:
+    """Fixed encoding of ``PairStats`` at query times ``t`` (broadcastable) -> ``[*, F]`` float32.
 
-    Returns ``[*, PAIR_FEATURE_DIM]`` float32. RBFs over log-time let a linear layer learn a
-    smooth recency curve; the ranks say how recent the partner is *relative to the others*
-    (what decides a ranking among a user's past destinations).
+    RBFs over log-time let a linear layer learn smooth recency curves; the per-endpoint terms
+    say how recent the pair is *relative to the endpoint's other partners*, which is what
+    decides a ranking among a user's past destinations.
     """
-    count, last_t, t, common = torch.broadcast_tensors(count, last_t, t, common)
-    seen = count > 0
-    gap = torch.where(seen, (t - last_t).clamp(min=0), torch.zeros_like(t))
-    x = torch.log1p(gap.float())
-    rbf = torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * seen.unsqueeze(-1)
+    seen = stats.count > 0
+    t = torch.broadcast_to(t, seen.shape)
+    behind_u = stats.latest_u - stats.last
+    behind_v = stats.latest_v - stats.last
     return torch.cat(
         [
             seen.float().unsqueeze(-1),
-            torch.log1p(count.float()).unsqueeze(-1),
-            rbf,
-            torch.log1p(common.float()).unsqueeze(-1),
-            _rank_one_hot(rank_uv),
-            _rank_one_hot(rank_vu),
+            torch.log1p(stats.count.float()).unsqueeze(-1),
+            _rbf(t - stats.last, seen),
+            torch.log1p(stats.common.float()).unsqueeze(-1),
+            (seen & (behind_u <= 0)).float().unsqueeze(-1),
+            _rbf(behind_u, seen),
+            (seen & (behind_v <= 0)).float().unsqueeze(-1),
+            _rbf(behind_v, seen),
         ],
         -1,
     )

@@ -55,14 +55,19 @@ def evaluate_stream(
         batch = data.events.slice(i, min(i + settings.batch_size, stop)).to(dev)
         neg = sampler.sample(batch.src)
         b = len(batch)
+        visible = torch.arange(b, device=dev)
         logits, fresh = engine.logits(
-            torch.cat([batch.src, batch.src]), torch.cat([batch.dst, neg]), torch.cat([batch.t, batch.t])
+            torch.cat([batch.src, batch.src]),
+            torch.cat([batch.dst, neg]),
+            torch.cat([batch.t, batch.t]),
+            batch,
+            visible.repeat(2),
         )
         pos_all.append(logits[:b].cpu())
         neg_all.append(logits[b:].cpu())
         if settings.rank:
             if rank_all:
-                scores = engine.rank_logits(batch.src, batch.t, rank_pool)
+                scores = engine.rank_logits(batch.src, batch.t, rank_pool, None, batch, visible)
                 col = torch.searchsorted(rank_pool, batch.dst)
                 rows = torch.arange(b, device=dev)
                 pos_s = scores[rows, col]
@@ -75,7 +80,8 @@ def evaluate_stream(
                 q = cands.shape[1]
                 src_rep = batch.src.repeat_interleave(q)
                 t_rep = batch.t.repeat_interleave(q)
-                neg_s = engine.logits(src_rep, cands.flatten(), t_rep)[0].view(b, q)
+                neg_s = engine.logits(src_rep, cands.flatten(), t_rep, batch, visible.repeat_interleave(q))[0]
+                neg_s = neg_s.view(b, q)
                 rr_all.append(reciprocal_ranks(logits[:b], neg_s))
         engine.apply_events(batch, fresh)
     engine.train(was_training)

@@ -63,12 +63,14 @@ def _stream(n: int, nodes: int, edge_dim: int, seed: int) -> EventBatch:
     )
 
 
+@torch.no_grad()
 def _streaming_scores(engine: MemoryEngine, stream: EventBatch, batch_size: int) -> torch.Tensor:
-    """Score each batch with the state before it, then apply it (the serving protocol)."""
+    """Score each batch with the state before it (pair statistics also see the batch's earlier
+    events, as in training and evaluation), then apply it."""
     out = []
     for i in range(0, len(stream), batch_size):
         b = stream.slice(i, i + batch_size)
-        out.append(engine.score(b.src, b.dst, b.t))
+        out.append(torch.sigmoid(engine.logits(b.src, b.dst, b.t, b, torch.arange(len(b)))[0]))
         engine.apply_events(b)
     return torch.cat(out)
 

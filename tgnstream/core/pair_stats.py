@@ -1,0 +1,137 @@
+"""Exact causal pair statistics: history tables plus earlier events of the batch being scored.
+
+Memory is batch-granular (every prediction in a batch sees the same memory, which is what makes
+training parallel). Pair statistics need no gradient, so they are exact per event instead: a
+query at batch position ``k`` also counts the batch's events ``0..k-1``. A query never sees its
+own event or a later one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tgnstream.core.edge_history import EdgeHistory
+from tgnstream.core.events import EventBatch
+from tgnstream.core.neighbors import RecentNeighbors
+
+__all__ = ["PairStats", "pairwise_stats", "ranking_stats"]
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class PairStats:
+    """Raw statistics of pairs (shape ``[*]``; float64 times, -inf = never).
+
+    count: past u-v events; last: time of the last u-v event; latest_u / latest_v: time of the
+    endpoint's latest interaction with anyone; common: common recent neighbours (tables only).
+    """
+
+    count: torch.Tensor
+    last: torch.Tensor
+    latest_u: torch.Tensor
+    latest_v: torch.Tensor
+    common: torch.Tensor
+
+
+def _table_latest(neighbors: RecentNeighbors, nodes: torch.Tensor) -> torch.Tensor:
+    ts = neighbors.ts[nodes]
+    ts = torch.where(neighbors.ids[nodes] >= 0, ts, torch.full_like(ts, _NEG_INF))
+    return ts.amax(-1)
+
+
+def _common(neighbors: RecentNeighbors, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    nb_u, nb_v = neighbors.ids[u], neighbors.ids[v]  # [*u, K], [*v, K]
+    common = None
+    for i in range(nb_u.shape[-1]):  # K is small: avoids a [*, K, K] intermediate
+        col = nb_u[..., i : i + 1]
+        hit = ((nb_v == col).any(-1) & (col[..., 0] >= 0)).long()
+        common = hit if common is None else common + hit
+    return common
+
+
+def _history(history: EdgeHistory, u: torch.Tensor, v: torch.Tensor):
+    count, last = history.lookup(*torch.broadcast_tensors(u, v))
+    return count, torch.nan_to_num(last, nan=_NEG_INF)
+
+
+def pairwise_stats(
+    history: EdgeHistory,
+    neighbors: RecentNeighbors,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    context: EventBatch | None = None,
+    visible: torch.Tensor | None = None,
+) -> PairStats:
+    """Stats of pairs ``u[i], v[i]`` (``[N]``). Query ``i`` also sees ``context`` events with
+    index ``< visible[i]``."""
+    count, last = _history(history, u, v)
+    latest_u, latest_v = _table_latest(neighbors, u), _table_latest(neighbors, v)
+    if context is not None and len(context):
+        cs, cd, ct = context.src, context.dst, context.t
+        seen = torch.arange(cs.numel(), device=cs.device) < visible.unsqueeze(1)  # [N, B]
+        u_, v_ = u.unsqueeze(1), v.unsqueeze(1)
+        touches_u = seen & ((cs == u_) | (cd == u_))
+        touches_v = seen & ((cs == v_) | (cd == v_))
+        pair = touches_u & (((cs == u_) & (cd == v_)) | ((cs == v_) & (cd == u_)))
+        ct_ = ct.unsqueeze(0)
+        neg = torch.full_like(ct_, _NEG_INF)
+        count = count + pair.sum(1)
+        last = torch.maximum(last, torch.where(pair, ct_, neg).amax(1))
+        latest_u = torch.maximum(latest_u, torch.where(touches_u, ct_, neg).amax(1))
+        latest_v = torch.maximum(latest_v, torch.where(touches_v, ct_, neg).amax(1))
+    return PairStats(count, last, latest_u, latest_v, _common(neighbors, u, v))
+
+
+def ranking_stats(
+    history: EdgeHistory,
+    neighbors: RecentNeighbors,
+    src: torch.Tensor,
+    candidates: torch.Tensor,
+    context: EventBatch | None = None,
+    visible: torch.Tensor | None = None,
+) -> PairStats:
+    """Stats of every ``src[p]`` (``[P]``) against every ``candidates[q]`` (``[Q]``): ``[P, Q]``.
+
+    Within-batch events are folded in sparsely (each source has few events in a batch), and
+    the candidates' latest times through a running maximum over the batch.
+    """
+    u, v = src.unsqueeze(1), candidates.unsqueeze(0)
+    count, last = _history(history, u, v)
+    latest_u = _table_latest(neighbors, src).unsqueeze(1).expand_as(last).clone()
+    latest_v = _table_latest(neighbors, candidates).unsqueeze(0).expand_as(last).clone()
+    if context is not None and len(context):
+        p_n, q_n = src.numel(), candidates.numel()
+        cs, cd, ct = context.src, context.dst, context.t
+        b = cs.numel()
+        order = torch.argsort(candidates)
+        sorted_c = candidates[order]
+
+        def column(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pos = torch.searchsorted(sorted_c, ids).clamp(max=q_n - 1)
+            return order[pos], sorted_c[pos] == ids
+
+        seen = torch.arange(b, device=cs.device) < visible.unsqueeze(1)  # [P, B]
+        touches = seen & ((cs == u) | (cd == u))
+        neg = torch.full_like(ct, _NEG_INF)
+        latest_u = torch.maximum(latest_u, torch.where(touches, ct, neg).amax(1, keepdim=True))
+        rows, idx = touches.nonzero(as_tuple=True)
+        partner = torch.where(cs[idx] == src[rows], cd[idx], cs[idx])
+        col, ok = column(partner)
+        flat = (rows * q_n + col)[ok]
+        count = count.reshape(-1).index_add(0, flat, torch.ones_like(flat)).view(p_n, q_n)
+        last = last.reshape(-1).scatter_reduce(0, flat, ct[idx][ok], reduce="amax").view(p_n, q_n)
+        # Latest time of each candidate among context events 0..i, for every i: [B, Q].
+        running = torch.full((b, q_n), _NEG_INF, dtype=ct.dtype, device=ct.device)
+        for ends in (cs, cd):
+            c, ok2 = column(ends)
+            ev = torch.arange(b, device=cs.device)[ok2]
+            running[ev, c[ok2]] = ct[ok2]
+        running = torch.cummax(running, 0).values
+        has_prefix = visible > 0
+        prefix = running[(visible - 1).clamp(min=0)]  # [P, Q]
+        prefix = torch.where(has_prefix.unsqueeze(1), prefix, torch.full_like(prefix, _NEG_INF))
+        latest_v = torch.maximum(latest_v, prefix)
+    return PairStats(count, last, latest_u, latest_v, _common(neighbors, u, v))
