@@ -55,7 +55,11 @@ def test_stats_include_exactly_the_earlier_events(batch_size):
             assert got == want, f"pairwise event {i + k}"
             for q, c in enumerate(cands.tolist()):
                 want = naive(past, u, c)
-                got = (int(rk.count[k, q]), float(rk.last[k, q]), float(rk.latest_u[k, q]),
-                       float(rk.latest_v[k, q]))
+                got = (
+                    int(rk.count[k, q]),
+                    float(rk.last[k, q]),
+                    float(rk.latest_u[k, q]),
+                    float(rk.latest_v[k, q]),
+                )
                 assert got == want, f"ranking event {i + k} candidate {c}"
         engine.apply_events(batch)
