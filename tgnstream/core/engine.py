@@ -302,6 +302,9 @@ class MemoryEngine(nn.Module):
         return int(seen.max()) + 1 if seen.numel() else 0
 
     def _check_ids(self, *tensors: torch.Tensor) -> None:
+        """Reject negative ids; make room for new ones, which read as cold-start nodes (zero
+        memory, no neighbours, no history). Growing reallocates state buffers, so a concurrent
+        server must call this under its write lock (or pre-size the capacity)."""
         for x in tensors:
             if x.numel() and (int(x.min()) < 0):
                 raise ValueError("node ids must be non-negative")
