@@ -20,12 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tgnstream.trainer.config import OfflineTrainConfig  # noqa: E402
-from tgnstream.trainer.offline import train_offline  # noqa: E402
-
 from tgnstream.core.config import ModelConfig  # noqa: E402
 from tgnstream.core.loaders import load_dataset  # noqa: E402
 from tgnstream.sysinfo import hardware_info, resolve_device  # noqa: E402
+from tgnstream.trainer.config import OfflineTrainConfig  # noqa: E402
+from tgnstream.trainer.offline import train_offline  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
 

@@ -14,8 +14,8 @@ def _train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="offline training + evaluation on a recorded stream",
-        description="Train on the first 70%% of a stream (chronological), early-stop on the next "
-        "15%%, report test AP/AUC/MRR/hits@10 (transductive and inductive) on the last 15%%. "
+        description="Train on the first 70% of a stream (chronological), early-stop on the next "
+        "15%, report test AP/AUC/MRR/hits@10 (transductive and inductive) on the last 15%. "
         "Writes OUT/checkpoint.pt and OUT/results.json. Every option can also be set with an "
         "environment variable TGNSTREAM_TRAIN_<OPTION>.",
     )
@@ -38,7 +38,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--limit", type=int, help="use only the first N events")
-    p.add_argument("--memory-dim", type=int, default=100)
+    p.add_argument("--memory-dim", type=int, default=100, help="memory, time, embedding width")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tgnstream.trainer.config import OfflineTrainConfig
 from tqdm.auto import tqdm
 
 from tgnstream.core.checkpoint import save_checkpoint
@@ -20,6 +19,7 @@ from tgnstream.core.events import TemporalDataset
 from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.sysinfo import hardware_info
+from tgnstream.trainer.config import OfflineTrainConfig
 
 __all__ = ["train_epoch", "train_offline", "make_optimizer", "OfflineResult"]
 

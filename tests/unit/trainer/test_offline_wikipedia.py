@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from tgnstream.trainer.offline import train_epoch
 
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
+from tgnstream.trainer.offline import train_epoch
 
 
 def test_one_short_epoch_beats_chance_clearly(wikipedia_csv):
