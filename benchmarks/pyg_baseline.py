@@ -48,6 +48,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -130,6 +131,27 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
+def _deterministic_algorithms(fn):
+    """Run ``fn`` with PyTorch's deterministic algorithms on, restoring the previous setting."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        prev = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        # On CUDA some PyG scatter kernels have no deterministic variant: warn instead of raising.
+        device = torch.device(kwargs.get("device", "cpu"))
+        torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+    return wrapper
+
+
+@_deterministic_algorithms
 def run_pyg_tgn(
     dataset: TemporalDataset,
     *,
@@ -170,41 +192,6 @@ def run_pyg_tgn(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prev = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    # On CUDA some PyG scatter kernels have no deterministic variant: warn instead of raising.
-    torch.use_deterministic_algorithms(True, warn_only=torch.device(device).type != "cpu")
-    try:
-        return _run(
-            dataset,
-            epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            lr=lr,
-            dim=dim,
-            num_neighbors=num_neighbors,
-            progress=progress,
-        )
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-
-
-def _run(
-    dataset: TemporalDataset,
-    *,
-    epochs: int = 12,
-    batch_size: int = 200,
-    seed: int = 0,
-    device: str = "cpu",
-    lr: float = 1e-4,
-    dim: int = 100,
-    num_neighbors: int = 10,
-    progress: bool = True,
-) -> dict:
-    """Body of ``run_pyg_tgn`` (arguments validated there)."""
     from tqdm.auto import tqdm
 
     _seed_everything(seed)

@@ -60,7 +60,7 @@ def train_epoch(
     for i in bar:
         batch = data.events.slice(i, min(i + batch_size, stop)).to(dev)
         neg = sampler.sample(batch.src, 1, historical_ratio, engine.neighbors, exclude=batch.dst)
-        pos, negl, fresh = engine.training_logits(batch, neg)
+        pos, negl, fresh = engine.pos_neg_logits(batch, neg)
         loss = F.binary_cross_entropy_with_logits(
             pos, torch.ones_like(pos)
         ) + F.binary_cross_entropy_with_logits(negl, torch.zeros_like(negl))

@@ -54,8 +54,8 @@ class MemoryEngine(nn.Module):
 
     Submodules: ``model`` (parameters), ``memory`` (memory + mailbox), ``neighbors`` (K most
     recent neighbours), ``history`` (per-pair count and last time), ``ids`` (external id map).
-    ``state_dict()`` therefore captures weights and state together; ``state_only_dict()`` only
-    the state. Capacity grows by doubling when larger ids arrive.
+    ``state_dict()`` therefore captures weights and state together. Capacity grows by
+    doubling when larger ids arrive.
 
     Args:
         config: model architecture.
@@ -100,19 +100,6 @@ class MemoryEngine(nn.Module):
         self.history.reset()
         self.events_applied.zero_()
         self.watermark.fill_(float("-inf"))
-
-    _STATE_PREFIXES = ("memory.", "neighbors.", "history.", "ids.", "events_applied", "watermark")
-
-    def state_only_dict(self) -> dict[str, torch.Tensor]:
-        """Node state without weights (what a snapshot or a backup needs)."""
-        return {k: v.clone() for k, v in self.state_dict().items() if k.startswith(self._STATE_PREFIXES)}
-
-    def load_state_only(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [k for k in self.state_dict() if k.startswith(self._STATE_PREFIXES) and k not in state]
-        if missing:
-            raise KeyError(f"state is missing {missing[:5]}")
-        merged = {**{k: v for k, v in self.state_dict().items() if k.startswith("model.")}, **state}
-        self.load_state_dict(merged)
 
     # ------------------------------------------------------------------- memory + embedding
     def fresh_memory(self, nodes: torch.Tensor, grad_nodes: torch.Tensor | None = None) -> FreshMemory:
@@ -207,29 +194,18 @@ class MemoryEngine(nn.Module):
         pair = self.pair_features(src, dst, t, context, visible) if self.config.pair_features else None
         return self.model.decoder(z[:b], z[b:], pair), fresh
 
-    def training_logits(
+    def pos_neg_logits(
         self, batch: EventBatch, neg_dst: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, FreshMemory]:
-        """Positive ``[B]`` and negative ``[B]`` logits in one embedding pass (grad enabled)."""
+        """Positive ``[B]`` and negative ``[B]`` logits of a not-yet-applied batch (one negative
+        destination per event), in one pass; grad if enabled. Training and evaluation both
+        score through here, so they see identical features."""
         b = len(batch)
-        self.ensure_capacity(
-            int(torch.max(torch.stack([batch.src.max(), batch.dst.max(), neg_dst.max()]))) + 1
+        visible = torch.arange(b, device=batch.t.device).repeat(2)
+        logits, fresh = self.logits(
+            batch.src.repeat(2), torch.cat([batch.dst, neg_dst]), batch.t.repeat(2), batch, visible
         )
-        nodes = torch.cat([batch.src, batch.dst, neg_dst])
-        t = batch.t
-        z, fresh = self.embed_with(nodes, torch.cat([t, t, t]))
-        z_src, z_dst, z_neg = z[:b], z[b : 2 * b], z[2 * b :]
-        if self.config.pair_features:
-            visible = torch.arange(b, device=t.device).repeat(2)
-            pf = self.pair_features(
-                batch.src.repeat(2), torch.cat([batch.dst, neg_dst]), t.repeat(2), batch, visible
-            )
-            pf_pos, pf_neg = pf[:b], pf[b:]
-        else:
-            pf_pos = pf_neg = None
-        pos = self.model.decoder(z_src, z_dst, pf_pos)
-        neg = self.model.decoder(z_src, z_neg, pf_neg)
-        return pos, neg, fresh
+        return logits[:b], logits[b:], fresh
 
     @torch.no_grad()
     def score(self, src: torch.Tensor, dst: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

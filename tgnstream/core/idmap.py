@@ -69,10 +69,6 @@ class IdMap(ResizableBufferModule):
         self.offsets = torch.cat([self.offsets, self.offsets[-1] + torch.cumsum(lengths, 0)])
         self._pending = []
 
-    def state_dict(self, *args, **kwargs):
-        self._flush()
-        return super().state_dict(*args, **kwargs)
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._flush()
         super()._save_to_state_dict(destination, prefix, keep_vars)

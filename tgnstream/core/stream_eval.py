@@ -55,16 +55,10 @@ def evaluate_stream(
         batch = data.events.slice(i, min(i + settings.batch_size, stop)).to(dev)
         neg = sampler.sample(batch.src)
         b = len(batch)
+        pos, neg_logits, fresh = engine.pos_neg_logits(batch, neg)
         visible = torch.arange(b, device=dev)
-        logits, fresh = engine.logits(
-            torch.cat([batch.src, batch.src]),
-            torch.cat([batch.dst, neg]),
-            torch.cat([batch.t, batch.t]),
-            batch,
-            visible.repeat(2),
-        )
-        pos_all.append(logits[:b].cpu())
-        neg_all.append(logits[b:].cpu())
+        pos_all.append(pos.cpu())
+        neg_all.append(neg_logits.cpu())
         if settings.rank:
             if rank_all:
                 scores = engine.rank_logits(batch.src, batch.t, rank_pool, None, batch, visible)
@@ -82,7 +76,7 @@ def evaluate_stream(
                 t_rep = batch.t.repeat_interleave(q)
                 neg_s = engine.logits(src_rep, cands.flatten(), t_rep, batch, visible.repeat_interleave(q))[0]
                 neg_s = neg_s.view(b, q)
-                rr_all.append(reciprocal_ranks(logits[:b], neg_s))
+                rr_all.append(reciprocal_ranks(pos, neg_s))
         engine.apply_events(batch, fresh)
     engine.train(was_training)
     out = {"pos": torch.cat(pos_all), "neg": torch.cat(neg_all)}
