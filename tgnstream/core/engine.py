@@ -250,11 +250,11 @@ class MemoryEngine(nn.Module):
         exclude_seen: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best destinations for ``src`` at time ``t``: ``(ids [k'], probs [k'])``,
-        best first; ``candidates`` defaults to every node slot in use."""
+        best first; ``candidates`` defaults to every node seen as a destination."""
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         if candidates is None:
-            candidates = torch.arange(self.num_nodes_in_use(), device=self.device)
+            candidates = self.destinations()
         s = torch.tensor([src], device=self.device)
         tt = torch.tensor([t], dtype=torch.float64, device=self.device)
         logits = self.rank_logits(s, tt, candidates, t)[0]
@@ -271,6 +271,10 @@ class MemoryEngine(nn.Module):
         """Node embeddings ``[M, d_emb]`` at times ``t [M]``."""
         self._check_ids(nodes)
         return self.embed_with(nodes, t)[0]
+
+    def destinations(self) -> torch.Tensor:
+        """Sorted ids ``[D]`` of every node that has been the destination of an applied event."""
+        return self.memory.is_destination.nonzero().squeeze(1)
 
     def num_nodes_in_use(self) -> int:
         """1 + the largest id that has appeared in an applied event (0 when none)."""
@@ -332,6 +336,7 @@ class MemoryEngine(nn.Module):
         mem.mail[nodes] = agg
         mem.mail_ts[nodes] = when[newest]
         mem.has_mail[nodes] = True
+        mem.is_destination[dst] = True
 
         self.neighbors.insert(src, dst, t, batch.feats)
         self.history.insert(src, dst, t)

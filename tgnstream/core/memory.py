@@ -22,6 +22,8 @@ class NodeMemory(ResizableBufferModule):
         mail: ``[N, 2*d_mem + d_edge]`` float32 pending raw message ``[s_self, s_other, e]``.
         mail_ts: ``[N]`` float64 time of the pending message.
         has_mail: ``[N]`` bool whether a message is pending.
+        is_destination: ``[N]`` bool whether the node has been the destination of an event
+            (the default candidate set of a top-k query).
     """
 
     def __init__(self, capacity: int, memory_dim: int, edge_dim: int, device: torch.device | str = "cpu"):
@@ -33,6 +35,7 @@ class NodeMemory(ResizableBufferModule):
         self.register_buffer("mail", torch.zeros(capacity, self.mail_dim, device=device))
         self.register_buffer("mail_ts", torch.zeros(capacity, dtype=torch.float64, device=device))
         self.register_buffer("has_mail", torch.zeros(capacity, dtype=torch.bool, device=device))
+        self.register_buffer("is_destination", torch.zeros(capacity, dtype=torch.bool, device=device))
 
     @property
     def capacity(self) -> int:
@@ -42,7 +45,7 @@ class NodeMemory(ResizableBufferModule):
         extra = capacity - self.capacity
         if extra <= 0:
             return
-        for name in ("memory", "last_update", "mail", "mail_ts", "has_mail"):
+        for name in ("memory", "last_update", "mail", "mail_ts", "has_mail", "is_destination"):
             cur = getattr(self, name)
             pad = torch.zeros((extra, *cur.shape[1:]), dtype=cur.dtype, device=cur.device)
             setattr(self, name, torch.cat([cur, pad]))
@@ -53,3 +56,4 @@ class NodeMemory(ResizableBufferModule):
         self.mail.zero_()
         self.mail_ts.zero_()
         self.has_mail.zero_()
+        self.is_destination.zero_()

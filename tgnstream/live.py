@@ -1,0 +1,123 @@
+"""The engine a server answers from: one writer (the ingest loop), many readers (gRPC handlers).
+
+Shared by ``tgnstream.ingest`` (writes) and ``tgnstream.model_server`` (reads), so that neither
+service imports the other; the composition root (``tgnstream.serve``) builds one and hands it to
+both.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from tgnstream.core.engine import MemoryEngine
+
+__all__ = ["LiveEngine", "ReadWriteLock", "StateStamp"]
+
+
+class ReadWriteLock:
+    """Many concurrent readers or one writer; a waiting writer blocks new readers, so a steady
+    query load cannot starve ingest."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class StateStamp:
+    """What a reply was computed from."""
+
+    model_version: str
+    events_applied: int
+    watermark: float
+
+
+class LiveEngine:
+    """A ``MemoryEngine`` plus the Kafka position its state reflects, behind a read/write lock.
+
+    Readers (``with live.read() as engine``) never see a half-applied batch: the writer mutates
+    the state only inside ``with live.write() as engine``, and updates ``next_offsets`` (the
+    per-partition next offset to apply) inside the same critical section.
+
+    Node slot ``len(engine.ids)`` (the next id to be assigned) has, by construction, no events:
+    readers map every unknown external id to it, which is exactly cold-start state. The writer
+    keeps that slot allocated (``reserve_cold_slot``) so readers never grow buffers.
+    """
+
+    def __init__(self, engine: MemoryEngine, model_version: str, next_offsets: dict[int, int] | None = None):
+        self.engine = engine
+        self.model_version = model_version
+        self.next_offsets: dict[int, int] = dict(next_offsets or {})
+        self._lock = ReadWriteLock()
+        self.reserve_cold_slot()
+
+    @contextmanager
+    def read(self) -> Iterator[MemoryEngine]:
+        with self._lock.read():
+            yield self.engine
+
+    @contextmanager
+    def write(self) -> Iterator[MemoryEngine]:
+        with self._lock.write():
+            try:
+                yield self.engine
+            finally:
+                self.reserve_cold_slot()
+
+    def reserve_cold_slot(self) -> None:
+        self.engine.ensure_capacity(len(self.engine.ids) + 1)
+
+    @property
+    def cold_slot(self) -> int:
+        return len(self.engine.ids)
+
+    def resolve(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense indices ``[n]`` (on the engine's device) of external ids, unknown ones mapped to
+        the cold-start slot, and a ``[n]`` bool mask of the unknown ones. Call under ``read()``."""
+        idx, _ = self.engine.ids.lookup(ids, create=False)
+        unknown = idx < 0
+        idx = idx.masked_fill(unknown, self.cold_slot)
+        return idx.to(self.engine.device), unknown
+
+    def stamp(self) -> StateStamp:
+        """Call under ``read()`` or ``write()``."""
+        e = self.engine
+        return StateStamp(self.model_version, int(e.events_applied), float(e.watermark))

@@ -1,0 +1,124 @@
+"""Prometheus metrics of the serving process (ingest + gRPC), prefix ``tgnstream_``.
+
+One object per process, built on a registry of its own so tests can run several servers in
+one interpreter. Names follow Prometheus conventions: base units, ``_total`` counters, no node
+ids in labels; gRPC uses the conventional ``grpc_server_*`` names (py-grpc-prometheus parity).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+__all__ = ["ServerMetrics", "INGEST_RESULTS"]
+
+# Every value the ``result`` label of tgnstream_ingest_events_total takes.
+INGEST_RESULTS = ("applied", "late_clamped", "dlq")
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class ServerMetrics:
+    """All metrics a ``tgnstream serve`` process exports (see README, "Metrics")."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # --- ingest
+        self.ingest_events = Counter(
+            "tgnstream_ingest_events_total",
+            "Kafka records handled by the ingest loop, by result: applied (to memory), "
+            "late_clamped (applied with its time gap clamped at 0; also counted as applied), "
+            "dlq (sent to the dead-letter topic)",
+            ["result"],
+            registry=r,
+        )
+        for result in INGEST_RESULTS:
+            self.ingest_events.labels(result)
+        self.ingest_dlq = Counter(
+            "tgnstream_ingest_dlq_total",
+            "Records sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.ingest_batch_seconds = Histogram(
+            "tgnstream_ingest_batch_seconds",
+            "Wall time to apply one micro-batch to memory (decode excluded)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ingest_batch_events = Histogram(
+            "tgnstream_ingest_batch_events",
+            "Events per applied micro-batch",
+            buckets=(1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+            registry=r,
+        )
+        self.ingest_lag_records = Gauge(
+            "tgnstream_ingest_lag_records",
+            "Records in the partition not yet applied (high watermark - next offset, >= 0)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.ingest_lag_seconds = Gauge(
+            "tgnstream_ingest_lag_seconds",
+            "Wall-clock age of the newest applied record (now - its Kafka timestamp); 0 when "
+            "caught up",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.ingest_watermark = Gauge(
+            "tgnstream_ingest_watermark_seconds", "Latest event time applied (event clock)", registry=r
+        )
+        # --- memory
+        self.memory_nodes = Gauge("tgnstream_memory_nodes", "Nodes known to the live memory", registry=r)
+        self.memory_device_bytes = Gauge(
+            "tgnstream_memory_device_bytes",
+            "Bytes held by the engine's state and weights on its device",
+            registry=r,
+        )
+        self.events_applied = Gauge(
+            "tgnstream_events_applied", "Events reflected in the live memory (restored + ingested)", registry=r
+        )
+        # --- snapshots
+        self.snapshot_age = Gauge(
+            "tgnstream_snapshot_age_seconds", "Seconds since the newest durable snapshot", registry=r
+        )
+        self.snapshot_seconds = Histogram(
+            "tgnstream_snapshot_duration_seconds",
+            "Wall time to write one snapshot (copy + serialise + fsync)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.snapshots = Counter(
+            "tgnstream_snapshots_total", "Snapshot attempts by result (ok/error)", ["result"], registry=r
+        )
+        # --- live quality (prequential: scored before the events are applied)
+        self.online_ap = Gauge(
+            "tgnstream_online_ap", "Rolling average precision of the served model on live events", registry=r
+        )
+        self.online_mrr = Gauge(
+            "tgnstream_online_mrr", "Rolling mean reciprocal rank of the served model on live events", registry=r
+        )
+        self.online_scored = Counter(
+            "tgnstream_online_scored_events_total", "Live events scored for online quality", registry=r
+        )
+        # --- model
+        self.model_info = Info("tgnstream_model", "The model being served", registry=r)
+        # --- gRPC (conventional names)
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.grpc_started = Counter(
+            "grpc_server_started_total", "RPCs started on the server", labels, registry=r
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled_total", "RPCs completed on the server, by status code", [*labels, "grpc_code"],
+            registry=r,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from receiving an RPC to sending its reply",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.grpc_inflight = Gauge(
+            "tgnstream_grpc_inflight_requests", "RPCs being handled right now", registry=r
+        )
