@@ -291,6 +291,23 @@ class MemoryEngine(nn.Module):
             if x.numel():
                 self.ensure_capacity(int(x.max()) + 1)
 
+    @torch.no_grad()
+    def fold_pending(self) -> int:
+        """Fold every pending message into its node's memory now; returns how many were folded.
+
+        Scores are unchanged: a fold is a pure function of (memory, message, times), and the
+        message is consumed exactly once either way. A server calls this after each applied batch
+        so that queries read memories directly instead of running the updater per request.
+        """
+        ids = self.memory.has_mail.nonzero().squeeze(1)
+        if ids.numel() == 0:
+            return 0
+        fresh = self.fresh_memory(ids)
+        self.memory.memory[ids] = fresh.memory
+        self.memory.last_update[ids] = fresh.last_update
+        self.memory.has_mail[ids] = False
+        return int(ids.numel())
+
     # ------------------------------------------------------------------------------- apply
     @torch.no_grad()
     def apply_events(self, batch: EventBatch, fresh: FreshMemory | None = None) -> None:

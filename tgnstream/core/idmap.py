@@ -35,30 +35,39 @@ class IdMap(ResizableBufferModule):
 
     def lookup(self, ids: list[str], create: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense indices ``[n]`` int64 (``-1`` for unknown ids when ``create`` is False) and a
-        ``[n]`` bool mask of ids that were not known before this call."""
-        out = torch.empty(len(ids), dtype=torch.long)
-        new = torch.zeros(len(ids), dtype=torch.bool)
+        ``[n]`` bool mask of ids that were not known before this call.
+
+        Not thread-safe with ``create=True``: the single writer calls it under its lock.
+        """
         index = self._index
-        for i, key in enumerate(ids):
-            j = index.get(key)
-            if j is None:
-                new[i] = True
-                if create:
-                    j = len(index)
-                    index[key] = j
-                    self._pending.append(key.encode("utf-8"))
-                else:
-                    j = -1
-            out[i] = j
-        return out, new
+        found = [index.get(key, -1) for key in ids]
+        new = [j < 0 for j in found]
+        if create and any(new):
+            pending = self._pending
+            for i, key in enumerate(ids):
+                if found[i] < 0:
+                    j = index.get(key)
+                    if j is None:
+                        j = len(index)
+                        index[key] = j
+                        pending.append(key.encode("utf-8"))
+                    found[i] = j
+        return torch.tensor(found, dtype=torch.long), torch.tensor(new, dtype=torch.bool)
 
     def name_of(self, index: int) -> str:
-        self._flush()
+        if self._pending:
+            # Readers of a live server never get here: the writer flushes under its lock.
+            self._flush()
         a, b = int(self.offsets[index]), int(self.offsets[index + 1])
         return bytes(self.blob[a:b].tolist()).decode("utf-8")
 
     def names(self, indices: torch.Tensor) -> list[str]:
         return [self.name_of(int(i)) for i in indices.tolist()]
+
+    def flush(self) -> None:
+        """Move ids added since the last flush into the tensor buffers (the writer calls this
+        under its lock, so concurrent readers never mutate the map)."""
+        self._flush()
 
     def _flush(self) -> None:
         if not self._pending:

@@ -1,0 +1,100 @@
+"""Typed configuration of the ingest loop (Kafka connection, micro-batching, bad input)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+__all__ = ["KafkaConfig", "IngestConfig", "QualityConfig"]
+
+
+class KafkaConfig(BaseModel):
+    """How to reach the cluster; security settings are passed through to kafka-python."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
+    topic: str = Field("events", min_length=1, description="topic of interaction events")
+    partitions: list[int] | None = Field(
+        None, description="partitions to read (manual assignment); default: all of the topic's"
+    )
+    group_id: str | None = Field(
+        "tgnstream-server",
+        description="consumer group whose committed offsets mirror each durable snapshot, for lag "
+        "monitoring only (never joined, never used for recovery); None disables commits",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    fetch_max_bytes: int = Field(52_428_800, gt=0)
+    max_partition_fetch_bytes: int = Field(8_388_608, gt=0)
+    request_timeout_ms: int = Field(30_000, gt=0)
+
+    def client_kwargs(self) -> dict:
+        """Connection settings shared by consumers, producers and admin clients."""
+        kw: dict = {"bootstrap_servers": self.bootstrap_servers.split(","), "security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            kw["sasl_mechanism"] = self.sasl_mechanism
+            kw["sasl_plain_username"] = self.sasl_plain_username
+            if self.sasl_plain_password is not None:
+                kw["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name):
+                kw[name] = getattr(self, name)
+        return kw
+
+
+class QualityConfig(BaseModel):
+    """Prequential (score-then-apply) quality estimate of the served model on live events."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    events_per_batch: int = Field(64, ge=1, description="live events scored per micro-batch (sampled)")
+    negatives: int = Field(99, ge=1, description="random destinations each event is ranked against (MRR)")
+    window: int = Field(5000, ge=10, description="rolling window of scored events for AP and MRR")
+    min_interval_ms: float = Field(
+        0.0, ge=0, description="score at most one batch per interval (bounds the cost at high rates)"
+    )
+    seed: int = 0
+
+
+class IngestConfig(BaseModel):
+    """The ingest loop: micro-batching, record format, bad-input policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kafka: KafkaConfig = KafkaConfig()
+    batch_max_events: int = Field(
+        1000,
+        ge=1,
+        description="a micro-batch closes at this many records; it closes earlier only when the "
+        "consumer has caught up with the log end and batch_max_wait_ms passed (so replaying a "
+        "backlog always gives the same batch boundaries)",
+    )
+    batch_max_wait_ms: float = Field(50.0, gt=0)
+    poll_timeout_ms: int = Field(100, gt=0)
+    encoding: Literal["json", "protobuf"] = "json"
+    max_record_bytes: int = Field(65_536, gt=0)
+    allow_self_loops: bool = False
+    max_lateness_s: float | None = Field(
+        None,
+        ge=0,
+        description="events older than (watermark - this) go to the DLQ as 'too_late'; None: "
+        "every late event is applied with its time gap clamped at 0 (and counted)",
+    )
+    dlq_enabled: bool = Field(True, description="send invalid records to <topic>.dlq (else: count and log only)")
+    quality: QualityConfig = QualityConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> IngestConfig:
+        if self.kafka.partitions is not None and (
+            not self.kafka.partitions or min(self.kafka.partitions) < 0
+        ):
+            raise ValueError("kafka.partitions must be a non-empty list of partition numbers >= 0")
+        return self
