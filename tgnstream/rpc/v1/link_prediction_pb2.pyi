@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -58,7 +57,7 @@ class TopKRequest(_message.Message):
     exclude_seen: bool
     time: float
     strict: bool
-    def __init__(self, src: _Optional[str] = ..., k: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., exclude_seen: _Optional[bool] = ..., time: _Optional[float] = ..., strict: _Optional[bool] = ...) -> None: ...
+    def __init__(self, src: _Optional[str] = ..., k: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., exclude_seen: bool = ..., time: _Optional[float] = ..., strict: bool = ...) -> None: ...
 
 class ScoredNode(_message.Message):
     __slots__ = ("id", "probability", "unknown")
@@ -68,7 +67,7 @@ class ScoredNode(_message.Message):
     id: str
     probability: float
     unknown: bool
-    def __init__(self, id: _Optional[str] = ..., probability: _Optional[float] = ..., unknown: _Optional[bool] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., probability: _Optional[float] = ..., unknown: bool = ...) -> None: ...
 
 class TopKResponse(_message.Message):
     __slots__ = ("results", "src_unknown", "state")
@@ -78,7 +77,7 @@ class TopKResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[ScoredNode]
     src_unknown: bool
     state: StateStamp
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoredNode, _Mapping]]] = ..., src_unknown: _Optional[bool] = ..., state: _Optional[_Union[StateStamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoredNode, _Mapping]]] = ..., src_unknown: bool = ..., state: _Optional[_Union[StateStamp, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("nodes", "time")
@@ -96,7 +95,7 @@ class Embedding(_message.Message):
     id: str
     values: _containers.RepeatedScalarFieldContainer[float]
     unknown: bool
-    def __init__(self, id: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ..., unknown: _Optional[bool] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ..., unknown: bool = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "dim", "state")

@@ -5,7 +5,7 @@ import warnings
 
 from tgnstream.rpc.v1 import link_prediction_pb2 as tgnstream_dot_rpc_dot_v1_dot_link__prediction__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.68.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tgnstream/rpc/v1/link_prediction_pb2_grpc.py depends on'
+        + f' but the generated code in tgnstream/rpc/v1/link_prediction_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class LinkPredictionStub:
+class LinkPredictionStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class LinkPredictionStub:
                 _registered_method=True)
 
 
-class LinkPredictionServicer:
+class LinkPredictionServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Score(self, request, context):
@@ -118,7 +118,7 @@ def add_LinkPredictionServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LinkPrediction:
+class LinkPrediction(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
