@@ -94,20 +94,54 @@ def _run_train(args) -> int:
     return 0
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="ingest a Kafka topic into live memory and answer gRPC link-prediction queries",
+        description="Restore the newest snapshot (or start a model from scratch / a checkpoint), "
+        "apply the topic's events from the snapshot's offsets, serve tgnstream.rpc.v1.LinkPrediction "
+        "plus grpc.health.v1 and reflection, export Prometheus metrics, snapshot state + offsets "
+        "periodically. Settings come from --config (TOML or JSON) and environment variables "
+        "TGNSTREAM_SERVE_<SECTION>__<FIELD>, which win over the file. SIGTERM/SIGINT stop it "
+        "gracefully (final snapshot).",
+    )
+    p.add_argument("--config", help="TOML or JSON settings file (see README, 'Serving')")
+    p.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from tgnstream.serve import run_server
+    from tgnstream.serve_config import load_serve_config
+
+    cfg = load_serve_config(args.config)
+    if args.print_config:
+        print(cfg.model_dump_json(indent=2))
+        return 0
+    logging.getLogger().setLevel(cfg.log_level)
+    return run_server(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tgnstream", description="Streaming temporal GNN service.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _serve_parser(sub)
+    from tgnstream.broker import add_parser as add_broker_parser
+    from tgnstream.ingest.replay import add_parser as add_replay_parser
+
+    add_broker_parser(sub)
+    add_replay_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     del args.verbose
-    handlers = {"train": _run_train}
+    run = args.func if hasattr(args, "func") else {"train": _run_train}[args.command]
     try:
-        return handlers[args.command](args)
+        return run(args)
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         return 2

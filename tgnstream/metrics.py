@@ -60,8 +60,7 @@ class ServerMetrics:
         )
         self.ingest_lag_seconds = Gauge(
             "tgnstream_ingest_lag_seconds",
-            "Wall-clock age of the newest applied record (now - its Kafka timestamp); 0 when "
-            "caught up",
+            "Wall-clock age of the newest applied record (now - its Kafka timestamp); 0 when caught up",
             ["topic", "partition"],
             registry=r,
         )
@@ -76,7 +75,9 @@ class ServerMetrics:
             registry=r,
         )
         self.events_applied = Gauge(
-            "tgnstream_events_applied", "Events reflected in the live memory (restored + ingested)", registry=r
+            "tgnstream_events_applied",
+            "Events reflected in the live memory (restored + ingested)",
+            registry=r,
         )
         # --- snapshots
         self.snapshot_age = Gauge(
@@ -96,7 +97,9 @@ class ServerMetrics:
             "tgnstream_online_ap", "Rolling average precision of the served model on live events", registry=r
         )
         self.online_mrr = Gauge(
-            "tgnstream_online_mrr", "Rolling mean reciprocal rank of the served model on live events", registry=r
+            "tgnstream_online_mrr",
+            "Rolling mean reciprocal rank of the served model on live events",
+            registry=r,
         )
         self.online_scored = Counter(
             "tgnstream_online_scored_events_total", "Live events scored for online quality", registry=r
@@ -109,7 +112,9 @@ class ServerMetrics:
             "grpc_server_started_total", "RPCs started on the server", labels, registry=r
         )
         self.grpc_handled = Counter(
-            "grpc_server_handled_total", "RPCs completed on the server, by status code", [*labels, "grpc_code"],
+            "grpc_server_handled_total",
+            "RPCs completed on the server, by status code",
+            [*labels, "grpc_code"],
             registry=r,
         )
         self.grpc_seconds = Histogram(

@@ -53,12 +53,19 @@ def test_writer_excludes_readers_and_waiting_writer_blocks_new_readers():
 
 def test_unknown_ids_map_to_an_empty_slot_that_scores_like_a_brand_new_node():
     torch.manual_seed(0)
-    engine = MemoryEngine(ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=2).eval()
+    engine = MemoryEngine(
+        ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=2
+    ).eval()
     live = LiveEngine(engine, "v1")
     with live.write() as e:
         dense, _ = e.ids.lookup(["a", "b", "c", "a"])
         e.apply_events(
-            EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), torch.tensor([1.0, 2.0], dtype=torch.float64), torch.zeros(2, 0))
+            EventBatch(
+                dense[0::2].contiguous(),
+                dense[1::2].contiguous(),
+                torch.tensor([1.0, 2.0], dtype=torch.float64),
+                torch.zeros(2, 0),
+            )
         )
     assert engine.capacity >= len(engine.ids) + 1, "the cold slot is always allocated"
     with live.read() as e:

@@ -21,7 +21,9 @@ def _engine(events: int) -> MemoryEngine:
         idx = torch.randint(40, (20,), generator=g)
         dense, _ = engine.ids.lookup([names[i] for i in idx.tolist()])
         t = torch.arange(start, start + 10, dtype=torch.float64)
-        engine.apply_events(EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0)))
+        engine.apply_events(
+            EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0))
+        )
     return engine.eval()
 
 
@@ -32,13 +34,21 @@ def test_round_trip_restores_state_offsets_and_version(tmp_path):
     got_snap, got = store.restore_latest()
     got.eval()
     assert got_snap.path == snap.path
-    assert (got_snap.model_version, got_snap.next_offsets, got_snap.events_applied) == ("v7", {0: 50, 1: 3}, 50)
+    assert (got_snap.model_version, got_snap.next_offsets, got_snap.events_applied) == (
+        "v7",
+        {0: 50, 1: 3},
+        50,
+    )
     for (k, a), (_, b) in zip(engine.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a, b), k
     assert got.ids.lookup(["n3"], create=False)[0].item() == engine.ids.lookup(["n3"], create=False)[0].item()
     t = torch.full((5,), 60.0, dtype=torch.float64)
-    torch.testing.assert_close(got.score(torch.arange(5), torch.arange(5, 10), t),
-                               engine.score(torch.arange(5), torch.arange(5, 10), t), rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.score(torch.arange(5), torch.arange(5, 10), t),
+        engine.score(torch.arange(5), torch.arange(5, 10), t),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_incomplete_and_corrupt_snapshots_are_never_loaded(tmp_path):

@@ -1,0 +1,262 @@
+"""The ingest loop: Kafka micro-batches -> decoded, validated events -> the live engine, with
+dead letters, prequential quality, snapshots and metrics. The only writer of the live state."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from tgnstream.core.events import EventBatch
+from tgnstream.ingest.config import IngestConfig
+from tgnstream.ingest.dlq import DeadLetterPublisher
+from tgnstream.ingest.quality import PrequentialQuality
+from tgnstream.ingest.records import DecodedBatch, RecordDecoder
+from tgnstream.ingest.source import KafkaSource, RecordBatch, SourceRecord
+from tgnstream.live import LiveEngine
+from tgnstream.metrics import ServerMetrics
+from tgnstream.snapshots import SnapshotConfig, SnapshotStore
+
+__all__ = ["IngestLoop"]
+
+log = logging.getLogger(__name__)
+
+
+class IngestLoop:
+    """Applies the event stream to ``live`` with exactly-once state.
+
+    Per micro-batch: decode (bad records -> dead letters), drop events later than the allowed
+    lateness (-> dead letters), sort by time, register new node ids, score a sample before
+    applying (prequential quality), then apply + fold pending messages + advance the offsets in
+    one write-locked step. Snapshots (state + offsets) every N events or T seconds; Kafka's
+    committed offsets follow each durable snapshot (monitoring only).
+    """
+
+    def __init__(
+        self,
+        config: IngestConfig,
+        live: LiveEngine,
+        source: KafkaSource,
+        decoder: RecordDecoder,
+        dead_letters: DeadLetterPublisher | None,
+        snapshots: SnapshotStore | None,
+        snapshot_config: SnapshotConfig,
+        metrics: ServerMetrics,
+    ):
+        self.config = config
+        self.live = live
+        self.source = source
+        self.decoder = decoder
+        self.dead_letters = dead_letters
+        self.snapshots = snapshots
+        self.snapshot_config = snapshot_config
+        self.metrics = metrics
+        self.quality = PrequentialQuality(config.quality)
+        self._stop = threading.Event()
+        self._since_snapshot = 0
+        self._last_snapshot_at = time.monotonic()
+        self._last_snapshot_wall: float | None = None
+        self._quality_published_at = float("-inf")
+        self.batches = 0
+
+    # ----------------------------------------------------------------------------- control
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Loop until ``stop()``; a final snapshot is written on the way out."""
+        log.info("ingest loop started")
+        try:
+            while not self._stop.is_set():
+                self.step()
+            self.snapshot()
+        finally:
+            self.source.close()
+            log.info("ingest loop stopped")
+
+    def step(self) -> int:
+        """Handle one micro-batch (or an idle poll); returns the number of records handled."""
+        batch = self.source.next_batch()
+        if batch is not None:
+            self._handle(batch)
+        else:
+            self._publish_state_metrics(force=True)  # idle: make the gauges current
+        self._update_lag(batch)
+        if self._snapshot_due():
+            self.snapshot()
+        return 0 if batch is None else len(batch.records)
+
+    # ------------------------------------------------------------------------------- batch
+    def _handle(self, batch: RecordBatch) -> None:
+        started = time.perf_counter()
+        records = batch.records
+        decoded = self.decoder.decode([r.value for r in records])
+        for rej in decoded.rejected:
+            self._dead_letter(records[rej.position], rej.reason, rej.detail)
+        keep = self._apply_lateness_policy(decoded, records)
+        events = self._register(decoded, keep)
+        if events is not None:
+            self.quality.observe(self.live, events)
+        with self.live.write() as engine:
+            if events is not None:
+                late = int((events.t < engine.watermark).sum())
+                engine.apply_events(events)
+                engine.fold_pending()
+                self.metrics.ingest_events.labels("applied").inc(len(events))
+                if late:
+                    self.metrics.ingest_events.labels("late_clamped").inc(late)
+            self.live.next_offsets = dict(batch.next_offsets)
+        self._since_snapshot += len(records)
+        self.batches += 1
+        m = self.metrics
+        m.ingest_batch_seconds.observe(time.perf_counter() - started)
+        m.ingest_batch_events.observe(0 if events is None else len(events))
+        self._publish_state_metrics()
+
+    def _apply_lateness_policy(self, decoded: DecodedBatch, records: list[SourceRecord]) -> np.ndarray:
+        """Indices (into ``decoded``) of events to apply; too-late ones become dead letters."""
+        limit = self.config.max_lateness_s
+        everything = np.arange(decoded.ts.shape[0])
+        watermark = float(self.live.engine.watermark)  # only this thread writes it
+        if limit is None or not np.isfinite(watermark):
+            return everything
+        too_late = decoded.ts < watermark - limit
+        for i in np.nonzero(too_late)[0].tolist():
+            self._dead_letter(
+                records[int(decoded.positions[i])],
+                "too_late",
+                f"ts {decoded.ts[i]!r} is more than {limit} s before the watermark {watermark!r}",
+            )
+        return everything[~too_late]
+
+    def _register(self, decoded: DecodedBatch, keep: np.ndarray) -> EventBatch | None:
+        """Map external ids to dense ids (new ids get slots: they read as cold start until their
+        events are applied) and build a time-ordered batch; None when nothing is left."""
+        if keep.size == 0:
+            return None
+        order = keep[np.argsort(decoded.ts[keep], kind="stable")]
+        names: list[str] = []
+        for i in order.tolist():
+            names.append(decoded.src[i])
+            names.append(decoded.dst[i])
+        with self.live.write() as engine:
+            dense, _ = engine.ids.lookup(names, create=True)
+            engine.ids.flush()
+            engine.ensure_capacity(len(engine.ids) + 1)
+        dense = dense.view(-1, 2)
+        device = self.live.engine.device
+        return EventBatch(
+            dense[:, 0].contiguous(),
+            dense[:, 1].contiguous(),
+            torch.from_numpy(np.ascontiguousarray(decoded.ts[order], dtype=np.float64)),
+            torch.from_numpy(np.ascontiguousarray(decoded.features[order], dtype=np.float32)),
+        ).to(device)
+
+    def _dead_letter(self, record: SourceRecord, reason: str, detail: str) -> None:
+        self.metrics.ingest_events.labels("dlq").inc()
+        self.metrics.ingest_dlq.labels(reason).inc()
+        if self.dead_letters is None:
+            log.warning(
+                "bad record %s[%d]@%d (%s: %s) dropped: the dead-letter topic is disabled",
+                self.source.topic,
+                record.partition,
+                record.offset,
+                reason,
+                detail,
+            )
+            return
+        self.dead_letters.publish(
+            key=record.key,
+            value=record.value,
+            reason=reason,
+            detail=detail,
+            source_topic=self.source.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+        )
+
+    # ----------------------------------------------------------------------------- metrics
+    def _publish_state_metrics(self, force: bool = False) -> None:
+        m = self.metrics
+        engine = self.live.engine
+        m.events_applied.set(int(engine.events_applied))
+        m.memory_nodes.set(len(engine.ids))
+        if np.isfinite(float(engine.watermark)):
+            m.ingest_watermark.set(float(engine.watermark))
+        now = time.monotonic()
+        # AP sorts the whole window: at most once a second while busy.
+        if force or now - self._quality_published_at >= 1.0:
+            self._quality_published_at = now
+            m.memory_device_bytes.set(_engine_bytes(engine))
+            ap, mrr = self.quality.ap(), self.quality.mrr()
+            if ap is not None:
+                m.online_ap.set(ap)
+            if mrr is not None:
+                m.online_mrr.set(mrr)
+
+    def _update_lag(self, batch: RecordBatch | None) -> None:
+        m, topic = self.metrics, self.source.topic
+        newest = {}
+        if batch is not None:
+            for r in batch.records:
+                newest[r.partition] = r.timestamp_ms
+        for p, lag in self.source.lag_records().items():
+            m.ingest_lag_records.labels(topic, str(p)).set(lag)
+            if lag == 0:
+                m.ingest_lag_seconds.labels(topic, str(p)).set(0.0)
+            elif p in newest and newest[p] is not None and newest[p] >= 0:
+                m.ingest_lag_seconds.labels(topic, str(p)).set(max(0.0, time.time() - newest[p] / 1000))
+        if self._last_snapshot_wall is not None:
+            m.snapshot_age.set(time.time() - self._last_snapshot_wall)
+
+    # --------------------------------------------------------------------------- snapshots
+    def _snapshot_due(self) -> bool:
+        if self.snapshots is None or self._since_snapshot == 0:
+            return False
+        cfg = self.snapshot_config
+        return (
+            self._since_snapshot >= cfg.every_events
+            or time.monotonic() - self._last_snapshot_at >= cfg.every_seconds
+        )
+
+    def snapshot(self) -> bool:
+        """Write a snapshot now (if anything changed since the last one); True on success.
+
+        Dead letters are flushed first: a snapshot's offsets must never move past a bad record
+        whose dead letter is not yet durable. Failures are logged and retried at the next due
+        time; the loop keeps running.
+        """
+        if self.snapshots is None or self._since_snapshot == 0:
+            return False
+        started = time.perf_counter()
+        try:
+            if self.dead_letters is not None:
+                self.dead_letters.flush(timeout=30)
+            # This thread is the only writer, so reading without the lock sees a batch boundary.
+            snap = self.snapshots.write(
+                self.live.engine, self.live.model_version, self.live.next_offsets, self.source.topic
+            )
+        except Exception:
+            log.exception("snapshot failed; will retry")
+            self.metrics.snapshots.labels("error").inc()
+            self._last_snapshot_at = time.monotonic()
+            return False
+        self.metrics.snapshots.labels("ok").inc()
+        self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
+        self._since_snapshot = 0
+        self._last_snapshot_at = time.monotonic()
+        self._last_snapshot_wall = time.time()
+        try:
+            self.source.commit(snap.next_offsets)
+        except Exception as e:  # monitoring only: never fatal
+            log.warning("committing offsets to Kafka failed (lag monitoring only): %s", e)
+        log.info("snapshot %s (%d events)", snap.path.name, snap.events_applied)
+        return True
+
+
+def _engine_bytes(engine: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(engine.parameters()) + list(engine.buffers()))

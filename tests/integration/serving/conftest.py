@@ -1,0 +1,171 @@
+"""Serving harness: wikipedia records on a topic, server processes, an offline reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from kafka import KafkaProducer
+
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.events import EventBatch
+from tgnstream.core.loaders import load_dataset
+from tgnstream.rpc.v1 import link_prediction_pb2 as pb
+from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+
+SMALL_MODEL = {"preset": "tgn", "memory_dim": 32, "seed": 0, "pair_features": True}
+
+
+def event_values(data_path: Path, limit: int) -> list[tuple[bytes, bytes]]:
+    """(key, JSON value) of the first ``limit`` events, written here by hand from the design's
+    event contract (not by the replay tool), so the contract itself is under test."""
+    data = load_dataset(data_path, limit=limit)
+    names, ev = data.raw_ids, data.events
+    out = []
+    for s, d, t in zip(ev.src.tolist(), ev.dst.tolist(), ev.t.tolist()):
+        value = json.dumps({"src": names[s], "dst": names[d], "ts": t, "label": 0}).encode()
+        out.append((names[s].encode(), value))
+    return out
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush(60)
+    producer.close()
+
+
+def fresh_engine(model: dict = SMALL_MODEL) -> MemoryEngine:
+    """The weights a server starts with when it has no snapshot or checkpoint."""
+    d = model["memory_dim"]
+    cfg = ModelConfig.preset(
+        model["preset"], pair_features=model["pair_features"], memory_dim=d, time_dim=d, embedding_dim=d
+    )
+    torch.manual_seed(model["seed"])
+    return MemoryEngine(cfg, 1024).eval()
+
+
+def apply_reference(engine: MemoryEngine, batches: list[list[tuple[str, str, float]]]) -> MemoryEngine:
+    """Apply micro-batches of (src, dst, ts) the plain way: ids registered in order of
+    appearance, each batch sorted by time, pending messages folded after each batch."""
+    for events in batches:
+        events = sorted(events, key=lambda e: e[2])  # stable: ties keep stream order
+        if not events:
+            continue
+        keys = [name for s, d, _ in events for name in (s, d)]
+        dense, _ = engine.ids.lookup(keys)
+        t = torch.tensor([e[2] for e in events], dtype=torch.float64)
+        engine.apply_events(
+            EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(len(events), 0))
+        )
+        engine.fold_pending()
+    return engine
+
+
+def reference_engine(data_path: Path, limit: int, batch: int, model: dict = SMALL_MODEL) -> MemoryEngine:
+    """The uninterrupted, offline answer for the first ``limit`` events in ``batch``-sized
+    micro-batches, from the same initial weights."""
+    data = load_dataset(data_path, limit=limit)
+    names, ev = data.raw_ids, data.events
+    triples = [(names[s], names[d], t) for s, d, t in zip(ev.src.tolist(), ev.dst.tolist(), ev.t.tolist())]
+    return apply_reference(fresh_engine(model), [triples[i : i + batch] for i in range(0, limit, batch)])
+
+
+def serve_config(tmp: Path, bootstrap: str, topic: str, **overrides) -> dict:
+    cfg = {
+        "model": dict(SMALL_MODEL),
+        "ingest": {
+            "kafka": {"bootstrap_servers": bootstrap, "topic": topic},
+            "batch_max_events": 500,
+            "batch_max_wait_ms": 200,
+        },
+        "grpc": {"port": 0},
+        "snapshots": {"dir": str(tmp / "snapshots"), "every_events": 5000, "every_seconds": 3600, "keep": 3},
+        "metrics_port": 0,
+        "torch_threads": 1,
+        "ready_file": str(tmp / "ready.json"),
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+class ServerProcess:
+    """``tgnstream serve`` in a child process (so it can be SIGKILLed)."""
+
+    def __init__(self, config: dict, tmp: Path):
+        self.config_path = tmp / "serve.json"
+        self.config_path.write_text(json.dumps(config))
+        self.ready = Path(config["ready_file"])
+        self.log = open(tmp / "server.log", "ab")
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict = {}
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        self.ready.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(self.config_path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready after {timeout} s; see {self.log.name}")
+            time.sleep(0.05)
+        self.ports = json.loads(self.ready.read_text())
+        return self
+
+    def info(self) -> pb.ModelInfo:
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports['grpc_port']}") as ch:
+            return pb_grpc.LinkPredictionStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+
+    def wait_applied(self, at_least: int, timeout: float = 120.0) -> pb.ModelInfo:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.info()
+            if info.events_applied >= at_least:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {info.events_applied} events applied after {timeout} s")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    started: list[ServerProcess] = []
+
+    def make(config: dict) -> ServerProcess:
+        s = ServerProcess(config, tmp_path)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)

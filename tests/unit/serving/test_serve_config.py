@@ -1,0 +1,39 @@
+"""Serve settings: TOML/JSON files, nested environment overrides that win over the file."""
+
+from __future__ import annotations
+
+import json
+
+import pydantic
+import pytest
+
+from tgnstream.serve_config import load_serve_config
+
+
+def test_toml_file_with_nested_environment_override(tmp_path, monkeypatch):
+    path = tmp_path / "serve.toml"
+    path.write_text(
+        '[ingest]\nbatch_max_events = 250\n[ingest.kafka]\ntopic = "clicks"\nbootstrap_servers = "k:1"\n'
+        "[grpc]\nport = 6000\n[snapshots]\nevery_events = 1000\n"
+    )
+    monkeypatch.setenv("TGNSTREAM_SERVE_INGEST__KAFKA__BOOTSTRAP_SERVERS", "kafka-0:9092,kafka-1:9092")
+    monkeypatch.setenv("TGNSTREAM_SERVE_GRPC__PORT", "7000")
+    cfg = load_serve_config(path)
+    assert cfg.ingest.kafka.topic == "clicks" and cfg.ingest.batch_max_events == 250
+    assert cfg.ingest.kafka.bootstrap_servers == "kafka-0:9092,kafka-1:9092"
+    assert cfg.grpc.port == 7000 and cfg.snapshots.every_events == 1000
+    assert cfg.ingest.kafka.client_kwargs()["bootstrap_servers"] == ["kafka-0:9092", "kafka-1:9092"]
+
+
+def test_json_file_and_clear_errors(tmp_path):
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"ingest": {"batch_max_events": 0}}))
+    with pytest.raises(pydantic.ValidationError, match="batch_max_events"):
+        load_serve_config(path)
+    path.write_text(json.dumps({"ingest": {"unknown_knob": 1}}))
+    with pytest.raises(pydantic.ValidationError, match="unknown_knob"):
+        load_serve_config(path)
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("x: 1")
+    with pytest.raises(ValueError, match=".toml or .json"):
+        load_serve_config(bad)

@@ -1,0 +1,96 @@
+"""Configuration of ``tgnstream serve``: one file (TOML or JSON) plus environment overrides.
+
+Environment variables win over the file: ``TGNSTREAM_SERVE_<SECTION>__<FIELD>``, e.g.
+``TGNSTREAM_SERVE_INGEST__KAFKA__BOOTSTRAP_SERVERS=kafka:9092`` or
+``TGNSTREAM_SERVE_GRPC__PORT=50052``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tgnstream.ingest.config import IngestConfig
+from tgnstream.model_server.config import GrpcConfig
+from tgnstream.snapshots import SnapshotConfig
+
+__all__ = ["ModelSource", "ServeConfig", "load_serve_config"]
+
+
+class ModelSource(BaseModel):
+    """Which model to serve when no snapshot exists yet (a snapshot, once written, wins: it
+    holds weights, state and version together)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkpoint: Path | None = Field(
+        None, description="checkpoint.pt from `tgnstream train` (weights and architecture)"
+    )
+    keep_checkpoint_state: bool = Field(
+        False,
+        description="also start from the checkpoint's node state (only right if the topic continues "
+        "exactly where the checkpoint's stream ended); default: empty memory, read from offset 0",
+    )
+    preset: Literal["tgn", "jodie"] = Field("tgn", description="architecture when no checkpoint")
+    pair_features: bool = False
+    memory_dim: int = Field(100, ge=1)
+    edge_dim: int = Field(0, ge=0, description="edge feature width of the events")
+    seed: int = Field(0, description="weight initialisation seed when no checkpoint")
+    version: str | None = Field(
+        None,
+        description="served model version (default: derived from the checkpoint's hash, or init-<preset>-s<seed>)",
+    )
+    initial_capacity: int = Field(1024, ge=1, description="node slots allocated up front (grows by doubling)")
+
+
+class ServeConfig(BaseSettings):
+    """Everything a serving process needs."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix="TGNSTREAM_SERVE_", env_nested_delimiter="__"
+    )
+
+    model: ModelSource = ModelSource()
+    ingest: IngestConfig = IngestConfig()
+    grpc: GrpcConfig = GrpcConfig()
+    snapshots: SnapshotConfig = SnapshotConfig()
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    ready_file: Path | None = Field(
+        None, description="write {grpc_port, metrics_port, pid} here once serving (for scripts and tests)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file is passed as init kwargs; the environment must override it.
+        return env_settings, init_settings
+
+
+def load_serve_config(path: str | Path | None) -> ServeConfig:
+    """Parse a TOML/JSON config file (or none: defaults) with environment overrides."""
+    if path is None:
+        return ServeConfig()
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    elif path.suffix == ".toml":
+        data = tomllib.loads(text)
+    else:
+        raise ValueError(f"{path}: config must be .toml or .json")
+    return ServeConfig(**data)
