@@ -37,7 +37,10 @@ class KafkaConfig(BaseModel):
 
     def client_kwargs(self) -> dict:
         """Connection settings shared by consumers, producers and admin clients."""
-        kw: dict = {"bootstrap_servers": self.bootstrap_servers.split(","), "security_protocol": self.security_protocol}
+        kw: dict = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+        }
         if self.sasl_mechanism:
             kw["sasl_mechanism"] = self.sasl_mechanism
             kw["sasl_plain_username"] = self.sasl_plain_username
@@ -55,7 +58,7 @@ class QualityConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    events_per_batch: int = Field(64, ge=1, description="live events scored per micro-batch (sampled)")
+    events_per_batch: int = Field(16, ge=1, description="live events scored per micro-batch (sampled)")
     negatives: int = Field(99, ge=1, description="random destinations each event is ranked against (MRR)")
     window: int = Field(5000, ge=10, description="rolling window of scored events for AP and MRR")
     min_interval_ms: float = Field(
@@ -88,7 +91,9 @@ class IngestConfig(BaseModel):
         description="events older than (watermark - this) go to the DLQ as 'too_late'; None: "
         "every late event is applied with its time gap clamped at 0 (and counted)",
     )
-    dlq_enabled: bool = Field(True, description="send invalid records to <topic>.dlq (else: count and log only)")
+    dlq_enabled: bool = Field(
+        True, description="send invalid records to <topic>.dlq (else: count and log only)"
+    )
     quality: QualityConfig = QualityConfig()
 
     @model_validator(mode="after")

@@ -13,9 +13,10 @@ import torch
 from tgnstream.core.events import EventBatch
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher
+from tgnstream.ingest.prefetch import FetchedBatch, Prefetcher
 from tgnstream.ingest.quality import PrequentialQuality
-from tgnstream.ingest.records import DecodedBatch, RecordDecoder
-from tgnstream.ingest.source import KafkaSource, RecordBatch, SourceRecord
+from tgnstream.ingest.records import DecodedBatch
+from tgnstream.ingest.source import SourceRecord
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
 from tgnstream.snapshots import SnapshotConfig, SnapshotStore
@@ -39,8 +40,7 @@ class IngestLoop:
         self,
         config: IngestConfig,
         live: LiveEngine,
-        source: KafkaSource,
-        decoder: RecordDecoder,
+        fetcher: Prefetcher,
         dead_letters: DeadLetterPublisher | None,
         snapshots: SnapshotStore | None,
         snapshot_config: SnapshotConfig,
@@ -48,8 +48,8 @@ class IngestLoop:
     ):
         self.config = config
         self.live = live
-        self.source = source
-        self.decoder = decoder
+        self.fetcher = fetcher
+        self.topic = config.kafka.topic
         self.dead_letters = dead_letters
         self.snapshots = snapshots
         self.snapshot_config = snapshot_config
@@ -74,12 +74,12 @@ class IngestLoop:
                 self.step()
             self.snapshot()
         finally:
-            self.source.close()
+            self.fetcher.stop()
             log.info("ingest loop stopped")
 
     def step(self) -> int:
         """Handle one micro-batch (or an idle poll); returns the number of records handled."""
-        batch = self.source.next_batch()
+        batch = self.fetcher.get(timeout=self.config.poll_timeout_ms / 1000)
         if batch is not None:
             self._handle(batch)
         else:
@@ -87,16 +87,15 @@ class IngestLoop:
         self._update_lag(batch)
         if self._snapshot_due():
             self.snapshot()
-        return 0 if batch is None else len(batch.records)
+        return 0 if batch is None else batch.num_records
 
     # ------------------------------------------------------------------------------- batch
-    def _handle(self, batch: RecordBatch) -> None:
+    def _handle(self, batch: FetchedBatch) -> None:
         started = time.perf_counter()
-        records = batch.records
-        decoded = self.decoder.decode([r.value for r in records])
+        decoded = batch.decoded
         for rej in decoded.rejected:
-            self._dead_letter(records[rej.position], rej.reason, rej.detail)
-        keep = self._apply_lateness_policy(decoded, records)
+            self._dead_letter(batch.record(rej.position), rej.reason, rej.detail)
+        keep = self._apply_lateness_policy(batch)
         events = self._register(decoded, keep)
         if events is not None:
             self.quality.observe(self.live, events)
@@ -109,15 +108,16 @@ class IngestLoop:
                 if late:
                     self.metrics.ingest_events.labels("late_clamped").inc(late)
             self.live.next_offsets = dict(batch.next_offsets)
-        self._since_snapshot += len(records)
+        self._since_snapshot += batch.num_records
         self.batches += 1
         m = self.metrics
         m.ingest_batch_seconds.observe(time.perf_counter() - started)
         m.ingest_batch_events.observe(0 if events is None else len(events))
         self._publish_state_metrics()
 
-    def _apply_lateness_policy(self, decoded: DecodedBatch, records: list[SourceRecord]) -> np.ndarray:
-        """Indices (into ``decoded``) of events to apply; too-late ones become dead letters."""
+    def _apply_lateness_policy(self, batch: FetchedBatch) -> np.ndarray:
+        """Indices (into ``batch.decoded``) of events to apply; too-late ones become dead letters."""
+        decoded = batch.decoded
         limit = self.config.max_lateness_s
         everything = np.arange(decoded.ts.shape[0])
         watermark = float(self.live.engine.watermark)  # only this thread writes it
@@ -126,7 +126,7 @@ class IngestLoop:
         too_late = decoded.ts < watermark - limit
         for i in np.nonzero(too_late)[0].tolist():
             self._dead_letter(
-                records[int(decoded.positions[i])],
+                batch.record(int(decoded.positions[i])),
                 "too_late",
                 f"ts {decoded.ts[i]!r} is more than {limit} s before the watermark {watermark!r}",
             )
@@ -138,10 +138,14 @@ class IngestLoop:
         if keep.size == 0:
             return None
         order = keep[np.argsort(decoded.ts[keep], kind="stable")]
-        names: list[str] = []
-        for i in order.tolist():
-            names.append(decoded.src[i])
-            names.append(decoded.dst[i])
+        # Ids are registered in event order, src before dst (what an offline replay does).
+        names: list[str] = [""] * (2 * order.size)
+        if order.size == len(decoded.src) and bool((np.diff(order) > 0).all()):
+            names[0::2], names[1::2] = decoded.src, decoded.dst  # the usual case: nothing moved
+        else:
+            picked = order.tolist()
+            names[0::2] = [decoded.src[i] for i in picked]
+            names[1::2] = [decoded.dst[i] for i in picked]
         with self.live.write() as engine:
             dense, _ = engine.ids.lookup(names, create=True)
             engine.ids.flush()
@@ -161,7 +165,7 @@ class IngestLoop:
         if self.dead_letters is None:
             log.warning(
                 "bad record %s[%d]@%d (%s: %s) dropped: the dead-letter topic is disabled",
-                self.source.topic,
+                self.topic,
                 record.partition,
                 record.offset,
                 reason,
@@ -173,7 +177,7 @@ class IngestLoop:
             value=record.value,
             reason=reason,
             detail=detail,
-            source_topic=self.source.topic,
+            source_topic=self.topic,
             partition=record.partition,
             offset=record.offset,
             timestamp_ms=record.timestamp_ms,
@@ -198,13 +202,12 @@ class IngestLoop:
             if mrr is not None:
                 m.online_mrr.set(mrr)
 
-    def _update_lag(self, batch: RecordBatch | None) -> None:
-        m, topic = self.metrics, self.source.topic
-        newest = {}
-        if batch is not None:
-            for r in batch.records:
-                newest[r.partition] = r.timestamp_ms
-        for p, lag in self.source.lag_records().items():
+    def _update_lag(self, batch: FetchedBatch | None) -> None:
+        m, topic = self.metrics, self.topic
+        newest = batch.newest_timestamp_ms if batch is not None else {}
+        applied = self.live.next_offsets
+        for p, hw in self.fetcher.highwater.items():
+            lag = max(0, hw - applied.get(p, 0)) if hw is not None else 0
             m.ingest_lag_records.labels(topic, str(p)).set(lag)
             if lag == 0:
                 m.ingest_lag_seconds.labels(topic, str(p)).set(0.0)
@@ -238,7 +241,7 @@ class IngestLoop:
                 self.dead_letters.flush(timeout=30)
             # This thread is the only writer, so reading without the lock sees a batch boundary.
             snap = self.snapshots.write(
-                self.live.engine, self.live.model_version, self.live.next_offsets, self.source.topic
+                self.live.engine, self.live.model_version, self.live.next_offsets, self.topic
             )
         except Exception:
             log.exception("snapshot failed; will retry")
@@ -250,10 +253,7 @@ class IngestLoop:
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
         self._last_snapshot_wall = time.time()
-        try:
-            self.source.commit(snap.next_offsets)
-        except Exception as e:  # monitoring only: never fatal
-            log.warning("committing offsets to Kafka failed (lag monitoring only): %s", e)
+        self.fetcher.request_commit(snap.next_offsets)
         log.info("snapshot %s (%d events)", snap.path.name, snap.events_applied)
         return True
 

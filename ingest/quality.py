@@ -68,9 +68,11 @@ class PrequentialQuality:
                 negs = pool[draw.to(pool.device)]
             dst = batch.dst[pick]
             candidates = torch.cat([negs, dst])
-            logits = engine.rank_logits(
-                batch.src[pick], batch.t[pick], candidates, context=batch, visible=pick
-            ).float().cpu()
+            logits = (
+                engine.rank_logits(batch.src[pick], batch.t[pick], candidates, context=batch, visible=pick)
+                .float()
+                .cpu()
+            )
         m = negs.numel()
         rows = torch.arange(s)
         pos = logits[rows, m + rows]

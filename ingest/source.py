@@ -142,14 +142,10 @@ class KafkaSource:
         return RecordBatch(records, dict(self.next_offsets))
 
     # --------------------------------------------------------------------------- monitoring
-    def lag_records(self) -> dict[int, int]:
-        """Per partition: records in the log after the last one handed out (>= 0; the fetch
-        responses' high watermark is used because ListOffsets can be wrong on Tansu)."""
-        lag = {}
-        for p, tp in self._tps.items():
-            hw = self._consumer.highwater(tp)
-            lag[p] = max(0, hw - self.next_offsets[p]) if hw is not None else 0
-        return lag
+    def highwaters(self) -> dict[int, int | None]:
+        """Per partition: the log end seen in the latest fetch response (None before the first).
+        Lag is computed from it because ListOffsets can be wrong on Tansu (design §9)."""
+        return {p: self._consumer.highwater(tp) for p, tp in self._tps.items()}
 
     def commit(self, offsets: dict[int, int]) -> None:
         """Record ``offsets`` as the group's committed position (monitoring only)."""

@@ -1,0 +1,187 @@
+"""Fetch + decode in a child process, so Kafka's pure-Python record parsing runs on its own
+core instead of contending for the GIL with the engine and the gRPC handlers.
+
+The child owns the Kafka consumer (so it also carries out the offset commits the ingest loop
+requests) and sends each micro-batch already decoded. Batch boundaries are the source's, so
+where the work runs never changes the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+from dataclasses import dataclass
+
+from tgnstream.ingest.config import IngestConfig
+from tgnstream.ingest.records import DecodedBatch, RecordDecoder
+from tgnstream.ingest.source import KafkaSource, RecordBatch, SourceRecord
+
+__all__ = ["Prefetcher", "FetchedBatch"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchedBatch:
+    """A decoded micro-batch as the ingest loop needs it.
+
+    ``rejected_records`` holds the full Kafka records of the rejected entries (for dead
+    letters), keyed by position; valid records travel only as decoded fields.
+    """
+
+    decoded: DecodedBatch
+    num_records: int
+    next_offsets: dict[int, int]
+    positions_meta: list[tuple[int, int, int]]  # (partition, offset, timestamp_ms) per record
+    rejected_records: dict[int, SourceRecord]
+    highwater: dict[int, int | None]
+    newest_timestamp_ms: dict[int, int]
+
+    def record(self, position: int) -> SourceRecord:
+        """The Kafka record at ``position`` (key/value only for rejected ones)."""
+        if position in self.rejected_records:
+            return self.rejected_records[position]
+        p, o, ts = self.positions_meta[position]
+        return SourceRecord(p, o, ts, None, None)
+
+
+def _package(source: KafkaSource, batch: RecordBatch, decoded: DecodedBatch) -> FetchedBatch:
+    records = batch.records
+    newest: dict[int, int] = {}
+    for r in records:
+        newest[r.partition] = r.timestamp_ms
+    return FetchedBatch(
+        decoded=decoded,
+        num_records=len(records),
+        next_offsets=batch.next_offsets,
+        positions_meta=[(r.partition, r.offset, r.timestamp_ms) for r in records],
+        rejected_records={rej.position: records[rej.position] for rej in decoded.rejected},
+        highwater=source.highwaters(),
+        newest_timestamp_ms=newest,
+    )
+
+
+def _child(
+    config: IngestConfig,
+    start_offsets: dict[int, int],
+    edge_dim: int,
+    out: mp.Queue,
+    commands: mp.Queue,
+    log_level: int,
+) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[fetch]: %(message)s")
+    source = None
+    try:
+        source = KafkaSource(config, start_offsets)
+        decoder = RecordDecoder(
+            edge_dim=edge_dim,
+            encoding=config.encoding,
+            max_record_bytes=config.max_record_bytes,
+            allow_self_loops=config.allow_self_loops,
+        )
+        out.put(("ready", source.partitions, dict(source.next_offsets)))
+        while True:
+            try:
+                cmd = commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+            if cmd is not None:
+                if cmd[0] == "stop":
+                    break
+                if cmd[0] == "commit":
+                    try:
+                        source.commit(cmd[1])
+                    except Exception as e:  # monitoring only: never fatal
+                        log.warning("committing offsets to Kafka failed (lag monitoring only): %s", e)
+            batch = source.next_batch()
+            if batch is None:
+                out.put(("idle", source.highwaters()))
+                continue
+            decoded = decoder.decode([r.value for r in batch.records])
+            out.put(("batch", _package(source, batch, decoded)))
+    except BaseException as e:
+        log.exception("fetch process failed")
+        out.put(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        if source is not None:
+            source.close()
+
+
+class Prefetcher:
+    """Parent-side handle of the fetch process.
+
+    At most ``depth`` decoded batches wait in the pipe's queue (bounded memory and
+    back-pressure on Kafka). ``partitions``/``start_offsets`` are known after ``start()``.
+    """
+
+    def __init__(self, config: IngestConfig, start_offsets: dict[int, int], edge_dim: int, depth: int = 2):
+        ctx = mp.get_context("spawn")  # never fork a process that holds torch/grpc threads
+        self._out: mp.Queue = ctx.Queue(maxsize=depth)
+        self._commands: mp.Queue = ctx.Queue()
+        self._proc = ctx.Process(
+            target=_child,
+            args=(
+                config,
+                dict(start_offsets),
+                edge_dim,
+                self._out,
+                self._commands,
+                logging.getLogger().level,
+            ),
+            name="tgnstream-fetch",
+            daemon=True,
+        )
+        self.partitions: list[int] = []
+        self.start_offsets: dict[int, int] = {}
+        self.highwater: dict[int, int | None] = {}
+        self._lock = threading.Lock()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._proc.start()
+        try:
+            kind, *rest = self._out.get(timeout=timeout)
+        except queue.Empty:
+            self.stop()
+            raise RuntimeError(f"the Kafka fetch process did not start within {timeout} s") from None
+        if kind == "error":
+            self.stop()
+            raise RuntimeError(f"the Kafka fetch process failed to start: {rest[0]}")
+        self.partitions, self.start_offsets = rest
+
+    def get(self, timeout: float) -> FetchedBatch | None:
+        """The next decoded batch; None when the source was idle (or nothing came in time)."""
+        try:
+            kind, payload = self._out.get(timeout=timeout)
+        except queue.Empty:
+            if not self._proc.is_alive():
+                raise RuntimeError(
+                    f"the Kafka fetch process died (exit code {self._proc.exitcode})"
+                ) from None
+            return None
+        if kind == "error":
+            raise RuntimeError(f"Kafka fetch process: {payload}")
+        if kind == "idle":
+            self.highwater = payload
+            return None
+        self.highwater = payload.highwater
+        return payload
+
+    def request_commit(self, offsets: dict[int, int]) -> None:
+        self._commands.put(("commit", dict(offsets)))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._proc.is_alive():
+            self._commands.put(("stop",))
+            # Drain so the child is never blocked on a full queue while we wait for it.
+            while self._proc.is_alive() and timeout > 0:
+                try:
+                    self._out.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+                self._proc.join(0)
+                timeout -= 0.1
+            if self._proc.is_alive():
+                self._proc.kill()
+        self._proc.join(5)
