@@ -43,7 +43,7 @@ class ModelSource(BaseModel):
     seed: int = Field(0, description="weight initialisation seed when no checkpoint")
     version: str | None = Field(
         None,
-        description="served model version (default: derived from the checkpoint's hash, or init-<preset>-s<seed>)",
+        description="served model version (default: ckpt-<checkpoint hash> or init-<preset>-s<seed>)",
     )
     initial_capacity: int = Field(1024, ge=1, description="node slots allocated up front (grows by doubling)")
 

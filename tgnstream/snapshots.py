@@ -42,7 +42,9 @@ class SnapshotConfig(BaseModel):
 
     dir: Path = Field(Path("runs/serve/snapshots"), description="snapshot directory")
     every_events: int = Field(50_000, ge=1, description="snapshot after this many applied records")
-    every_seconds: float = Field(60.0, gt=0, description="... or this long after the last one (if anything changed)")
+    every_seconds: float = Field(
+        60.0, gt=0, description="... or this long after the last one (if anything changed)"
+    )
     keep: int = Field(3, ge=1, description="complete snapshots kept on disk")
 
 

@@ -22,7 +22,9 @@ def _stream(n: int, nodes: int, seed: int) -> EventBatch:
 
 @pytest.mark.parametrize("preset", ["tgn", "jodie"])
 def test_folding_after_every_batch_gives_the_same_scores_as_lazy_folding(preset):
-    cfg = ModelConfig.preset(preset, memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3, pair_features=True)
+    cfg = ModelConfig.preset(
+        preset, memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3, pair_features=True
+    )
     torch.manual_seed(0)
     lazy = MemoryEngine(cfg, capacity=30).eval()
     eager = MemoryEngine(cfg, capacity=30).eval()

@@ -22,7 +22,9 @@ def _bipartite(n: int, seed: int) -> EventBatch:
 
 def test_online_ap_and_mrr_match_a_naive_reference():
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tgn", memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3, pair_features=True)
+    cfg = ModelConfig.preset(
+        "tgn", memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3, pair_features=True
+    )
     engine = MemoryEngine(cfg, capacity=32).eval()
     stream = _bipartite(160, seed=2)
     engine.apply_events(stream.slice(0, 120))
@@ -38,7 +40,9 @@ def test_online_ap_and_mrr_match_a_naive_reference():
 
     # Reference: every score on its own through the pairwise path, ranks counted in Python.
     def score(i: int, d: int) -> float:
-        logit, _ = engine.logits(batch.src[i : i + 1], torch.tensor([d]), batch.t[i : i + 1], batch, torch.tensor([i]))
+        logit, _ = engine.logits(
+            batch.src[i : i + 1], torch.tensor([d]), batch.t[i : i + 1], batch, torch.tensor([i])
+        )
         return float(logit.detach())
 
     rrs, pos_scores, neg_scores = [], [], []
@@ -64,7 +68,9 @@ def test_online_ap_and_mrr_match_a_naive_reference():
 
 def test_window_is_rolling_and_disabled_quality_scores_nothing():
     torch.manual_seed(0)
-    engine = MemoryEngine(ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=32).eval()
+    engine = MemoryEngine(
+        ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=32
+    ).eval()
     stream = _bipartite(200, seed=5)
     engine.apply_events(stream.slice(0, 100))
     live = LiveEngine(engine, "v")
