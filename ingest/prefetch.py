@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 from tgnstream.ingest.config import IngestConfig
@@ -63,6 +65,17 @@ def _package(source: KafkaSource, batch: RecordBatch, decoded: DecodedBatch) -> 
     )
 
 
+def _put(out: mp.Queue, item: tuple, parent_pid: int) -> bool:
+    """Blocking put that gives up when the parent is gone (its queue would never drain)."""
+    while os.getppid() == parent_pid:
+        try:
+            out.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _child(
     config: IngestConfig,
     start_offsets: dict[int, int],
@@ -70,6 +83,7 @@ def _child(
     out: mp.Queue,
     commands: mp.Queue,
     log_level: int,
+    parent_pid: int,
 ) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[fetch]: %(message)s")
     source = None
@@ -81,8 +95,10 @@ def _child(
             max_record_bytes=config.max_record_bytes,
             allow_self_loops=config.allow_self_loops,
         )
-        out.put(("ready", source.partitions, dict(source.next_offsets)))
+        _put(out, ("ready", source.partitions, dict(source.next_offsets)), parent_pid)
         while True:
+            if os.getppid() != parent_pid:
+                break  # the server was killed (SIGKILL leaves no chance to stop us): exit too
             try:
                 cmd = commands.get_nowait()
             except queue.Empty:
@@ -97,13 +113,13 @@ def _child(
                         log.warning("committing offsets to Kafka failed (lag monitoring only): %s", e)
             batch = source.next_batch()
             if batch is None:
-                out.put(("idle", source.highwaters()))
+                _put(out, ("idle", source.highwaters()), parent_pid)
                 continue
             decoded = decoder.decode([r.value for r in batch.records])
-            out.put(("batch", _package(source, batch, decoded)))
+            _put(out, ("batch", _package(source, batch, decoded)), parent_pid)
     except BaseException as e:
         log.exception("fetch process failed")
-        out.put(("error", f"{type(e).__name__}: {e}"))
+        _put(out, ("error", f"{type(e).__name__}: {e}"), parent_pid)
     finally:
         if source is not None:
             source.close()
@@ -129,6 +145,7 @@ class Prefetcher:
                 self._out,
                 self._commands,
                 logging.getLogger().level,
+                os.getpid(),
             ),
             name="tgnstream-fetch",
             daemon=True,
@@ -140,11 +157,20 @@ class Prefetcher:
 
     def start(self, timeout: float = 60.0) -> None:
         self._proc.start()
-        try:
-            kind, *rest = self._out.get(timeout=timeout)
-        except queue.Empty:
-            self.stop()
-            raise RuntimeError(f"the Kafka fetch process did not start within {timeout} s") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                kind, *rest = self._out.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise RuntimeError(
+                        f"the Kafka fetch process exited during start-up (code {self._proc.exitcode}); "
+                        "see the log above"
+                    ) from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the Kafka fetch process did not start within {timeout} s") from None
         if kind == "error":
             self.stop()
             raise RuntimeError(f"the Kafka fetch process failed to start: {rest[0]}")
