@@ -27,7 +27,7 @@ from tgnstream.ingest.prefetch import Prefetcher
 from tgnstream.kafka_admin import create_topic
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
-from tgnstream.model_server.grpc_server import build_server
+from tgnstream.model_server.grpc_server import build_server, stop_server
 from tgnstream.serve_config import ModelSource, ServeConfig
 from tgnstream.snapshots import SnapshotStore
 from tgnstream.sysinfo import resolve_device
@@ -103,7 +103,7 @@ class ServingProcess:
         engine.eval()
         self.live = LiveEngine(engine, version, offsets)
         self.metrics.model_info.info(
-            {"version": version, "model": engine.config.embedding, "device": str(device)}
+            {"version": version, "model": engine.config.label, "device": str(device)}
         )
         self.metrics.events_applied.set(int(engine.events_applied))
         self.metrics.memory_nodes.set(len(engine.ids))
@@ -155,7 +155,7 @@ class ServingProcess:
             )
             os.replace(tmp, cfg.ready_file)
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
         """Stop ingest (final snapshot), then drain gRPC (health says NOT_SERVING first)."""
         if self._stopped.is_set():
             return
@@ -163,7 +163,7 @@ class ServingProcess:
         self.health.enter_graceful_shutdown()
         self.loop.stop()
         self._ingest_thread.join(timeout=60)
-        self.server.stop(grace).wait()
+        stop_server(self.server, self.health, self.config.grpc.shutdown_grace_s if grace is None else grace)
 
     def wait(self) -> None:
         while not self._stopped.is_set():

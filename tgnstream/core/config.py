@@ -46,6 +46,15 @@ class ModelConfig(BaseModel):
             )
         return self
 
+    @property
+    def label(self) -> str:
+        """``tgn`` / ``jodie`` for the presets' architectures, else ``<updater>+<embedding>``;
+        ``+pair`` when the decoder uses pair features (model info, metrics)."""
+        name = {("gru", "attention"): "tgn", ("rnn", "time"): "jodie"}.get(
+            (self.updater, self.embedding), f"{self.updater}+{self.embedding}"
+        )
+        return name + ("+pair" if self.pair_features else "")
+
     @staticmethod
     def preset(name: str, **overrides) -> ModelConfig:
         """``tgn``: GRU + temporal graph attention. ``jodie``: RNN + time projection."""

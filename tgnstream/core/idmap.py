@@ -55,14 +55,25 @@ class IdMap(ResizableBufferModule):
         return torch.tensor(found, dtype=torch.long), torch.tensor(new, dtype=torch.bool)
 
     def name_of(self, index: int) -> str:
-        if self._pending:
-            # Readers of a live server never get here: the writer flushes under its lock.
-            self._flush()
-        a, b = int(self.offsets[index]), int(self.offsets[index + 1])
-        return bytes(self.blob[a:b].tolist()).decode("utf-8")
+        return self.names([index])[0]
 
-    def names(self, indices: torch.Tensor) -> list[str]:
-        return [self.name_of(int(i)) for i in indices.tolist()]
+    def names(self, indices: torch.Tensor | list[int]) -> list[str]:
+        """External ids of dense ``indices``. Never mutates the map, so readers may call it while
+        the single writer registers ids: the pending list is read before the buffers, and a
+        concurrent flush only ever makes the buffers cover more of it."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        pending = self._pending
+        offs = self.offsets.numpy()
+        raw = self.blob.numpy()
+        flushed = offs.shape[0] - 1
+        out = []
+        for i in indices:
+            if i < flushed:
+                out.append(raw[offs[i] : offs[i + 1]].tobytes().decode("utf-8"))
+            else:
+                out.append(pending[i - flushed].decode("utf-8"))
+        return out
 
     def flush(self) -> None:
         """Move ids added since the last flush into the tensor buffers (the writer calls this

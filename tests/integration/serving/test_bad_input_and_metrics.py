@@ -146,7 +146,7 @@ def test_bad_records_are_dead_lettered_valid_ones_applied_and_metrics_move(
         )
         assert (
             "tgnstream_model_info",
-            frozenset({("version", "init-tgn-s0"), ("model", "attention"), ("device", "cpu")}),
+            frozenset({("version", "init-tgn-s0"), ("model", "tgn+pair"), ("device", "cpu")}),
         ) in after
         channel.close()
     finally:

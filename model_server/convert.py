@@ -1,0 +1,189 @@
+"""Requests in, replies out: protobuf <-> plain Python, with every validation rule in one place.
+
+Parsing needs no engine (so it runs before any lock is taken); checks that need the state
+(strict unknown candidates) live in ``queries.py`` and raise the same ``RequestError``. Every
+``RequestError`` becomes INVALID_ARGUMENT with its message.
+
+Rules (the contract):
+- ids must be non-empty strings; times, when set, finite (unset = the server's watermark);
+- Score: 1..max_pairs pairs; duplicate pairs are allowed (each is answered);
+- TopK: 1 <= k <= max_k; at most max_candidates candidates, all distinct (a duplicate would
+  take two of the k places); an empty list means "every destination";
+- Embed: 1..max_embed_nodes nodes; duplicates allowed (answered in request order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tgnstream.live import StateStamp
+from tgnstream.model_server.config import GrpcConfig
+from tgnstream.rpc.v1 import link_prediction_pb2 as pb
+
+if TYPE_CHECKING:  # queries imports RequestError from here; results are only annotations
+    from tgnstream.model_server.queries import EmbedResult, ModelInfoResult, ScoreResult, TopKResult
+
+__all__ = [
+    "RequestError",
+    "ScoreQuery",
+    "TopKQuery",
+    "EmbedQuery",
+    "parse_score",
+    "parse_topk",
+    "parse_embed",
+    "stamp_to_proto",
+    "score_reply",
+    "topk_reply",
+    "embed_reply",
+    "model_info_reply",
+]
+
+
+class RequestError(ValueError):
+    """A request the server will not answer as asked (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class ScoreQuery:
+    """``src[i]``, ``dst[i]``: the i-th pair; ``time`` None = at the watermark."""
+
+    src: list[str]
+    dst: list[str]
+    time: float | None
+
+
+@dataclass(frozen=True)
+class TopKQuery:
+    """``candidates`` None = every destination seen; ``strict`` already merged with the config."""
+
+    src: str
+    k: int
+    candidates: list[str] | None
+    exclude_seen: bool
+    time: float | None
+    strict: bool
+
+
+@dataclass(frozen=True)
+class EmbedQuery:
+    nodes: list[str]
+    time: float | None
+
+
+def _time(request) -> float | None:
+    if not request.HasField("time"):
+        return None
+    t = float(request.time)
+    if not math.isfinite(t):
+        raise RequestError(f"time must be a finite number of seconds, got {t}")
+    return t
+
+
+def _check_ids(ids: list[str], field: str) -> None:
+    # One C-level scan in the common case; the loop only runs to name the culprit.
+    if "" in ids:
+        raise RequestError(f"{field}[{ids.index('')}] is empty: node ids must be non-empty strings")
+
+
+def parse_score(request: pb.ScoreRequest, config: GrpcConfig) -> ScoreQuery:
+    n = len(request.pairs)
+    if n == 0:
+        raise RequestError("pairs is empty: send at least one (src, dst) pair")
+    if n > config.max_pairs:
+        raise RequestError(f"too many pairs: {n} > max_pairs {config.max_pairs}; split the request")
+    src = [p.src for p in request.pairs]
+    dst = [p.dst for p in request.pairs]
+    for ids, side in ((src, "src"), (dst, "dst")):
+        if "" in ids:
+            raise RequestError(f"pairs[{ids.index('')}].{side} is empty: node ids must be non-empty strings")
+    return ScoreQuery(src, dst, _time(request))
+
+
+def parse_topk(request: pb.TopKRequest, config: GrpcConfig) -> TopKQuery:
+    if not request.src:
+        raise RequestError("src is empty: node ids must be non-empty strings")
+    k = int(request.k)
+    if not 1 <= k <= config.max_k:
+        raise RequestError(f"k must be in [1, {config.max_k}], got {k}")
+    candidates: list[str] | None = None
+    if len(request.candidates):
+        n = len(request.candidates)
+        if n > config.max_candidates:
+            raise RequestError(f"too many candidates: {n} > max_candidates {config.max_candidates}")
+        candidates = list(request.candidates)
+        _check_ids(candidates, "candidates")
+        if len(set(candidates)) != n:
+            seen: set[str] = set()
+            dup = next(c for c in candidates if c in seen or seen.add(c))
+            raise RequestError(f"candidates must be distinct: {dup!r} appears more than once")
+    return TopKQuery(
+        src=request.src,
+        k=k,
+        candidates=candidates,
+        exclude_seen=bool(request.exclude_seen),
+        time=_time(request),
+        strict=bool(request.strict) or config.strict_candidates,
+    )
+
+
+def parse_embed(request: pb.EmbedRequest, config: GrpcConfig) -> EmbedQuery:
+    n = len(request.nodes)
+    if n == 0:
+        raise RequestError("nodes is empty: send at least one node id")
+    if n > config.max_embed_nodes:
+        raise RequestError(f"too many nodes: {n} > max_embed_nodes {config.max_embed_nodes}")
+    nodes = list(request.nodes)
+    _check_ids(nodes, "nodes")
+    return EmbedQuery(nodes, _time(request))
+
+
+def stamp_to_proto(stamp: StateStamp) -> pb.StateStamp:
+    return pb.StateStamp(
+        model_version=stamp.model_version, events_applied=stamp.events_applied, watermark=stamp.watermark
+    )
+
+
+def score_reply(r: ScoreResult) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        probabilities=r.probabilities.tolist(),
+        src_unknown=r.src_unknown.tolist(),
+        dst_unknown=r.dst_unknown.tolist(),
+        state=stamp_to_proto(r.stamp),
+    )
+
+
+def topk_reply(r: TopKResult) -> pb.TopKResponse:
+    return pb.TopKResponse(
+        results=[
+            pb.ScoredNode(id=i, probability=p, unknown=u)
+            for i, p, u in zip(r.ids, r.probabilities, r.unknown)
+        ],
+        src_unknown=r.src_unknown,
+        state=stamp_to_proto(r.stamp),
+    )
+
+
+def embed_reply(r: EmbedResult) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        embeddings=[
+            pb.Embedding(id=i, values=v, unknown=u)
+            for i, v, u in zip(r.ids, r.values.tolist(), r.unknown.tolist())
+        ],
+        dim=r.dim,
+        state=stamp_to_proto(r.stamp),
+    )
+
+
+def model_info_reply(r: ModelInfoResult) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_version=r.stamp.model_version,
+        events_applied=r.stamp.events_applied,
+        watermark=r.stamp.watermark,
+        num_nodes=r.num_nodes,
+        model=r.model,
+        embedding_dim=r.embedding_dim,
+        device=r.device,
+        next_offsets=r.next_offsets,
+    )

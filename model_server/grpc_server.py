@@ -1,0 +1,104 @@
+"""Assemble the gRPC server: LinkPrediction + grpc.health.v1 + reflection, interceptors, TLS.
+
+server, health, port = build_server(live, config, metrics)
+server.start()
+...
+stop_server(server, health, config.shutdown_grace_s)
+"""
+
+from __future__ import annotations
+
+import weakref
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tgnstream.live import LiveEngine
+from tgnstream.metrics import ServerMetrics
+from tgnstream.model_server.admission import Admission, AdmissionInterceptor
+from tgnstream.model_server.config import GrpcConfig
+from tgnstream.model_server.interceptors import HEALTH_SERVICE, AuthInterceptor, MetricsInterceptor
+from tgnstream.model_server.servicer import SERVICE_NAME, LinkPredictionServicer
+from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+
+__all__ = ["build_server", "stop_server", "SERVICE_NAME", "HEALTH_SERVICE"]
+
+# Which servicer each built server runs, so that stop_server can release its resources.
+_SERVICERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _credentials(config: GrpcConfig) -> grpc.ServerCredentials:
+    try:
+        key = config.tls_key_file.read_bytes()
+        cert = config.tls_cert_file.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read TLS key/certificate: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def build_server(
+    live: LiveEngine,
+    config: GrpcConfig,
+    metrics: ServerMetrics,
+    servicer: LinkPredictionServicer | None = None,
+) -> tuple[grpc.Server, health.HealthServicer, int]:
+    """A bound, not yet started server; returns ``(server, health, port)`` (the real port when
+    ``config.port`` is 0). Health says SERVING for "" and LinkPrediction: the caller hands over
+    a restored ``live``, so the server can answer as soon as it starts.
+
+    ``servicer``: pass one to keep a handle on it (its ``cache`` can be warmed after each
+    applied batch; its coalescers count batches); default: a new one over ``live``.
+
+    Raises:
+        ValueError: TLS files unreadable; RuntimeError: the address cannot be bound.
+    """
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if config.auth_token is not None:
+        interceptors.append(AuthInterceptor(config.auth_token.get_secret_value()))
+    admission = Admission(config.max_inflight, config.max_queued, config.queue_timeout_s)
+    interceptors.append(AdmissionInterceptor(admission, (SERVICE_NAME,)))
+    size = config.max_message_bytes
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            # One port per process: fail loudly rather than share it with a stale server.
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=config.hard_limit_rpcs,
+    )
+    servicer = servicer if servicer is not None else LinkPredictionServicer(live, config)
+    pb_grpc.add_LinkPredictionServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+
+    try:
+        if config.tls:
+            port = server.add_secure_port(config.address, _credentials(config))
+        else:
+            port = server.add_insecure_port(config.address)
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot bind gRPC server to {config.address}: {exc}") from exc
+    if port == 0:  # older grpc reports a failed bind this way
+        raise RuntimeError(f"cannot bind gRPC server to {config.address}")
+    _SERVICERS[server] = servicer
+    return server, health_servicer, port
+
+
+def stop_server(server: grpc.Server, health_servicer: health.HealthServicer, grace_s: float) -> None:
+    """Graceful stop: health turns NOT_SERVING (load balancers drain), new RPCs are refused,
+    in-flight ones get ``grace_s`` seconds to finish; returns once the server has stopped (and
+    the servicer's background thread, if any, has been told to stop)."""
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace_s).wait()
+    servicer = _SERVICERS.pop(server, None)
+    if servicer is not None:
+        servicer.close()

@@ -1,0 +1,467 @@
+"""What each RPC computes: pure functions of (LiveEngine, parsed query) -> result dataclasses.
+
+Every function takes the read lock once, and computes its answer and the ``StateStamp`` inside
+it, so a reply always describes one complete state (never a half-applied batch). Readers never
+mutate state or grow buffers: unknown ids go to the cold-start slot (``LiveEngine.resolve``).
+
+Batched forms (``score_batch``, ``top_k_batch``) answer several queries under one lock with
+shared engine calls (``coalesce.py`` feeds them); same-time queries only, so every answer equals
+the one-query answer.
+
+TopK semantics (candidate-embedding cache). Embedding all ~1,000 candidates with temporal
+attention costs 30-45 ms on 2 cores, so candidate embeddings are computed once per *state
+version* (engine object, model version, events applied) **at the state's watermark** (0.0
+before any event), and reused by every TopK until the next batch is applied. A TopK at query
+time ``t`` therefore combines
+
+* the source embedding at ``t``,
+* every candidate's embedding at the watermark (explicit candidates too, so a reply does not
+  depend on whether the cache was warm),
+* pair features (when the model has them) at ``t``.
+
+With the default time (``t`` = watermark) this is exactly ``MemoryEngine.top_k(src, t, ...)``;
+for another ``t`` it is ``MemoryEngine.rank_logits(src, t, candidates, t_candidates=watermark)``.
+The cache keeps the newest version only; at most one computation per version runs, however
+many requests miss at once (the others wait for it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.modules import encode_pair_features
+from tgnstream.core.pair_stats import ranking_stats
+from tgnstream.live import LiveEngine, StateStamp
+from tgnstream.model_server.convert import EmbedQuery, RequestError, ScoreQuery, TopKQuery
+
+__all__ = [
+    "CandidateCache",
+    "CacheWarmer",
+    "CandidateEmbeddings",
+    "ScoreResult",
+    "TopKResult",
+    "EmbedResult",
+    "ModelInfoResult",
+    "score",
+    "score_batch",
+    "top_k",
+    "top_k_batch",
+    "embed",
+    "model_info",
+    "state_time",
+    "model_name",
+    "embedding_dim",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class ScoreResult:
+    """``probabilities [B]`` float32, ``src_unknown``/``dst_unknown [B]`` bool (CPU tensors)."""
+
+    probabilities: torch.Tensor
+    src_unknown: torch.Tensor
+    dst_unknown: torch.Tensor
+    stamp: StateStamp
+
+
+@dataclass(frozen=True)
+class TopKResult:
+    """Best first, at most k: ``ids[i]`` with ``probabilities[i]``, ``unknown[i]`` = cold start."""
+
+    ids: list[str]
+    probabilities: list[float]
+    unknown: list[bool]
+    src_unknown: bool
+    stamp: StateStamp
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """``values [M, dim]`` float32 CPU, ``unknown [M]`` bool, rows in request order."""
+
+    ids: list[str]
+    values: torch.Tensor
+    unknown: torch.Tensor
+    dim: int
+    stamp: StateStamp
+
+
+@dataclass(frozen=True)
+class ModelInfoResult:
+    stamp: StateStamp
+    num_nodes: int
+    model: str
+    embedding_dim: int
+    device: str
+    next_offsets: dict[int, int]
+
+
+# ----------------------------------------------------------------------------------- helpers
+def state_time(engine: MemoryEngine) -> float:
+    """The watermark (latest applied event time), or 0.0 before any event."""
+    wm = float(engine.watermark)
+    return wm if wm != float("-inf") else 0.0
+
+
+def model_name(engine: MemoryEngine) -> str:
+    return engine.config.label
+
+
+def embedding_dim(engine: MemoryEngine) -> int:
+    cfg = engine.config
+    return cfg.embedding_dim if cfg.embedding == "attention" else cfg.memory_dim
+
+
+def _ensure_eval(engine: MemoryEngine) -> None:
+    # An engine built or loaded for serving starts in training mode (nn.Module default), which
+    # would apply attention dropout to replies. Setting the flag is idempotent and touches no
+    # state, so a reader may do it; the composition root should call engine.eval() anyway.
+    if engine.training:
+        log.warning("serving engine was in training mode (dropout on); switching it to eval()")
+        engine.eval()
+
+
+def _full(n: int, t: float, device: torch.device) -> torch.Tensor:
+    return torch.full((n,), t, dtype=torch.float64, device=device)
+
+
+# ------------------------------------------------------------------------- candidate cache
+@dataclass(frozen=True)
+class CandidateEmbeddings:
+    """Embeddings of every destination of one state version, at that state's watermark.
+
+    key: ``(id(engine), model_version, events_applied)``; time: the watermark used (0.0 before
+    any event); nodes: ``[D]`` sorted int64 ids; z: ``[D, d_emb]``.
+    """
+
+    key: tuple
+    time: float
+    nodes: torch.Tensor
+    z: torch.Tensor
+
+
+class CandidateCache:
+    """Thread-safe, newest-version-only cache of ``CandidateEmbeddings``. Call under the read
+    lock (the key must describe the state being read)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entry: CandidateEmbeddings | None = None
+        self._building: dict[tuple, Future] = {}
+        self.builds = 0  # computations done (tests; a metric candidate)
+        self.last_used = float("-inf")  # time.monotonic() of the last get() (the warmer's cue)
+
+    @staticmethod
+    def key(live: LiveEngine, engine: MemoryEngine) -> tuple:
+        return (id(engine), live.model_version, int(engine.events_applied))
+
+    def peek(self, key: tuple) -> CandidateEmbeddings | None:
+        entry = self._entry
+        return entry if entry is not None and entry.key == key else None
+
+    def get(self, live: LiveEngine, engine: MemoryEngine, use: bool = True) -> CandidateEmbeddings:
+        """The entry for the current state, computing it if needed (once per key: concurrent
+        callers wait for the first one's result). ``use``: a query's (not a warm-up's) call."""
+        key = self.key(live, engine)
+        if use:
+            self.last_used = time.monotonic()
+        with self._lock:
+            entry = self.peek(key)
+            if entry is not None:
+                return entry
+            fut = self._building.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._building[key] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            t = state_time(engine)
+            nodes = engine.destinations()
+            with torch.no_grad():
+                z = engine.embed(nodes, _full(nodes.numel(), t, nodes.device))
+            entry = CandidateEmbeddings(key, t, nodes, z)
+        except BaseException as exc:
+            with self._lock:
+                del self._building[key]
+            fut.set_exception(exc)
+            raise
+        with self._lock:
+            self._entry = entry
+            self.builds += 1
+            del self._building[key]
+        fut.set_result(entry)
+        return entry
+
+    def warm(self, live: LiveEngine) -> None:
+        """Compute the entry for the live state now (e.g. right after a batch is applied), so
+        the next TopK does not pay for it."""
+        with live.read() as engine:
+            self.get(live, engine, use=False)
+
+
+class CacheWarmer(threading.Thread):
+    """Background thread that rebuilds the candidate cache as soon as a new state version
+    appears, so that TopK requests after each applied batch do not pay for it (~45 ms for the
+    1,000 wikipedia pages on 2 cores). It only works while TopK is in use (a default-candidate
+    TopK within ``idle_s``), so a server without TopK traffic spends nothing on it.
+
+    Checks every ``poll_s``; ``stop()`` ends it. Reads the version without the lock: only a cue,
+    ``warm`` takes the read lock and keys the entry properly.
+    """
+
+    def __init__(self, live: LiveEngine, cache: CandidateCache, poll_s: float = 0.005, idle_s: float = 30.0):
+        super().__init__(name="topk-cache-warmer", daemon=True)
+        self._live, self._cache = live, cache
+        self._poll_s, self._idle_s = poll_s, idle_s
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        live, cache = self._live, self._cache
+        poll = self._poll_s
+        while not self._stop_event.wait(poll):
+            if time.monotonic() - cache.last_used > self._idle_s:
+                poll = 0.25  # idle: look less often
+                continue
+            poll = self._poll_s
+            if cache.peek(cache.key(live, live.engine)) is not None:
+                continue
+            try:
+                cache.warm(live)
+            except Exception:
+                log.exception("warming the TopK candidate cache failed; retrying in 1 s")
+                self._stop_event.wait(1.0)
+
+
+def _explicit_candidate_embeddings(
+    engine: MemoryEngine, cand: torch.Tensor, cached: CandidateEmbeddings | None, t_c: float
+) -> torch.Tensor:
+    """``[Q, d_emb]`` embeddings of ``cand [Q]`` at ``t_c``: rows of the warm cache where it has
+    them, the rest computed now (same time, so the reply is the same either way)."""
+    if cached is None or cached.nodes.numel() == 0:
+        return engine.embed(cand, _full(cand.numel(), t_c, cand.device))
+    d = cached.nodes.numel()
+    rows = torch.searchsorted(cached.nodes, cand).clamp(max=d - 1)
+    hit = cached.nodes[rows] == cand
+    if bool(hit.all()):
+        return cached.z.index_select(0, rows)
+    z = cached.z.new_empty(cand.numel(), cached.z.shape[1])
+    z[hit] = cached.z[rows[hit]]
+    miss = (~hit).nonzero().squeeze(1)
+    z[miss] = engine.embed(cand[miss], _full(miss.numel(), t_c, cand.device))
+    return z
+
+
+# ----------------------------------------------------------------------------------- queries
+def _group_by_time(times: list[float]) -> dict[float, list[int]]:
+    groups: dict[float, list[int]] = {}
+    for i, t in enumerate(times):
+        groups.setdefault(t, []).append(i)
+    return groups
+
+
+@torch.no_grad()
+def score_batch(live: LiveEngine, qs: list[ScoreQuery]) -> list[ScoreResult | BaseException]:
+    """``MemoryEngine.score`` of every pair of every query (one result per query), under one
+    read lock: one engine call per distinct query time (a call embeds each node once, at its
+    earliest time in the call, so only same-time queries may share one)."""
+    out: list[ScoreResult | BaseException] = [RuntimeError("not computed")] * len(qs)
+    with live.read() as engine:
+        _ensure_eval(engine)
+        stamp = live.stamp()
+        names = [n for q in qs for n in q.src + q.dst]
+        idx, unknown = live.resolve(names)
+        starts = [0]
+        for q in qs:
+            starts.append(starts[-1] + 2 * len(q.src))
+        wm = state_time(engine)
+        for t, members in _group_by_time([wm if q.time is None else q.time for q in qs]).items():
+            try:
+                src = torch.cat([idx[starts[i] : starts[i] + len(qs[i].src)] for i in members])
+                dst = torch.cat([idx[starts[i] + len(qs[i].src) : starts[i + 1]] for i in members])
+                probs = engine.score(src, dst, _full(src.numel(), t, src.device)).float().cpu()
+            except Exception as exc:  # this group fails; the others are still answered
+                for i in members:
+                    out[i] = exc
+                continue
+            at = 0
+            for i in members:
+                b, s0 = len(qs[i].src), starts[i]
+                out[i] = ScoreResult(
+                    probs[at : at + b], unknown[s0 : s0 + b], unknown[s0 + b : s0 + 2 * b], stamp
+                )
+                at += b
+    return out
+
+
+def score(live: LiveEngine, q: ScoreQuery) -> ScoreResult:
+    """``MemoryEngine.score`` of every pair at one time (default: the watermark)."""
+    return _one(score_batch(live, [q]))
+
+
+def _one(results: list):
+    r = results[0]
+    if isinstance(r, BaseException):
+        raise r
+    return r
+
+
+@torch.no_grad()
+def top_k_batch(
+    live: LiveEngine, qs: list[TopKQuery], cache: CandidateCache
+) -> list[TopKResult | BaseException]:
+    """TopK of every query (see the module docstring for the times), under one read lock.
+    Queries over the default candidates at the same time share one ranking pass
+    (``[P sources, Q candidates]``); queries with explicit candidates run one by one."""
+    out: list[TopKResult | BaseException] = [RuntimeError("not computed")] * len(qs)
+    with live.read() as engine:
+        _ensure_eval(engine)
+        stamp = live.stamp()
+        wm = state_time(engine)
+        shared = [i for i, q in enumerate(qs) if q.candidates is None]
+        for i, q in enumerate(qs):
+            if q.candidates is not None:
+                try:
+                    out[i] = _top_k_explicit(live, engine, q, cache, stamp)
+                except Exception as exc:
+                    out[i] = exc
+        groups = _group_by_time([wm if qs[i].time is None else qs[i].time for i in shared])
+        for t, members in groups.items():
+            group = [shared[m] for m in members]
+            try:
+                for i, r in zip(group, _top_k_shared(live, engine, [qs[i] for i in group], t, cache, stamp)):
+                    out[i] = r
+            except Exception as exc:
+                for i in group:
+                    out[i] = exc
+    return out
+
+
+def top_k(live: LiveEngine, q: TopKQuery, cache: CandidateCache) -> TopKResult:
+    """The k most likely destinations of ``q.src`` (see the module docstring for the times)."""
+    return _one(top_k_batch(live, [q], cache))
+
+
+def _rank(
+    engine: MemoryEngine, src: torch.Tensor, t: float, cand: torch.Tensor, z_c: torch.Tensor
+) -> torch.Tensor:
+    """Logits ``[P, Q]`` of sources ``src [P]`` at ``t`` against candidates ``cand [Q]`` whose
+    embeddings ``z_c [Q, d]`` are given; pair features (if any) at ``t``."""
+    t_src = _full(src.numel(), t, src.device)
+    z_s = engine.embed(src, t_src)
+    pair = None
+    if engine.config.pair_features:
+        stats = ranking_stats(engine.history, engine.neighbors, src, cand)
+        pair = encode_pair_features(stats, t_src.unsqueeze(1))
+    return engine.model.decoder.rank(z_s, z_c, pair)
+
+
+def _top_k_shared(
+    live: LiveEngine,
+    engine: MemoryEngine,
+    qs: list[TopKQuery],
+    t: float,
+    cache: CandidateCache,
+    stamp: StateStamp,
+) -> list[TopKResult]:
+    """Queries over every destination, all at time ``t``: one ``[P, Q]`` ranking pass."""
+    entry = cache.get(live, engine)
+    cand, z_c = entry.nodes, entry.z
+    src, src_unknown = live.resolve([q.src for q in qs])
+    qn = cand.numel()
+    if qn == 0:
+        return [TopKResult([], [], [], bool(u), stamp) for u in src_unknown.tolist()]
+    logits = _rank(engine, src, t, cand, z_c)  # [P, Q]
+    # A node is never its own destination. Candidates are known destinations, so an unknown
+    # src (the cold slot, which has no events) never matches one.
+    drop = cand.unsqueeze(0) == src.unsqueeze(1)
+    seen_rows = torch.tensor([q.exclude_seen for q in qs], device=src.device)
+    if bool(seen_rows.any()):
+        count, _ = engine.history.lookup(
+            src.unsqueeze(1).expand(-1, qn), cand.unsqueeze(0).expand(len(qs), -1)
+        )
+        drop |= (count > 0) & seen_rows.unsqueeze(1)
+    logits = logits.masked_fill(drop, float("-inf"))
+    top = torch.topk(logits, min(max(q.k for q in qs), qn), dim=1)
+    values, rows = top.values.cpu(), top.indices.cpu()
+    picked = cand.cpu()[rows]  # [P, k_max] node ids
+    finite = torch.isfinite(values)
+    probs = torch.sigmoid(values).float()
+    wanted = [picked[r][finite[r]][: q.k].tolist() for r, q in enumerate(qs)]
+    names = iter(engine.ids.names([n for w in wanted for n in w]))
+    out = []
+    for r, w in enumerate(wanted):
+        p = probs[r][finite[r]][: len(w)].tolist()
+        out.append(TopKResult([next(names) for _ in w], p, [False] * len(w), bool(src_unknown[r]), stamp))
+    return out
+
+
+def _top_k_explicit(
+    live: LiveEngine, engine: MemoryEngine, q: TopKQuery, cache: CandidateCache, stamp: StateStamp
+) -> TopKResult:
+    """One query with its own candidate list."""
+    src, src_unknown = live.resolve([q.src])
+    src_unk = bool(src_unknown[0])
+    t = state_time(engine) if q.time is None else q.time
+    cand, cand_unknown = live.resolve(q.candidates)
+    if q.strict and bool(cand_unknown.any()):
+        bad = [c for c, u in zip(q.candidates, cand_unknown.tolist()) if u]
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise RequestError(f"unknown candidate ids with strict=true: {', '.join(map(repr, bad[:5]))}{more}")
+    cached = cache.peek(cache.key(live, engine))
+    z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine))
+    qn = cand.numel()
+    logits = _rank(engine, src, t, cand, z_c)[0]  # [Q]
+
+    # A node is never its own destination. An unknown src shares the cold slot with unknown
+    # candidates, so for it only the same string counts as "itself".
+    drop = (cand == src) & ~cand_unknown.to(cand.device)
+    if src_unk and q.src in q.candidates:
+        drop[q.candidates.index(q.src)] = True
+    if q.exclude_seen:
+        count, _ = engine.history.lookup(src.expand(qn), cand)
+        drop |= count > 0
+    logits = logits.masked_fill(drop, float("-inf"))
+    top = torch.topk(logits, min(q.k, qn))
+    keep = torch.isfinite(top.values)
+    pos = top.indices[keep].cpu()
+    probs = torch.sigmoid(top.values[keep]).float().cpu().tolist()
+    ids = [q.candidates[i] for i in pos.tolist()]
+    return TopKResult(ids, probs, cand_unknown[pos].tolist(), src_unk, stamp)
+
+
+@torch.no_grad()
+def embed(live: LiveEngine, q: EmbedQuery) -> EmbedResult:
+    """``MemoryEngine.embed`` of every node at one time (default: the watermark)."""
+    with live.read() as engine:
+        _ensure_eval(engine)
+        stamp = live.stamp()
+        idx, unknown = live.resolve(q.nodes)
+        t = state_time(engine) if q.time is None else q.time
+        z = engine.embed(idx, _full(idx.numel(), t, idx.device))
+    return EmbedResult(q.nodes, z.float().cpu(), unknown, int(z.shape[1]), stamp)
+
+
+def model_info(live: LiveEngine) -> ModelInfoResult:
+    with live.read() as engine:
+        return ModelInfoResult(
+            stamp=live.stamp(),
+            num_nodes=len(engine.ids),
+            model=model_name(engine),
+            embedding_dim=embedding_dim(engine),
+            device=str(engine.device),
+            next_offsets=dict(live.next_offsets),
+        )

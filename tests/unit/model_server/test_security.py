@@ -1,0 +1,126 @@
+"""Bearer-token auth (health exempt) and TLS with a self-signed certificate made in the test."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from tgnstream.metrics import ServerMetrics
+from tgnstream.model_server.config import GrpcConfig
+from tgnstream.model_server.grpc_server import build_server, stop_server
+from tgnstream.rpc.v1 import link_prediction_pb2 as pb
+from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+
+from .conftest import TEST_CONFIG, serve, shutdown
+
+TOKEN = "s3cret-token"
+REQ = pb.ScoreRequest(pairs=[pb.Pair(src="user-0", dst="page-0")])
+
+
+def test_bearer_token(served):
+    s = serve(served.live, GrpcConfig(**TEST_CONFIG, auth_token=TOKEN))
+    try:
+        for metadata in (
+            None,
+            [("authorization", "Bearer wrong")],
+            [("authorization", TOKEN)],
+            [("authorization", f"Basic {TOKEN}")],
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                s.stub.Score(REQ, metadata=metadata, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in err.value.details()
+        good = [("authorization", f"Bearer {TOKEN}")]
+        assert len(s.stub.Score(REQ, metadata=good, timeout=5).probabilities) == 1
+        assert s.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=good, timeout=5).events_applied == 600
+        # Health is exempt (k8s probes send no metadata); reflection is not.
+        health = health_pb2_grpc.HealthStub(s.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            ProtoReflectionDescriptorDatabase(s.channel).get_services()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        unauth = s.metrics.registry.get_sample_value(
+            "grpc_server_handled_total",
+            {
+                "grpc_type": "unary",
+                "grpc_service": "tgnstream.rpc.v1.LinkPrediction",
+                "grpc_method": "Score",
+                "grpc_code": "UNAUTHENTICATED",
+            },
+        )
+        assert unauth == 4
+    finally:
+        shutdown(s)
+
+
+def test_token_is_secret_in_config():
+    cfg = GrpcConfig(auth_token=TOKEN)
+    assert TOKEN not in repr(cfg) and TOKEN not in str(cfg.model_dump())
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make a self-signed certificate")
+    d = tmp_path_factory.mktemp("tls")
+    key, cert = d / "key.pem", d / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+def test_tls_with_token(served, self_signed):
+    key, cert = self_signed
+    cfg = GrpcConfig(**TEST_CONFIG, tls_key_file=key, tls_cert_file=cert, auth_token=TOKEN)
+    server, health, port = build_server(served.live, cfg, ServerMetrics())
+    server.start()
+    try:
+        tls = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        # The standard client way: call credentials send "authorization: Bearer <token>".
+        creds = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(TOKEN))
+        with grpc.secure_channel(f"localhost:{port}", creds) as ch:
+            assert len(pb_grpc.LinkPredictionStub(ch).Score(REQ, timeout=5).probabilities) == 1
+        with grpc.secure_channel(f"localhost:{port}", tls) as ch, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.LinkPredictionStub(ch).Score(REQ, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # A plaintext client cannot talk to the TLS port.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.LinkPredictionStub(ch).Score(REQ, timeout=2)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        stop_server(server, health, 0)
+
+
+def test_unreadable_tls_files_fail_clearly(served, tmp_path):
+    cfg = GrpcConfig(**TEST_CONFIG, tls_key_file=tmp_path / "nope.pem", tls_cert_file=tmp_path / "nope.crt")
+    with pytest.raises(ValueError, match="cannot read TLS key/certificate"):
+        build_server(served.live, cfg, ServerMetrics())
