@@ -97,13 +97,16 @@ class IngestLoop:
             self._dead_letter(batch.record(rej.position), rej.reason, rej.detail)
         keep = self._apply_lateness_policy(batch)
         events = self._register(decoded, keep)
+        prepared = None
         if events is not None:
             self.quality.observe(self.live, events)
+            # The heavy part (messages, memory updater) under the shared lock: queries go on.
+            with self.live.read() as engine:
+                prepared = engine.prepare_events(events)
         with self.live.write() as engine:
-            if events is not None:
+            if prepared is not None:
                 late = int((events.t < engine.watermark).sum())
-                engine.apply_events(events)
-                engine.fold_pending()
+                engine.commit_events(prepared)
                 self.metrics.ingest_events.labels("applied").inc(len(events))
                 if late:
                     self.metrics.ingest_events.labels("late_clamped").inc(late)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ class ServingProcess:
         cfg = config
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
         device = resolve_device(cfg.device)
         self.metrics = ServerMetrics()
         self.store = SnapshotStore(cfg.snapshots.dir, cfg.snapshots.keep)
@@ -101,6 +103,7 @@ class ServingProcess:
                 "no snapshot in %s: starting %s from the beginning of %s", self.store.root, version, topic
             )
         engine.eval()
+        engine.fold_pending()  # a checkpoint may hold pending messages; queries then never fold
         self.live = LiveEngine(engine, version, offsets)
         self.metrics.model_info.info(
             {"version": version, "model": engine.config.label, "device": str(device)}

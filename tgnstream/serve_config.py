@@ -63,6 +63,12 @@ class ServeConfig(BaseSettings):
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    gil_switch_interval_ms: float = Field(
+        0.5,
+        gt=0,
+        description="Python's thread switch interval (sys.setswitchinterval): how long a gRPC "
+        "handler may wait for the GIL while the ingest thread runs Python code (Python's default: 5)",
+    )
     ready_file: Path | None = Field(
         None, description="write {grpc_port, metrics_port, pid} here once serving (for scripts and tests)"
     )

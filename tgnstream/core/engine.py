@@ -30,7 +30,24 @@ from tgnstream.core.modules import encode_pair_features
 from tgnstream.core.neighbors import RecentNeighbors
 from tgnstream.core.pair_stats import pairwise_stats, ranking_stats
 
-__all__ = ["MemoryEngine", "FreshMemory"]
+__all__ = ["MemoryEngine", "FreshMemory", "PreparedBatch"]
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch's state update computed ahead of writing it (see ``MemoryEngine.prepare_events``).
+
+    nodes: ``[U]`` sorted endpoints; memory: ``[U, d_mem]`` their memories with the batch's
+    messages folded in; mail/mail_ts: ``[U, mail_dim]``/``[U]`` those messages; version:
+    ``events_applied`` of the state it was computed from.
+    """
+
+    batch: EventBatch
+    nodes: torch.Tensor
+    memory: torch.Tensor
+    mail: torch.Tensor
+    mail_ts: torch.Tensor
+    version: int
 
 
 @dataclass
@@ -309,28 +326,14 @@ class MemoryEngine(nn.Module):
         return int(ids.numel())
 
     # ------------------------------------------------------------------------------- apply
-    @torch.no_grad()
-    def apply_events(self, batch: EventBatch, fresh: FreshMemory | None = None) -> None:
-        """Apply a time-ordered batch to the state (step 3 of the module docstring).
-
-        ``fresh`` may carry the memories computed while scoring this batch (they must cover
-        its nodes and come from the current state); otherwise they are recomputed.
-        """
-        if len(batch) == 0:
-            return
+    def _messages(
+        self, batch: EventBatch, nodes: torch.Tensor, mem_nodes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's aggregated raw messages ``[U, mail_dim]`` and their times ``[U]`` for
+        ``nodes [U]`` (sorted, the batch's endpoints), built from their memories ``mem_nodes``."""
         src, dst, t = batch.src, batch.dst, batch.t
-        self.ensure_capacity(int(torch.maximum(src.max(), dst.max())) + 1)
-        nodes = torch.unique(torch.cat([src, dst]))
-        if fresh is None:
-            fresh = self.fresh_memory(nodes)
-        rows = fresh.rows(nodes)
-        mem_nodes = fresh.memory[rows].detach()
-        mem = self.memory
-        mem.memory[nodes] = mem_nodes
-        mem.last_update[nodes] = fresh.last_update[rows]
-
-        # New raw messages [s_self, s_other, e] from the just-folded memories, interleaved so
-        # that per node they stay in event order (event i's two roles before event i+1's).
+        # [s_self, s_other, e] per event role, interleaved so that per node they stay in event
+        # order (event i's two roles before event i+1's).
         slot_src = torch.searchsorted(nodes, src)
         slot_dst = torch.searchsorted(nodes, dst)
         owner = torch.stack([slot_src, slot_dst], 1).flatten()
@@ -350,12 +353,67 @@ class MemoryEngine(nn.Module):
         else:
             agg = torch.zeros(n, mails.shape[1], device=mails.device).index_add_(0, owner, mails)
             agg /= torch.bincount(owner, minlength=n).unsqueeze(1).float()
-        mem.mail[nodes] = agg
-        mem.mail_ts[nodes] = when[newest]
-        mem.has_mail[nodes] = True
-        mem.is_destination[dst] = True
+        return agg, when[newest]
 
-        self.neighbors.insert(src, dst, t, batch.feats)
-        self.history.insert(src, dst, t)
+    def _record(self, batch: EventBatch) -> None:
+        """Neighbour table, pair history, destinations, counters: the non-memory part of apply."""
+        self.memory.is_destination[batch.dst] = True
+        self.neighbors.insert(batch.src, batch.dst, batch.t, batch.feats)
+        self.history.insert(batch.src, batch.dst, batch.t)
         self.events_applied += len(batch)
-        self.watermark.copy_(torch.maximum(self.watermark, t.max()))
+        self.watermark.copy_(torch.maximum(self.watermark, batch.t.max()))
+
+    @torch.no_grad()
+    def apply_events(self, batch: EventBatch, fresh: FreshMemory | None = None) -> None:
+        """Apply a time-ordered batch to the state (step 3 of the module docstring).
+
+        ``fresh`` may carry the memories computed while scoring this batch (they must cover
+        its nodes and come from the current state); otherwise they are recomputed.
+        """
+        if len(batch) == 0:
+            return
+        src, dst = batch.src, batch.dst
+        self.ensure_capacity(int(torch.maximum(src.max(), dst.max())) + 1)
+        nodes = torch.unique(torch.cat([src, dst]))
+        if fresh is None:
+            fresh = self.fresh_memory(nodes)
+        rows = fresh.rows(nodes)
+        mem_nodes = fresh.memory[rows].detach()
+        mem = self.memory
+        mem.memory[nodes] = mem_nodes
+        mem.last_update[nodes] = fresh.last_update[rows]
+        agg, mail_ts = self._messages(batch, nodes, mem_nodes)
+        mem.mail[nodes] = agg
+        mem.mail_ts[nodes] = mail_ts
+        mem.has_mail[nodes] = True
+        self._record(batch)
+
+    @torch.no_grad()
+    def prepare_events(self, batch: EventBatch) -> PreparedBatch:
+        """Everything ``apply_events`` followed by ``fold_pending`` writes for ``batch``'s nodes,
+        computed without changing the state (so readers may run meanwhile); ``commit_events``
+        then writes it. The two steps give the same state as apply + fold; the point is that
+        the writer's exclusive section shrinks to the scatters and table inserts."""
+        src, dst = batch.src, batch.dst
+        if int(torch.maximum(src.max(), dst.max())) >= self.capacity:
+            raise ValueError("batch ids exceed the capacity: call ensure_capacity (as the writer) first")
+        nodes = torch.unique(torch.cat([src, dst]))
+        fresh = self.fresh_memory(nodes)
+        agg, mail_ts = self._messages(batch, nodes, fresh.memory)
+        folded = self.model.update_memory(agg, (mail_ts - fresh.last_update).clamp(min=0), fresh.memory)
+        return PreparedBatch(batch, nodes, folded, agg, mail_ts, int(self.events_applied))
+
+    @torch.no_grad()
+    def commit_events(self, prepared: PreparedBatch) -> None:
+        """Write a ``prepare_events`` result; the state must not have changed in between."""
+        if prepared.version != int(self.events_applied):
+            raise RuntimeError(
+                f"batch prepared at {prepared.version} events, state now has {int(self.events_applied)}"
+            )
+        mem, nodes = self.memory, prepared.nodes
+        mem.memory[nodes] = prepared.memory
+        mem.last_update[nodes] = prepared.mail_ts
+        mem.mail[nodes] = prepared.mail
+        mem.mail_ts[nodes] = prepared.mail_ts
+        mem.has_mail[nodes] = False
+        self._record(prepared.batch)

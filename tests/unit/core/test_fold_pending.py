@@ -42,3 +42,36 @@ def test_folding_after_every_batch_gives_the_same_scores_as_lazy_folding(preset)
         torch.testing.assert_close(eager.score(probe_src, probe_dst, t), lazy.score(probe_src, probe_dst, t))
         torch.testing.assert_close(eager.embed(probe_src, t), lazy.embed(probe_src, t), atol=1e-6, rtol=1e-5)
     assert eager.fold_pending() == 0
+
+
+@pytest.mark.parametrize("aggregator", ["last", "mean"])
+def test_prepare_then_commit_equals_apply_then_fold(aggregator):
+    cfg = ModelConfig.preset(
+        "tgn",
+        memory_dim=8,
+        time_dim=4,
+        embedding_dim=8,
+        num_neighbors=3,
+        pair_features=True,
+        aggregator=aggregator,
+    )
+    torch.manual_seed(0)
+    reference = MemoryEngine(cfg, capacity=30).eval()
+    two_phase = MemoryEngine(cfg, capacity=30).eval()
+    two_phase.load_state_dict(reference.state_dict())
+    stream = _stream(300, 25, seed=4)
+    for start in range(0, 300, 37):
+        batch = stream.slice(start, start + 37)
+        reference.apply_events(batch)
+        reference.fold_pending()
+        before = {k: v.clone() for k, v in two_phase.state_dict().items()}
+        prepared = two_phase.prepare_events(batch)
+        for k, v in two_phase.state_dict().items():
+            assert torch.equal(v, before[k]), f"prepare_events changed {k}"
+        two_phase.commit_events(prepared)
+        for k, v in reference.state_dict().items():
+            torch.testing.assert_close(two_phase.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(RuntimeError, match="prepared at"):
+        stale = two_phase.prepare_events(stream.slice(0, 5))
+        two_phase.apply_events(stream.slice(5, 10))
+        two_phase.commit_events(stale)

@@ -37,3 +37,10 @@ def test_json_file_and_clear_errors(tmp_path):
     bad.write_text("x: 1")
     with pytest.raises(ValueError, match=".toml or .json"):
         load_serve_config(bad)
+
+
+def test_the_example_config_in_deploy_parses():
+    from pathlib import Path
+
+    cfg = load_serve_config(Path(__file__).resolve().parents[3] / "deploy" / "serve.toml")
+    assert cfg.ingest.kafka.topic == "events" and cfg.grpc.port == 50051 and cfg.model.pair_features

@@ -1,0 +1,301 @@
+"""Serving benchmark on the embedded broker: ingest throughput next to the raw Kafka consume
+rate (same records, same run), and gRPC latency while the server ingests a live stream.
+
+1. **Ingest**: all of wikipedia (157,474 events) on a topic; rounds alternate a raw
+   kafka-python consume of the topic (the consumer settings the server uses) with a full
+   ``tgnstream serve`` ingest of it (decode, ids, prequential quality, apply, fold), medians
+   reported with their ratio.
+2. **Under load**: a ``tgnstream serve`` process holding the first ``--warm`` events, fed
+   ``--ingest-rate`` events/s by a producer process (wikipedia cycled, times shifted so they
+   keep increasing); open-loop Poisson requests at ``--rate`` req/s for Score (1 pair),
+   Score (100 pairs) and TopK (k=10 over all 1,000 pages), p50/p99 measured from each
+   request's scheduled send time; then increasing rates of each to find the highest
+   sustainable one (no errors, >= 99% within the SLO, rate kept, p99 <= ``--slo-ms``).
+
+Prints a table and writes ``benchmarks/results/serve.json``.
+
+    python benchmarks/serve.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from kafka import KafkaConsumer, TopicPartition
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpc_latency import closed_loop, open_loop  # noqa: E402  (sibling script)
+
+from tgnstream.broker import EmbeddedBroker  # noqa: E402
+from tgnstream.core.events import EventBatch  # noqa: E402
+from tgnstream.core.loaders import load_dataset  # noqa: E402
+from tgnstream.ingest.config import IngestConfig  # noqa: E402
+from tgnstream.ingest.replay import make_producer, replay_events  # noqa: E402
+from tgnstream.kafka_admin import create_topic  # noqa: E402
+from tgnstream.rpc.v1 import link_prediction_pb2 as pb  # noqa: E402
+from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc  # noqa: E402
+from tgnstream.serve import ServingProcess  # noqa: E402
+from tgnstream.serve_config import ServeConfig  # noqa: E402
+from tgnstream.sysinfo import hardware_info  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
+
+
+def _config(bootstrap: str, topic: str, snapshots: Path, **ingest) -> dict:
+    return {
+        "ingest": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic}, **ingest},
+        "grpc": {"port": 0},
+        "snapshots": {"dir": str(snapshots), "every_events": 10**9, "every_seconds": 10**6},
+        "metrics_port": 0,
+        "torch_threads": 1,
+    }
+
+
+# ------------------------------------------------------------------------------ ingest part
+def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    """Events/s of a bare kafka-python consumer with the server's settings (assign + poll)."""
+    cfg = IngestConfig()
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_poll_records=max(cfg.batch_max_events, 500),
+        fetch_max_bytes=cfg.kafka.fetch_max_bytes,
+        max_partition_fetch_bytes=cfg.kafka.max_partition_fetch_bytes,
+    )
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    got = 0
+    t0 = time.perf_counter()
+    while got < n:
+        for records in consumer.poll(timeout_ms=200).values():
+            got += len(records)
+    rate = n / (time.perf_counter() - t0)
+    consumer.close()
+    return rate
+
+
+def serve_ingest(bootstrap: str, topic: str, n: int, work: Path) -> dict:
+    """Events/s of the server ingesting the whole topic, from process start-up done to the last
+    event applied (the fetch process's start is excluded; it is a one-off)."""
+    shutil.rmtree(work, ignore_errors=True)
+    proc = ServingProcess(ServeConfig(**_config(bootstrap, topic, work / "snapshots")))
+    t0 = time.perf_counter()
+    proc.start()
+    while int(proc.live.engine.events_applied) < n:
+        time.sleep(0.002)
+    seconds = time.perf_counter() - t0
+    batches = proc.loop.batches
+    proc.stop()
+    return {"events_per_s": n / seconds, "seconds": seconds, "batches": batches}
+
+
+# ------------------------------------------------------------------------------- live feed
+def _feed(bootstrap: str, topic: str, data_path: str, start: int, rate: float, stop, fed) -> None:
+    """Producer process: wikipedia from ``start`` at ``rate`` ev/s, cycled with times shifted
+    past the previous cycle so event time keeps increasing."""
+    data = load_dataset(data_path)
+    span = float(data.events.t[-1]) + 1.0
+    producer = make_producer(bootstrap)
+    cycle = 0
+    while not stop.is_set():
+        ev = data.events
+        shifted = dataclasses.replace(data, events=EventBatch(ev.src, ev.dst, ev.t + cycle * span, ev.feats))
+        first = start if cycle == 0 else 0
+        chunk = 1_000
+        for s in range(first, len(data), chunk):
+            if stop.is_set():
+                break
+            fed.value += replay_events(
+                producer, topic, shifted, start=s, limit=chunk, rate=rate, progress=False
+            )
+        cycle += 1
+    producer.close()
+
+
+def _applied(stub) -> int:
+    return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).events_applied
+
+
+def under_load(args, bootstrap: str, data, work: Path) -> dict:
+    topic = "live"
+    create_topic(bootstrap, topic, 1)
+    replay_events(bootstrap, topic, data, limit=args.warm, progress=False)
+    cfg = _config(bootstrap, topic, work / "live-snapshots", batch_max_wait_ms=args.batch_wait_ms)
+    cfg["ready_file"] = str(work / "ready.json")
+    (work / "serve.json").write_text(json.dumps(cfg))
+    log = open(work / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(work / "serve.json")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    feeder = None
+    try:
+        while not (work / "ready.json").exists():
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited; see {work / 'server.log'}")
+            time.sleep(0.05)
+        port = json.loads((work / "ready.json").read_text())["grpc_port"]
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.LinkPredictionStub(channel)
+        while _applied(stub) < args.warm:
+            time.sleep(0.05)
+        names = data.raw_ids
+        info = {
+            "sources": sorted({names[i] for i in data.events.src.tolist()}),
+            "pages": sorted({names[i] for i in data.dst_nodes.tolist()}),
+        }
+        fed = ctx.Value("q", 0)
+        feeder = ctx.Process(
+            target=_feed,
+            args=(bootstrap, topic, str(args.data), args.warm, args.ingest_rate, stop, fed),
+            daemon=True,
+        )
+        feeder.start()
+        rng = random.Random(args.seed)
+
+        def catch_up(timeout: float = 30.0) -> bool:
+            """Wait until the server has applied (nearly) everything fed so far."""
+            deadline = time.monotonic() + timeout
+            while _applied(stub) < args.warm + fed.value - 2 * args.ingest_rate * 0.05 - 1000:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+            return True
+
+        time.sleep(2.0)  # let the feed reach its rate
+        steps, sustainable = [], {}
+        for kind in ("score1", "score100", "topk10"):
+            best = 0.0
+            for rate in args.rates:
+                caught_up = catch_up()
+                a0, t0 = _applied(stub), time.perf_counter()
+                row = open_loop(stub, kind, info, rate, args.duration, args.slo_ms, rng)
+                row["ingest_events_per_s"] = (_applied(stub) - a0) / (time.perf_counter() - t0)
+                row["caught_up_before"] = caught_up
+                row["sustained"] = row["sustained"] and row["ingest_events_per_s"] >= 0.9 * args.ingest_rate
+                steps.append(row)
+                print(
+                    f"  {kind} @ {rate:.0f} req/s: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                    f"errors {row['errors'] or 0}, ingest {row['ingest_events_per_s']:,.0f} ev/s",
+                    flush=True,
+                )
+                if row["sustained"]:
+                    best = rate
+            sustainable[kind] = best
+        at_rate = [r for r in steps if r["target_rps"] == args.rate]
+        stop.set()
+        feeder.join(30)
+        time.sleep(1.0)
+        idle_closed = [
+            closed_loop(stub, kind, info, 500, 50, rng) for kind in ("score1", "score100", "topk10")
+        ]
+        channel.close()
+        return {
+            "at_rate": at_rate,
+            "steps": steps,
+            "sustainable_rps": sustainable,
+            "closed_loop_no_ingest": idle_closed,
+        }
+    finally:
+        stop.set()
+        if feeder is not None and feeder.is_alive():
+            feeder.kill()
+        server.terminate()
+        server.wait(60)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--rounds", type=int, default=3, help="raw/ingest rounds (medians reported)")
+    p.add_argument("--warm", type=int, default=60_000, help="events applied before the load phase")
+    p.add_argument("--ingest-rate", type=float, default=10_000, help="live feed, events/s")
+    p.add_argument("--rate", type=float, default=1_000, help="request rate for the latency table")
+    p.add_argument("--rates", default="50,100,200,400,1000", help="request rates tried (ascending)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per open-loop phase")
+    p.add_argument("--slo-ms", type=float, default=25.0, help="p99 bound for 'sustained'")
+    p.add_argument("--batch-wait-ms", type=float, default=50.0, help="ingest batch_max_wait_ms under load")
+    p.add_argument("--skip-load", action="store_true", help="ingest part only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    args = p.parse_args()
+    args.rates = [float(r) for r in args.rates.split(",")]
+
+    data = load_dataset(args.data)
+    n = len(data)
+    work = Path(tempfile.mkdtemp(prefix="tgnstream-serve-bench-"))
+    with EmbeddedBroker() as broker:
+        bootstrap = broker.bootstrap
+        create_topic(bootstrap, "ingest", 1)
+        replay_events(bootstrap, "ingest", data, progress=False)
+        raw, ingest = [], []
+        for r in range(args.rounds):
+            raw.append(raw_consume(bootstrap, "ingest", n))
+            ingest.append(serve_ingest(bootstrap, "ingest", n, work / f"ingest-{r}"))
+            print(
+                f"round {r}: raw {raw[-1]:,.0f} ev/s, ingest {ingest[-1]['events_per_s']:,.0f} ev/s",
+                flush=True,
+            )
+        raw_med = statistics.median(raw)
+        ing_med = statistics.median(x["events_per_s"] for x in ingest)
+        load = None if args.skip_load else under_load(args, bootstrap, data, work)
+
+    hw = hardware_info()
+    result = {
+        "hardware": hw,
+        "dataset": {"name": data.name, "events": n, "nodes": data.num_nodes},
+        "model": "tgn (random weights, memory 100), torch threads 1",
+        "ingest": {
+            "raw_consume_events_per_s": raw,
+            "ingest_events_per_s": [x["events_per_s"] for x in ingest],
+            "raw_median": raw_med,
+            "ingest_median": ing_med,
+            "ratio": ing_med / raw_med,
+            "batch_max_events": IngestConfig().batch_max_events,
+        },
+        "under_load": load,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+    print(f"\n{hw.get('cpu')} x{hw.get('cpu_cores')}, {data.name} {n:,} events")
+    print(f"{'ingest':<34}{'events/s':>12}")
+    print(f"{'raw kafka-python consume (median)':<34}{raw_med:>12,.0f}")
+    print(f"{'tgnstream serve ingest (median)':<34}{ing_med:>12,.0f}   ratio {ing_med / raw_med:.2f}x")
+    if load:
+        print(f"\nunder load: {args.ingest_rate:,.0f} ev/s fed; open loop (Poisson) per RPC and rate")
+        print(f"{'rpc':<10}{'req/s':>7}{'p50 ms':>9}{'p99 ms':>9}{'ingest ev/s':>13}  sustained  errors")
+        for r in load["steps"]:
+            print(
+                f"{r['rpc']:<10}{r['target_rps']:>7.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                f"{r['ingest_events_per_s']:>13,.0f}  {str(r['sustained']):<9}  {r['errors'] or ''}"
+            )
+        print(f"highest sustainable rate (p99 <= {args.slo_ms} ms): {load['sustainable_rps']}")
+        print(f"{'no ingest, closed loop':<22}{'p50 ms':>9}{'p99 ms':>9}")
+        for r in load["closed_loop_no_ingest"]:
+            print(f"{r['rpc']:<22}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
+    print(f"\nwrote {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
