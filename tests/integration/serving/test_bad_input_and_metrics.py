@@ -152,3 +152,13 @@ def test_bad_records_are_dead_lettered_valid_ones_applied_and_metrics_move(
     finally:
         proc.stop()
     assert (tmp_path / "snapshots").is_dir() and any((tmp_path / "snapshots").iterdir()), "final snapshot"
+    # The group's committed offset mirrors the durable snapshot (for lag monitoring).
+    from kafka import KafkaConsumer, TopicPartition
+
+    monitor = KafkaConsumer(
+        bootstrap_servers=kafka_bootstrap, group_id="tgnstream-server", enable_auto_commit=False
+    )
+    try:
+        assert monitor.committed(TopicPartition(kafka_topic, 0)) == len(records)
+    finally:
+        monitor.close()
