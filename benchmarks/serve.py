@@ -135,6 +135,7 @@ def under_load(args, bootstrap: str, data, work: Path) -> dict:
     create_topic(bootstrap, topic, 1)
     replay_events(bootstrap, topic, data, limit=args.warm, progress=False)
     cfg = _config(bootstrap, topic, work / "live-snapshots", batch_max_wait_ms=args.batch_wait_ms)
+    cfg["grpc"]["topk_cache_max_age_ms"] = args.topk_cache_max_age_ms
     cfg["ready_file"] = str(work / "ready.json")
     (work / "serve.json").write_text(json.dumps(cfg))
     log = open(work / "server.log", "wb")
@@ -181,7 +182,7 @@ def under_load(args, bootstrap: str, data, work: Path) -> dict:
 
         time.sleep(2.0)  # let the feed reach its rate
         steps, sustainable = [], {}
-        for kind in ("score1", "score100", "topk10"):
+        for kind in args.rpcs.split(","):
             best = 0.0
             for rate in args.rates:
                 caught_up = catch_up()
@@ -233,6 +234,10 @@ def main() -> int:
     p.add_argument("--slo-ms", type=float, default=25.0, help="p99 bound for 'sustained'")
     p.add_argument("--batch-wait-ms", type=float, default=50.0, help="ingest batch_max_wait_ms under load")
     p.add_argument("--skip-load", action="store_true", help="ingest part only")
+    p.add_argument(
+        "--topk-cache-max-age-ms", type=float, default=0.0, help="grpc.topk_cache_max_age_ms of the server"
+    )
+    p.add_argument("--rpcs", default="score1,score100,topk10", help="RPCs of the load phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = p.parse_args()
@@ -246,15 +251,15 @@ def main() -> int:
         create_topic(bootstrap, "ingest", 1)
         replay_events(bootstrap, "ingest", data, progress=False)
         raw, ingest = [], []
-        for r in range(args.rounds):
+        for r in range(args.rounds):  # --rounds 0: load part only
             raw.append(raw_consume(bootstrap, "ingest", n))
             ingest.append(serve_ingest(bootstrap, "ingest", n, work / f"ingest-{r}"))
             print(
                 f"round {r}: raw {raw[-1]:,.0f} ev/s, ingest {ingest[-1]['events_per_s']:,.0f} ev/s",
                 flush=True,
             )
-        raw_med = statistics.median(raw)
-        ing_med = statistics.median(x["events_per_s"] for x in ingest)
+        raw_med = statistics.median(raw) if raw else float("nan")
+        ing_med = statistics.median(x["events_per_s"] for x in ingest) if ingest else float("nan")
         load = None if args.skip_load else under_load(args, bootstrap, data, work)
 
     hw = hardware_info()

@@ -15,7 +15,7 @@ from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher
 from tgnstream.ingest.prefetch import FetchedBatch, Prefetcher
 from tgnstream.ingest.quality import PrequentialQuality
-from tgnstream.ingest.records import DecodedBatch
+from tgnstream.ingest.records import DecodedBatch, RecordDecoder
 from tgnstream.ingest.source import SourceRecord
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
@@ -41,6 +41,7 @@ class IngestLoop:
         config: IngestConfig,
         live: LiveEngine,
         fetcher: Prefetcher,
+        decoder: RecordDecoder,
         dead_letters: DeadLetterPublisher | None,
         snapshots: SnapshotStore | None,
         snapshot_config: SnapshotConfig,
@@ -49,6 +50,7 @@ class IngestLoop:
         self.config = config
         self.live = live
         self.fetcher = fetcher
+        self.decoder = decoder
         self.topic = config.kafka.topic
         self.dead_letters = dead_letters
         self.snapshots = snapshots
@@ -92,10 +94,10 @@ class IngestLoop:
     # ------------------------------------------------------------------------------- batch
     def _handle(self, batch: FetchedBatch) -> None:
         started = time.perf_counter()
-        decoded = batch.decoded
+        decoded = self.decoder.decode(batch.values)
         for rej in decoded.rejected:
             self._dead_letter(batch.record(rej.position), rej.reason, rej.detail)
-        keep = self._apply_lateness_policy(batch)
+        keep = self._apply_lateness_policy(batch, decoded)
         events = self._register(decoded, keep)
         prepared = None
         if events is not None:
@@ -118,9 +120,8 @@ class IngestLoop:
         m.ingest_batch_events.observe(0 if events is None else len(events))
         self._publish_state_metrics()
 
-    def _apply_lateness_policy(self, batch: FetchedBatch) -> np.ndarray:
-        """Indices (into ``batch.decoded``) of events to apply; too-late ones become dead letters."""
-        decoded = batch.decoded
+    def _apply_lateness_policy(self, batch: FetchedBatch, decoded: DecodedBatch) -> np.ndarray:
+        """Indices (into ``decoded``) of events to apply; too-late ones become dead letters."""
         limit = self.config.max_lateness_s
         everything = np.arange(decoded.ts.shape[0])
         watermark = float(self.live.engine.watermark)  # only this thread writes it

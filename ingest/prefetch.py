@@ -1,9 +1,11 @@
-"""Fetch + decode in a child process, so Kafka's pure-Python record parsing runs on its own
-core instead of contending for the GIL with the engine and the gRPC handlers.
+"""Kafka fetching in a child process, so kafka-python's pure-Python record parsing runs on its
+own core instead of contending for the GIL with the engine and the gRPC handlers.
 
 The child owns the Kafka consumer (so it also carries out the offset commits the ingest loop
-requests) and sends each micro-batch already decoded. Batch boundaries are the source's, so
-where the work runs never changes the state.
+requests) and ships each micro-batch as raw values plus compact metadata; decoding happens in
+the server process, which balances the work of the two cores (measured: decoding in the child
+made the child the bottleneck). Batch boundaries are the source's, so where the work runs
+never changes the state.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.records import DecodedBatch, RecordDecoder
 from tgnstream.ingest.source import KafkaSource, RecordBatch, SourceRecord
 
 __all__ = ["Prefetcher", "FetchedBatch"]
@@ -27,41 +29,52 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FetchedBatch:
-    """A decoded micro-batch as the ingest loop needs it.
+    """One micro-batch as fetched: raw record values and keys plus per-record metadata.
 
-    ``rejected_records`` holds the full Kafka records of the rejected entries (for dead
-    letters), keyed by position; valid records travel only as decoded fields.
+    values/keys: ``n`` bytes (or None); partitions ``[n]`` int32, offsets ``[n]`` int64,
+    timestamps_ms ``[n]`` int64; ``next_offsets``: per partition, the next offset once this
+    batch is applied; ``highwater``: the log ends seen by the fetch.
     """
 
-    decoded: DecodedBatch
-    num_records: int
+    values: list
+    keys: list
+    partitions: np.ndarray
+    offsets: np.ndarray
+    timestamps_ms: np.ndarray
     next_offsets: dict[int, int]
-    positions_meta: list[tuple[int, int, int]]  # (partition, offset, timestamp_ms) per record
-    rejected_records: dict[int, SourceRecord]
     highwater: dict[int, int | None]
-    newest_timestamp_ms: dict[int, int]
+
+    @property
+    def num_records(self) -> int:
+        return len(self.values)
+
+    @property
+    def newest_timestamp_ms(self) -> dict[int, int]:
+        """Per partition in the batch, the Kafka timestamp of its last record."""
+        return {int(p): int(self.timestamps_ms[self.partitions == p][-1]) for p in np.unique(self.partitions)}
 
     def record(self, position: int) -> SourceRecord:
-        """The Kafka record at ``position`` (key/value only for rejected ones)."""
-        if position in self.rejected_records:
-            return self.rejected_records[position]
-        p, o, ts = self.positions_meta[position]
-        return SourceRecord(p, o, ts, None, None)
+        """The Kafka record at ``position`` (for dead letters)."""
+        return SourceRecord(
+            int(self.partitions[position]),
+            int(self.offsets[position]),
+            int(self.timestamps_ms[position]),
+            self.keys[position],
+            self.values[position],
+        )
 
 
-def _package(source: KafkaSource, batch: RecordBatch, decoded: DecodedBatch) -> FetchedBatch:
+def _package(source: KafkaSource, batch: RecordBatch) -> FetchedBatch:
     records = batch.records
-    newest: dict[int, int] = {}
-    for r in records:
-        newest[r.partition] = r.timestamp_ms
+    n = len(records)
     return FetchedBatch(
-        decoded=decoded,
-        num_records=len(records),
+        values=[r.value for r in records],
+        keys=[r.key for r in records],
+        partitions=np.fromiter((r.partition for r in records), np.int32, n),
+        offsets=np.fromiter((r.offset for r in records), np.int64, n),
+        timestamps_ms=np.fromiter((r.timestamp for r in records), np.int64, n),
         next_offsets=batch.next_offsets,
-        positions_meta=[(r.partition, r.offset, r.timestamp_ms) for r in records],
-        rejected_records={rej.position: records[rej.position] for rej in decoded.rejected},
         highwater=source.highwaters(),
-        newest_timestamp_ms=newest,
     )
 
 
@@ -79,7 +92,6 @@ def _put(out: mp.Queue, item: tuple, parent_pid: int) -> bool:
 def _child(
     config: IngestConfig,
     start_offsets: dict[int, int],
-    edge_dim: int,
     out: mp.Queue,
     commands: mp.Queue,
     log_level: int,
@@ -89,12 +101,6 @@ def _child(
     source = None
     try:
         source = KafkaSource(config, start_offsets)
-        decoder = RecordDecoder(
-            edge_dim=edge_dim,
-            encoding=config.encoding,
-            max_record_bytes=config.max_record_bytes,
-            allow_self_loops=config.allow_self_loops,
-        )
         _put(out, ("ready", source.partitions, dict(source.next_offsets)), parent_pid)
         while True:
             if os.getppid() != parent_pid:
@@ -115,8 +121,7 @@ def _child(
             if batch is None:
                 _put(out, ("idle", source.highwaters()), parent_pid)
                 continue
-            decoded = decoder.decode([r.value for r in batch.records])
-            _put(out, ("batch", _package(source, batch, decoded)), parent_pid)
+            _put(out, ("batch", _package(source, batch)), parent_pid)
     except BaseException as e:
         log.exception("fetch process failed")
         _put(out, ("error", f"{type(e).__name__}: {e}"), parent_pid)
@@ -128,11 +133,11 @@ def _child(
 class Prefetcher:
     """Parent-side handle of the fetch process.
 
-    At most ``depth`` decoded batches wait in the pipe's queue (bounded memory and
-    back-pressure on Kafka). ``partitions``/``start_offsets`` are known after ``start()``.
+    At most ``depth`` batches wait in the queue (bounded memory and back-pressure on Kafka).
+    ``partitions``/``start_offsets`` are known after ``start()``.
     """
 
-    def __init__(self, config: IngestConfig, start_offsets: dict[int, int], edge_dim: int, depth: int = 2):
+    def __init__(self, config: IngestConfig, start_offsets: dict[int, int], depth: int = 2):
         ctx = mp.get_context("spawn")  # never fork a process that holds torch/grpc threads
         self._out: mp.Queue = ctx.Queue(maxsize=depth)
         self._commands: mp.Queue = ctx.Queue()
@@ -141,7 +146,6 @@ class Prefetcher:
             args=(
                 config,
                 dict(start_offsets),
-                edge_dim,
                 self._out,
                 self._commands,
                 logging.getLogger().level,
@@ -153,7 +157,6 @@ class Prefetcher:
         self.partitions: list[int] = []
         self.start_offsets: dict[int, int] = {}
         self.highwater: dict[int, int | None] = {}
-        self._lock = threading.Lock()
 
     def start(self, timeout: float = 60.0) -> None:
         self._proc.start()
@@ -177,7 +180,7 @@ class Prefetcher:
         self.partitions, self.start_offsets = rest
 
     def get(self, timeout: float) -> FetchedBatch | None:
-        """The next decoded batch; None when the source was idle (or nothing came in time)."""
+        """The next batch; None when the source was idle (or nothing came in time)."""
         try:
             kind, payload = self._out.get(timeout=timeout)
         except queue.Empty:

@@ -91,6 +91,12 @@ class GrpcConfig(BaseModel):
         description="unknown TopK candidate ids are always INVALID_ARGUMENT (a request can also ask "
         "with strict=true); otherwise they are ranked as cold-start nodes and flagged",
     )
+    topk_cache_max_age_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="how long TopK may keep using candidate embeddings computed for an older state "
+        "version (bounded staleness, for high ingest rates); 0: recomputed for every version (exact)",
+    )
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate chain; with tls_key_file enables TLS"
     )

@@ -45,7 +45,9 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
     def __init__(self, live: LiveEngine, config: GrpcConfig, cache: queries.CandidateCache | None = None):
         self._live = live
         self._config = config
-        self.cache = cache if cache is not None else queries.CandidateCache()
+        self.cache = (
+            cache if cache is not None else queries.CandidateCache(config.topk_cache_max_age_ms / 1000)
+        )
         # Concurrent Score requests, and TopK requests over the default candidates, share
         # engine calls (see coalesce.py). A batch runs at a time per kind; other requests
         # (Embed, TopK with explicit candidates) run concurrently as they come.

@@ -25,6 +25,7 @@ from tgnstream.ingest.config import KafkaConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.ingest.prefetch import Prefetcher
+from tgnstream.ingest.records import RecordDecoder
 from tgnstream.kafka_admin import create_topic
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
@@ -112,7 +113,7 @@ class ServingProcess:
         self.metrics.memory_nodes.set(len(engine.ids))
 
         kafka = cfg.ingest.kafka
-        self.fetcher = Prefetcher(cfg.ingest, offsets, engine.config.edge_dim)
+        self.fetcher = Prefetcher(cfg.ingest, offsets)
         self.fetcher.start()
         self.live.next_offsets = dict(self.fetcher.start_offsets)
         dead_letters = None
@@ -120,8 +121,21 @@ class ServingProcess:
             _ensure_topic(kafka, dlq_topic(topic))
             producer = KafkaProducer(**kafka.client_kwargs(), acks="all", linger_ms=5, max_block_ms=10_000)
             dead_letters = DeadLetterPublisher(producer, topic)
+        decoder = RecordDecoder(
+            edge_dim=engine.config.edge_dim,
+            encoding=cfg.ingest.encoding,
+            max_record_bytes=cfg.ingest.max_record_bytes,
+            allow_self_loops=cfg.ingest.allow_self_loops,
+        )
         self.loop = IngestLoop(
-            cfg.ingest, self.live, self.fetcher, dead_letters, self.store, cfg.snapshots, self.metrics
+            cfg.ingest,
+            self.live,
+            self.fetcher,
+            decoder,
+            dead_letters,
+            self.store,
+            cfg.snapshots,
+            self.metrics,
         )
         self.server, self.health, self.grpc_port = build_server(self.live, cfg.grpc, self.metrics)
         self._ingest_thread = threading.Thread(target=self._ingest, name="ingest", daemon=True)

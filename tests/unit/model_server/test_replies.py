@@ -193,3 +193,31 @@ def test_training_mode_engine_is_served_in_eval_mode(served):
         assert a.probabilities == b.probabilities
     finally:
         served.engine.eval()
+
+
+def test_topk_candidate_cache_staleness_is_bounded_by_its_max_age():
+    """With max_age_s > 0 an older version's candidate embeddings are reused until they age out;
+    with 0 (the default) every version gets its own."""
+    import time as _time
+
+    from tgnstream.model_server.queries import CandidateCache, CandidateEmbeddings
+
+    class _Live:
+        model_version = "v"
+
+    class _Engine:
+        def __init__(self, n):
+            self.events_applied = n
+
+    engine = _Engine(10)
+    key_old = CandidateCache.key(_Live(), engine)
+    stale = CandidateCache(max_age_s=0.2)
+    exact = CandidateCache()
+    for cache in (stale, exact):
+        cache._entry = CandidateEmbeddings(key_old, 1.0, None, None, _time.monotonic())
+    engine.events_applied = 20
+    key_new = CandidateCache.key(_Live(), engine)
+    assert stale.peek(key_new) is not None and stale.peek(key_new, exact=True) is None
+    assert exact.peek(key_new) is None and exact.peek(key_old) is not None
+    _time.sleep(0.25)
+    assert stale.peek(key_new) is None, "aged out"
