@@ -59,14 +59,8 @@ def _run_train(args) -> int:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, limit=cfg.limit)
-    d = args.memory_dim
     model_cfg = ModelConfig.preset(
-        cfg.model,
-        pair_features=cfg.pair_features,
-        edge_dim=data.edge_dim,
-        memory_dim=d,
-        time_dim=d,
-        embedding_dim=d,
+        cfg.model, width=args.memory_dim, pair_features=cfg.pair_features, edge_dim=data.edge_dim
     )
     logging.info(
         "%s: %d events, %d nodes, %s, edge dim %d, device %s",

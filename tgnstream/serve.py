@@ -48,14 +48,8 @@ def initial_engine(source: ModelSource, device: torch.device) -> tuple[MemoryEng
             engine.ids = type(engine.ids)()
         digest = hashlib.sha256(Path(source.checkpoint).read_bytes()).hexdigest()[:12]
         return engine, source.version or f"ckpt-{digest}"
-    d = source.memory_dim
     cfg = ModelConfig.preset(
-        source.preset,
-        pair_features=source.pair_features,
-        edge_dim=source.edge_dim,
-        memory_dim=d,
-        time_dim=d,
-        embedding_dim=d,
+        source.preset, width=source.memory_dim, pair_features=source.pair_features, edge_dim=source.edge_dim
     )
     torch.manual_seed(source.seed)
     engine = MemoryEngine(cfg, source.initial_capacity, device)

@@ -56,8 +56,13 @@ class ModelConfig(BaseModel):
         return name + ("+pair" if self.pair_features else "")
 
     @staticmethod
-    def preset(name: str, **overrides) -> ModelConfig:
-        """``tgn``: GRU + temporal graph attention. ``jodie``: RNN + time projection."""
+    def preset(name: str, width: int | None = None, **overrides) -> ModelConfig:
+        """``tgn``: GRU + temporal graph attention. ``jodie``: RNN + time projection.
+
+        ``width`` sets memory, time-encoding and embedding dimensions together (as in TGN).
+        """
+        if width is not None:
+            overrides = {"memory_dim": width, "time_dim": width, "embedding_dim": width, **overrides}
         presets = {
             "tgn": dict(updater="gru", embedding="attention"),
             "jodie": dict(updater="rnn", embedding="time"),

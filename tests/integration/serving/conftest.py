@@ -47,10 +47,7 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes 
 
 def fresh_engine(model: dict = SMALL_MODEL) -> MemoryEngine:
     """The weights a server starts with when it has no snapshot or checkpoint."""
-    d = model["memory_dim"]
-    cfg = ModelConfig.preset(
-        model["preset"], pair_features=model["pair_features"], memory_dim=d, time_dim=d, embedding_dim=d
-    )
+    cfg = ModelConfig.preset(model["preset"], width=model["memory_dim"], pair_features=model["pair_features"])
     torch.manual_seed(model["seed"])
     return MemoryEngine(cfg, 1024).eval()
 
