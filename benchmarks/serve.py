@@ -88,11 +88,12 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
     return rate
 
 
-def serve_ingest(bootstrap: str, topic: str, n: int, work: Path) -> dict:
+def serve_ingest(bootstrap: str, topic: str, n: int, work: Path, quality_interval_ms: float | None) -> dict:
     """Events/s of the server ingesting the whole topic, from process start-up done to the last
     event applied (the fetch process's start is excluded; it is a one-off)."""
     shutil.rmtree(work, ignore_errors=True)
-    proc = ServingProcess(ServeConfig(**_config(bootstrap, topic, work / "snapshots")))
+    quality = {} if quality_interval_ms is None else {"quality": {"min_interval_ms": quality_interval_ms}}
+    proc = ServingProcess(ServeConfig(**_config(bootstrap, topic, work / "snapshots", **quality)))
     t0 = time.perf_counter()
     proc.start()
     while int(proc.live.engine.events_applied) < n:
@@ -237,6 +238,12 @@ def main() -> int:
     p.add_argument(
         "--topk-cache-max-age-ms", type=float, default=0.0, help="grpc.topk_cache_max_age_ms of the server"
     )
+    p.add_argument(
+        "--quality-interval-ms",
+        type=float,
+        default=None,
+        help="ingest.quality.min_interval_ms of the ingest rounds (default: the config's; 0: every batch)",
+    )
     p.add_argument("--rpcs", default="score1,score100,topk10", help="RPCs of the load phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
@@ -253,7 +260,9 @@ def main() -> int:
         raw, ingest = [], []
         for r in range(args.rounds):  # --rounds 0: load part only
             raw.append(raw_consume(bootstrap, "ingest", n))
-            ingest.append(serve_ingest(bootstrap, "ingest", n, work / f"ingest-{r}"))
+            ingest.append(
+                serve_ingest(bootstrap, "ingest", n, work / f"ingest-{r}", args.quality_interval_ms)
+            )
             print(
                 f"round {r}: raw {raw[-1]:,.0f} ev/s, ingest {ingest[-1]['events_per_s']:,.0f} ev/s",
                 flush=True,
@@ -274,6 +283,11 @@ def main() -> int:
             "ingest_median": ing_med,
             "ratio": ing_med / raw_med,
             "batch_max_events": IngestConfig().batch_max_events,
+            "quality_min_interval_ms": (
+                IngestConfig().quality.min_interval_ms
+                if args.quality_interval_ms is None
+                else args.quality_interval_ms
+            ),
         },
         "under_load": load,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
