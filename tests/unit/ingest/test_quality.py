@@ -33,7 +33,7 @@ def test_online_ap_and_mrr_match_a_naive_reference():
     # reference at each event's own time; equal times make the two definitions coincide.
     tail = stream.slice(120, 160)
     batch = EventBatch(tail.src, tail.dst, torch.full((40,), 60.0, dtype=torch.float64), tail.feats)
-    quality = PrequentialQuality(QualityConfig(window=100))
+    quality = PrequentialQuality(QualityConfig(window=100, min_interval_ms=0))
     pick = torch.tensor([0, 3, 7, 20, 39])
     negs = torch.tensor([10, 11, 12, 13, 14, 15])
     assert quality.observe(live, batch, pick=pick, negatives=negs) == 5
@@ -74,9 +74,12 @@ def test_window_is_rolling_and_disabled_quality_scores_nothing():
     stream = _bipartite(200, seed=5)
     engine.apply_events(stream.slice(0, 100))
     live = LiveEngine(engine, "v")
-    quality = PrequentialQuality(QualityConfig(window=10, events_per_batch=8, negatives=5))
+    quality = PrequentialQuality(QualityConfig(window=10, events_per_batch=8, negatives=5, min_interval_ms=0))
     assert quality.observe(live, stream.slice(100, 150)) == 8
     assert quality.observe(live, stream.slice(150, 200)) == 8
     assert len(quality) == 10 and 0 < quality.mrr() <= 1 and 0 < quality.ap() <= 1
+    throttled = PrequentialQuality(QualityConfig(min_interval_ms=60_000))
+    assert throttled.observe(live, stream.slice(100, 150)) > 0
+    assert throttled.observe(live, stream.slice(150, 200)) == 0, "a second scoring within the interval"
     off = PrequentialQuality(QualityConfig(enabled=False))
     assert off.observe(live, stream.slice(100, 150)) == 0 and off.mrr() is None and off.ap() is None
