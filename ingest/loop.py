@@ -101,7 +101,7 @@ class IngestLoop:
         events = self._register(decoded, keep)
         prepared = None
         if events is not None:
-            self.quality.observe(self.live, events)
+            self.metrics.online_scored.inc(self.quality.observe(self.live, events))
             # The heavy part (messages, memory updater) under the shared lock: queries go on.
             with self.live.read() as engine:
                 prepared = engine.prepare_events(events)

@@ -113,6 +113,9 @@ def _run_serve(args) -> int:
         print(cfg.model_dump_json(indent=2))
         return 0
     logging.getLogger().setLevel(cfg.log_level)
+    if cfg.log_level != "DEBUG":
+        # kafka-python logs every connection event at INFO; keep the server's log readable.
+        logging.getLogger("kafka").setLevel(logging.WARNING)
     return run_server(cfg)
 
 
