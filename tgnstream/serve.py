@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -175,10 +174,6 @@ class ServingProcess:
         self.loop.stop()
         self._ingest_thread.join(timeout=60)
         stop_server(self.server, self.health, self.config.grpc.shutdown_grace_s if grace is None else grace)
-
-    def wait(self) -> None:
-        while not self._stopped.is_set():
-            time.sleep(0.2)
 
 
 def run_server(config: ServeConfig) -> int:

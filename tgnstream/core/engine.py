@@ -293,11 +293,6 @@ class MemoryEngine(nn.Module):
         """Sorted ids ``[D]`` of every node that has been the destination of an applied event."""
         return self.memory.is_destination.nonzero().squeeze(1)
 
-    def num_nodes_in_use(self) -> int:
-        """1 + the largest id that has appeared in an applied event (0 when none)."""
-        seen = (self.neighbors.count > 0).nonzero()
-        return int(seen.max()) + 1 if seen.numel() else 0
-
     def _check_ids(self, *tensors: torch.Tensor) -> None:
         """Reject negative ids; make room for new ones, which read as cold-start nodes (zero
         memory, no neighbours, no history). Growing reallocates state buffers, so a concurrent

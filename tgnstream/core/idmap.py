@@ -54,9 +54,6 @@ class IdMap(ResizableBufferModule):
                     found[i] = j
         return torch.tensor(found, dtype=torch.long), torch.tensor(new, dtype=torch.bool)
 
-    def name_of(self, index: int) -> str:
-        return self.names([index])[0]
-
     def names(self, indices: torch.Tensor | list[int]) -> list[str]:
         """External ids of dense ``indices``. Never mutates the map, so readers may call it while
         the single writer registers ids: the pending list is read before the buffers, and a
