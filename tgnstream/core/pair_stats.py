@@ -42,8 +42,18 @@ def _table_latest(neighbors: RecentNeighbors, nodes: torch.Tensor) -> torch.Tens
     return ts.amax(-1)
 
 
+# Above this many [*, K, K] comparison cells the loop below is used instead (bounded memory).
+_COMMON_DENSE_CELLS = 1 << 22
+
+
 def _common(neighbors: RecentNeighbors, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     nb_u, nb_v = neighbors.ids[u], neighbors.ids[v]  # [*u, K], [*v, K]
+    k = nb_u.shape[-1]
+    shape = torch.broadcast_shapes(nb_u.shape[:-1], nb_v.shape[:-1])
+    if shape.numel() * k * k <= _COMMON_DENSE_CELLS:
+        # Small queries (serving, training batches): one broadcast compare instead of K passes.
+        hit = (nb_u.unsqueeze(-1) == nb_v.unsqueeze(-2)).any(-1) & (nb_u >= 0)
+        return hit.long().sum(-1).expand(shape)
     common = None
     for i in range(nb_u.shape[-1]):  # K is small: avoids a [*, K, K] intermediate
         col = nb_u[..., i : i + 1]

@@ -63,3 +63,27 @@ def test_stats_include_exactly_the_earlier_events(batch_size):
                 )
                 assert got == want, f"ranking event {i + k} candidate {c}"
         engine.apply_events(batch)
+
+
+def test_common_neighbours_dense_and_looped_paths_match_a_naive_count(monkeypatch):
+    import tgnstream.core.pair_stats as ps
+    from tgnstream.core.neighbors import RecentNeighbors
+
+    g = torch.Generator().manual_seed(11)
+    table = RecentNeighbors(30, 4, 0)
+    n = 400
+    src, dst = torch.randint(30, (n,), generator=g), torch.randint(30, (n,), generator=g)
+    t = torch.sort(torch.rand(n, generator=g, dtype=torch.float64)).values
+    table.insert(src, dst, t, torch.zeros(n, 0))
+    u = torch.randint(30, (7, 1), generator=g)
+    v = torch.randint(30, (1, 9), generator=g)  # broadcast: a [7, 9] ranking grid
+    dense = ps._common(table, u, v)
+    monkeypatch.setattr(ps, "_COMMON_DENSE_CELLS", 0)
+    looped = ps._common(table, u, v)
+    naive = torch.zeros(7, 9, dtype=torch.long)
+    for i in range(7):
+        for j in range(9):
+            nu = [x for x in table.ids[u[i, 0]].tolist() if x >= 0]
+            nv = table.ids[v[0, j]].tolist()
+            naive[i, j] = sum(x in nv for x in nu)
+    assert torch.equal(dense, naive) and torch.equal(looped, naive)
