@@ -98,6 +98,9 @@ def _child(
     parent_pid: int,
 ) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[fetch]: %(message)s")
+    # At exit, multiprocessing would otherwise wait for the queue's feeder thread to flush into
+    # a pipe that a dead parent never drains: the child would hang forever as an orphan.
+    out.cancel_join_thread()
     source = None
     try:
         source = KafkaSource(config, start_offsets)

@@ -143,13 +143,44 @@ class ServerProcess:
                 raise TimeoutError(f"only {info.events_applied} events applied after {timeout} s")
             time.sleep(0.02)
 
+    def _children(self) -> list[int]:
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                        out.append(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    continue
+        return out
+
     def kill(self) -> None:
+        """SIGKILL the server; its Kafka fetch process must then exit by itself (no orphans)."""
+        children = self._children()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{c}").exists() and "zombie" not in _state(c) for c in children):
+            if time.monotonic() > deadline:
+                alive = [c for c in children if Path(f"/proc/{c}").exists()]
+                for c in alive:
+                    os.kill(c, signal.SIGKILL)
+                raise AssertionError(f"child processes {alive} outlived their SIGKILLed server")
+            time.sleep(0.1)
 
     def terminate(self, timeout: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+def _state(pid: int) -> str:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line.lower()
+    except OSError:
+        return "gone zombie"
+    return ""
 
 
 @pytest.fixture
