@@ -152,8 +152,7 @@ class IngestLoop:
             names[1::2] = [decoded.dst[i] for i in picked]
         with self.live.write() as engine:
             dense, _ = engine.ids.lookup(names, create=True)
-            engine.ids.flush()
-            engine.ensure_capacity(len(engine.ids) + 1)
+            engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids
         dense = dense.view(-1, 2)
         device = self.live.engine.device
         return EventBatch(

@@ -44,7 +44,6 @@ def initial_engine(source: ModelSource, device: torch.device) -> tuple[MemoryEng
         engine, _ = load_checkpoint(source.checkpoint, device)
         if not source.keep_checkpoint_state:
             engine.reset_state()
-            engine.ids = type(engine.ids)()
         digest = hashlib.sha256(Path(source.checkpoint).read_bytes()).hexdigest()[:12]
         return engine, source.version or f"ckpt-{digest}"
     cfg = ModelConfig.preset(

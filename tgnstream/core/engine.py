@@ -111,7 +111,8 @@ class MemoryEngine(nn.Module):
         self.neighbors.grow(new_cap)
 
     def reset_state(self) -> None:
-        """Forget every event (memory, mailbox, neighbours, pair history); keep weights."""
+        """Forget every event (memory, mailbox, neighbours, pair history, id map); keep weights."""
+        self.ids.reset()
         self.memory.reset()
         self.neighbors.reset()
         self.history.reset()

@@ -72,6 +72,13 @@ class IdMap(ResizableBufferModule):
                 out.append(pending[i - flushed].decode("utf-8"))
         return out
 
+    def reset(self) -> None:
+        """Forget every id."""
+        self.blob = torch.zeros(0, dtype=torch.uint8)
+        self.offsets = torch.zeros(1, dtype=torch.long)
+        self._index = {}
+        self._pending = []
+
     def flush(self) -> None:
         """Move ids added since the last flush into the tensor buffers (the writer calls this
         under its lock, so concurrent readers never mutate the map)."""
