@@ -20,6 +20,8 @@ class OfflineTrainConfig(BaseSettings):
     out: Path = Field(description="output directory for checkpoint.pt and results.json")
     model: Literal["tgn", "jodie"] = "tgn"
     pair_features: bool = False
+    fold_once: bool = Field(True, description="see ModelConfig.fold_once")
+    time_encoding: Literal["fixed", "learned"] = Field("fixed", description="see ModelConfig.time_encoding")
     epochs: int = Field(50, ge=1, description="maximum epochs")
     patience: int = Field(5, ge=1, description="early stopping: epochs without improvement")
     batch_size: int = Field(200, ge=1)

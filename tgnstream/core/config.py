@@ -25,6 +25,11 @@ class ModelConfig(BaseModel):
     embedding: Literal["attention", "time", "identity"] = Field(
         "attention", description="attention = TGN-attn, time = JODIE projection, identity = memory"
     )
+    time_encoding: Literal["learned", "fixed"] = Field(
+        "fixed",
+        description="phi(dt) = cos(w dt + b) with w, b trained (TGN) or fixed at their log-spaced "
+        "initial values (GraphMixer), which skips their backward pass",
+    )
     num_neighbors: int = Field(10, ge=1, description="K most recent neighbours kept per node")
     num_heads: int = Field(2, ge=1, description="attention heads")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -35,6 +40,14 @@ class ModelConfig(BaseModel):
         True,
         description="backpropagate through the memory folds of neighbour-only nodes (TGN does); "
         "False computes the same values without autograd for them, which is cheaper",
+    )
+    fold_once: bool = Field(
+        True,
+        description="persist every pending message folded while scoring a batch, neighbour-only "
+        "nodes' included, so each message goes through the updater once (with gradient then); "
+        "False refolds a neighbour's message, with gradient, in every batch until its next "
+        "event (original TGN). Scores are the same either way; only training differs: on "
+        "wikipedia fold_once trained 18% faster; plain TGN lost 0.02 test AP, TGN+pair none",
     )
     decoder_hidden: int = Field(100, ge=1, description="hidden width of the link decoder MLP")
 

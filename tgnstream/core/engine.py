@@ -364,18 +364,26 @@ class MemoryEngine(nn.Module):
         """Apply a time-ordered batch to the state (step 3 of the module docstring).
 
         ``fresh`` may carry the memories computed while scoring this batch (they must cover
-        its nodes and come from the current state); otherwise they are recomputed.
+        its nodes and come from the current state); otherwise they are recomputed. With
+        ``config.fold_once``, the folds it holds for other nodes (neighbours) are persisted too.
         """
         if len(batch) == 0:
             return
         src, dst = batch.src, batch.dst
         self.ensure_capacity(int(torch.maximum(src.max(), dst.max())) + 1)
         nodes = torch.unique(torch.cat([src, dst]))
+        mem = self.memory
         if fresh is None:
             fresh = self.fresh_memory(nodes)
+        elif self.config.fold_once:
+            # The batch's own nodes are overwritten below; this persists the neighbours' folds.
+            folded = mem.has_mail[fresh.nodes]
+            ids = fresh.nodes[folded]
+            mem.memory[ids] = fresh.memory[folded].detach()
+            mem.last_update[ids] = fresh.last_update[folded]
+            mem.has_mail[ids] = False
         rows = fresh.rows(nodes)
         mem_nodes = fresh.memory[rows].detach()
-        mem = self.memory
         mem.memory[nodes] = mem_nodes
         mem.last_update[nodes] = fresh.last_update[rows]
         agg, mail_ts = self._messages(batch, nodes, mem_nodes)

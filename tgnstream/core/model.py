@@ -28,7 +28,7 @@ class TGNModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         mail_dim = 2 * cfg.memory_dim + cfg.edge_dim
-        self.time_encoder = TimeEncoder(cfg.time_dim)
+        self.time_encoder = TimeEncoder(cfg.time_dim, learnable=cfg.time_encoding == "learned")
         if cfg.message == "identity":
             self.message = IdentityMessage(mail_dim, cfg.time_dim)
         else:

@@ -24,13 +24,22 @@ __all__ = [
 class TimeEncoder(nn.Module):
     """phi(dt) = cos(w * dt + b), w initialised to 10^-linspace(0, 9, d) (TGAT / TGN).
 
+    ``learnable=False`` keeps w, b at their initial values (GraphMixer's fixed encoding): they
+    become buffers, so checkpoints keep the same keys, and backward no longer needs sin(.) or
+    the gradient of every matmul that consumes phi(dt) with respect to its input.
+
     ``forward(dt [*]) -> [*, d]``; ``dt`` in seconds, any float dtype.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, learnable: bool = True):
         super().__init__()
-        self.w = nn.Parameter(10.0 ** -torch.linspace(0, 9, dim))
-        self.b = nn.Parameter(torch.zeros(dim))
+        w = 10.0 ** -torch.linspace(0, 9, dim)
+        b = torch.zeros(dim)
+        if learnable:
+            self.w, self.b = nn.Parameter(w), nn.Parameter(b)
+        else:
+            self.register_buffer("w", w)
+            self.register_buffer("b", b)
 
     def forward(self, dt: torch.Tensor) -> torch.Tensor:
         return torch.cos(dt.float().unsqueeze(-1) * self.w + self.b)

@@ -75,3 +75,37 @@ def test_prepare_then_commit_equals_apply_then_fold(aggregator):
         stale = two_phase.prepare_events(stream.slice(0, 5))
         two_phase.apply_events(stream.slice(5, 10))
         two_phase.commit_events(stale)
+
+
+@pytest.mark.parametrize("pair_features", [False, True])
+def test_fold_once_persists_neighbour_folds_without_changing_scores(pair_features):
+    """Training's apply path (scores first, then apply with the fresh memories): persisting the
+    neighbours' folds must leave every score identical to refolding them each batch."""
+    base = dict(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3, pair_features=pair_features)
+    torch.manual_seed(0)
+    refold = MemoryEngine(ModelConfig.preset("tgn", fold_once=False, **base), capacity=30).eval()
+    once = MemoryEngine(ModelConfig.preset("tgn", fold_once=True, **base), capacity=30).eval()
+    once.load_state_dict(refold.state_dict())
+    stream = _stream(400, 25, seed=2)
+    neg = torch.randint(25, (400,), generator=torch.Generator().manual_seed(3))
+    persisted_any = False
+    for start in range(0, 400, 25):
+        batch = stream.slice(start, start + 25)
+        with torch.no_grad():
+            pos_r, neg_r, fresh_r = refold.pos_neg_logits(batch, neg[start : start + 25])
+            pos_o, neg_o, fresh_o = once.pos_neg_logits(batch, neg[start : start + 25])
+        torch.testing.assert_close(pos_o, pos_r, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(neg_o, neg_r, atol=1e-6, rtol=1e-5)
+        batch_nodes = torch.unique(torch.cat([batch.src, batch.dst]))
+        neighbours_pending = once.memory.has_mail[fresh_o.nodes] & ~torch.isin(fresh_o.nodes, batch_nodes)
+        persisted_any |= bool(neighbours_pending.any())
+        refold.apply_events(batch, fresh_r)
+        once.apply_events(batch, fresh_o)
+        # Only the batch's own nodes keep a pending message: every other fold was persisted.
+        others = fresh_o.nodes[~torch.isin(fresh_o.nodes, batch_nodes)]
+        assert not once.memory.has_mail[others].any()
+    assert persisted_any, "the stream never exercised a neighbour-only fold"
+    refold.fold_pending()
+    once.fold_pending()
+    torch.testing.assert_close(once.memory.memory, refold.memory.memory, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(once.memory.last_update, refold.memory.last_update)
