@@ -145,11 +145,6 @@ _NR = _RBF_CENTRES.numel()
 PAIR_FEATURE_DIM = 3 + _NR + 2 * (1 + _NR)
 
 
-def _rbf(gap: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    x = torch.log1p(torch.where(on, gap, torch.zeros_like(gap)).clamp(min=0).float())
-    return torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * on.unsqueeze(-1)
-
-
 def encode_pair_features(stats, t: torch.Tensor) -> torch.Tensor:
     """Fixed encoding of ``PairStats`` at query times ``t`` (broadcastable) -> ``[*, F]`` float32.
 
@@ -159,18 +154,23 @@ def encode_pair_features(stats, t: torch.Tensor) -> torch.Tensor:
     """
     seen = stats.count > 0
     t = torch.broadcast_to(t, seen.shape)
-    behind_u = stats.latest_u - stats.last
-    behind_v = stats.latest_v - stats.last
+    # The three gaps share one RBF pass (a 1-pair query is dominated by per-op cost): time since
+    # the last u-v event, and how far that event is behind u's and v's latest interaction.
+    gaps = torch.stack([t - stats.last, stats.latest_u - stats.last, stats.latest_v - stats.last], -1)
+    on = seen.unsqueeze(-1)
+    x = torch.log1p(torch.where(on, gaps, torch.zeros_like(gaps)).clamp(min=0).float())
+    rbf = torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * on.unsqueeze(-1)
+    is_latest = (on & (gaps[..., 1:] <= 0)).float()  # [*, 2]: for u, for v
     return torch.cat(
         [
-            seen.float().unsqueeze(-1),
+            on.float(),
             torch.log1p(stats.count.float()).unsqueeze(-1),
-            _rbf(t - stats.last, seen),
+            rbf[..., 0, :],
             torch.log1p(stats.common.float()).unsqueeze(-1),
-            (seen & (behind_u <= 0)).float().unsqueeze(-1),
-            _rbf(behind_u, seen),
-            (seen & (behind_v <= 0)).float().unsqueeze(-1),
-            _rbf(behind_v, seen),
+            is_latest[..., :1],
+            rbf[..., 1, :],
+            is_latest[..., 1:],
+            rbf[..., 2, :],
         ],
         -1,
     )

@@ -46,8 +46,9 @@ def _table_latest(neighbors: RecentNeighbors, nodes: torch.Tensor) -> torch.Tens
 _COMMON_DENSE_CELLS = 1 << 22
 
 
-def _common(neighbors: RecentNeighbors, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    nb_u, nb_v = neighbors.ids[u], neighbors.ids[v]  # [*u, K], [*v, K]
+def _common(nb_u: torch.Tensor, nb_v: torch.Tensor) -> torch.Tensor:
+    """Common neighbours of the rows of the neighbour-id tables ``nb_u [*u, K]``, ``nb_v [*v, K]``
+    (broadcast over ``*u`` and ``*v``; -1 = empty slot)."""
     k = nb_u.shape[-1]
     shape = torch.broadcast_shapes(nb_u.shape[:-1], nb_v.shape[:-1])
     if shape.numel() * k * k <= _COMMON_DENSE_CELLS:
@@ -78,7 +79,13 @@ def pairwise_stats(
     """Stats of pairs ``u[i], v[i]`` (``[N]``). Query ``i`` also sees ``context`` events with
     index ``< visible[i]``."""
     count, last = _history(history, u, v)
-    latest_u, latest_v = _table_latest(neighbors, u), _table_latest(neighbors, v)
+    # One gather for both endpoints' rows (tiny serving queries pay per op, not per element).
+    n = u.numel()
+    uv = torch.cat([u, v])
+    nb = neighbors.ids[uv]  # [2N, K]
+    latest = torch.where(nb >= 0, neighbors.ts[uv], torch.full_like(neighbors.ts[:1], _NEG_INF)).amax(-1)
+    latest_u, latest_v = latest[:n], latest[n:]
+    common = _common(nb[:n], nb[n:])
     if context is not None and len(context):
         cs, cd, ct = context.src, context.dst, context.t
         seen = torch.arange(cs.numel(), device=cs.device) < visible.unsqueeze(1)  # [N, B]
@@ -92,7 +99,7 @@ def pairwise_stats(
         last = torch.maximum(last, torch.where(pair, ct_, neg).amax(1))
         latest_u = torch.maximum(latest_u, torch.where(touches_u, ct_, neg).amax(1))
         latest_v = torch.maximum(latest_v, torch.where(touches_v, ct_, neg).amax(1))
-    return PairStats(count, last, latest_u, latest_v, _common(neighbors, u, v))
+    return PairStats(count, last, latest_u, latest_v, common)
 
 
 def ranking_stats(
@@ -144,4 +151,4 @@ def ranking_stats(
         prefix = running[(visible - 1).clamp(min=0)]  # [P, Q]
         prefix = torch.where(has_prefix.unsqueeze(1), prefix, torch.full_like(prefix, _NEG_INF))
         latest_v = torch.maximum(latest_v, prefix)
-    return PairStats(count, last, latest_u, latest_v, _common(neighbors, u, v))
+    return PairStats(count, last, latest_u, latest_v, _common(neighbors.ids[u], neighbors.ids[v]))

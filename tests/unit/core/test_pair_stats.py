@@ -77,9 +77,9 @@ def test_common_neighbours_dense_and_looped_paths_match_a_naive_count(monkeypatc
     table.insert(src, dst, t, torch.zeros(n, 0))
     u = torch.randint(30, (7, 1), generator=g)
     v = torch.randint(30, (1, 9), generator=g)  # broadcast: a [7, 9] ranking grid
-    dense = ps._common(table, u, v)
+    dense = ps._common(table.ids[u], table.ids[v])
     monkeypatch.setattr(ps, "_COMMON_DENSE_CELLS", 0)
-    looped = ps._common(table, u, v)
+    looped = ps._common(table.ids[u], table.ids[v])
     naive = torch.zeros(7, 9, dtype=torch.long)
     for i in range(7):
         for j in range(9):

@@ -1,0 +1,95 @@
+"""Engine cost of one ``Score`` query, broken down by stage (no gRPC, one thread).
+
+A 1-pair query touches a handful of rows, so its cost is the number of tensor ops, not FLOPs;
+this shows which stage to slim. Builds a TGN + pair-features engine (random weights) from the
+first ``--events`` wikipedia events, folds pending messages (as the server does), then times
+each stage over ``--reps`` calls. Writes ``benchmarks/results/score_cost.json``.
+
+    python benchmarks/score_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.loaders import load_dataset
+from tgnstream.core.modules import encode_pair_features
+from tgnstream.core.pair_stats import pairwise_stats
+from tgnstream.sysinfo import hardware_info
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
+
+
+def _time_us(fn, reps: int) -> float:
+    for _ in range(20):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+@torch.no_grad()
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--events", type=int, default=50_000)
+    p.add_argument("--reps", type=int, default=1000)
+    p.add_argument("--pairs", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = load_dataset(args.data, limit=args.events)
+    engine = MemoryEngine(ModelConfig.preset("tgn", pair_features=True), capacity=data.num_nodes).eval()
+    for i in range(0, len(data), 1000):
+        engine.apply_events(data.events.slice(i, i + 1000))
+    engine.fold_pending()
+    g = torch.Generator().manual_seed(1)
+    src = data.events.src[torch.randint(len(data), (args.pairs,), generator=g)]
+    dst = data.events.dst[torch.randint(len(data), (args.pairs,), generator=g)]
+    t = torch.full((args.pairs,), float(engine.watermark), dtype=torch.float64)
+    nodes, times = torch.cat([src, dst]), torch.cat([t, t])
+    z, _ = engine.embed_with(nodes, times)
+    stats = pairwise_stats(engine.history, engine.neighbors, src, dst)
+    pair = encode_pair_features(stats, t)
+    b = args.pairs
+    stages = {
+        "score (total)": lambda: engine.score(src, dst, t),
+        "embeddings (temporal attention)": lambda: engine.embed_with(nodes, times),
+        "pair statistics": lambda: pairwise_stats(engine.history, engine.neighbors, src, dst),
+        "pair feature encoding": lambda: encode_pair_features(stats, t),
+        "decoder": lambda: engine.model.decoder(z[:b], z[b:], pair),
+    }
+    rows = {name: _time_us(fn, args.reps) for name, fn in stages.items()}
+    width = max(map(len, rows))
+    print(f"{'stage':<{width}}  µs/call  ({args.pairs} pair(s), {args.events:,} events applied)")
+    for name, us in rows.items():
+        print(f"{name:<{width}}  {us:8.1f}")
+    out = ROOT / "benchmarks" / "results" / "score_cost.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "score_cost",
+                "pairs": args.pairs,
+                "events_applied": len(data),
+                "microseconds_per_call": rows,
+                "hardware": hardware_info(torch.device("cpu")),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
