@@ -15,6 +15,10 @@ __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
+# Fields added to ModelConfig after format 1 shipped, with the behaviour older checkpoints were
+# trained with (their defaults today differ): absent from a saved config means "as before".
+_BEFORE_FIELD_EXISTED = {"time_encoding": "learned", "fold_once": False}
+
 
 def save_checkpoint(path: str | Path, engine: MemoryEngine, meta: dict[str, Any] | None = None) -> Path:
     """Write atomically (temp file, fsync, rename): a reader never sees a partial checkpoint.
@@ -44,7 +48,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     payload = torch.load(Path(path), map_location="cpu", weights_only=False)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
-    engine = MemoryEngine(ModelConfig(**payload["model_config"]), payload["capacity"], device)
+    config = ModelConfig(**{**_BEFORE_FIELD_EXISTED, **payload["model_config"]})
+    engine = MemoryEngine(config, payload["capacity"], device)
     engine.load_state_dict(payload["engine"])
     engine.to(device)
     return engine, payload["meta"]

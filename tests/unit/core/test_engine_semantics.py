@@ -148,3 +148,21 @@ def test_training_is_deterministic_with_seed(tmp_path):
     assert runs[0].results["test"] == runs[1].results["test"]
     assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
     assert all(math.isfinite(h["loss"]) for h in runs[0].history)
+
+
+def test_checkpoint_from_before_time_encoding_and_fold_once_keeps_their_old_behaviour(tmp_path):
+    """A saved config without the newer fields loads with what it was trained with (learned
+    time encoding, refolding), not today's defaults; the weights load either way."""
+    cfg = ModelConfig.preset("tgn", time_encoding="learned", fold_once=False, **SMALL)
+    engine = MemoryEngine(cfg, capacity=8)
+    path = save_checkpoint(tmp_path / "old.pt", engine)
+    payload = torch.load(path, weights_only=False)
+    del payload["model_config"]["time_encoding"], payload["model_config"]["fold_once"]
+    torch.save(payload, path)
+    restored, _ = load_checkpoint(path)
+    assert restored.config.time_encoding == "learned" and restored.config.fold_once is False
+    assert "time_encoder.w" in dict(restored.model.named_parameters())
+    for (k, v), (k2, v2) in zip(engine.state_dict().items(), restored.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    fresh = load_checkpoint(save_checkpoint(tmp_path / "new.pt", MemoryEngine(ModelConfig(**SMALL), 8)))[0]
+    assert fresh.config.time_encoding == "fixed" and fresh.config.fold_once is True
