@@ -1,10 +1,11 @@
 """Serving benchmark on the embedded broker: ingest throughput next to the raw Kafka consume
 rate (same records, same run), and gRPC latency while the server ingests a live stream.
 
-1. **Ingest**: all of wikipedia (157,474 events) on a topic; rounds alternate a raw
-   kafka-python consume of the topic (the consumer settings the server uses) with a full
-   ``tgnstream serve`` ingest of it (decode, ids, prequential quality, apply, fold), medians
-   reported with their ratio.
+1. **Ingest**: all of wikipedia (157,474 events) on a topic; each round runs a raw
+   kafka-python consume of the topic (the consumer settings the server uses), the server's
+   fetch process alone (shipping to a consumer that does nothing else), and a full
+   ``tgnstream serve`` ingest of it (decode, ids, prequential quality, apply, fold); medians
+   reported with their ratios.
 2. **Under load**: a ``tgnstream serve`` process holding the first ``--warm`` events, fed
    ``--ingest-rate`` events/s by a producer process (wikipedia cycled, times shifted so they
    keep increasing); open-loop Poisson requests at ``--rate`` req/s for Score (1 pair),
@@ -42,6 +43,7 @@ from tgnstream.broker import EmbeddedBroker  # noqa: E402
 from tgnstream.core.events import EventBatch  # noqa: E402
 from tgnstream.core.loaders import load_dataset  # noqa: E402
 from tgnstream.ingest.config import IngestConfig  # noqa: E402
+from tgnstream.ingest.prefetch import Prefetcher  # noqa: E402
 from tgnstream.ingest.replay import make_producer, replay_events  # noqa: E402
 from tgnstream.kafka_admin import create_topic  # noqa: E402
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb  # noqa: E402
@@ -85,6 +87,23 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
             got += len(records)
     rate = n / (time.perf_counter() - t0)
     consumer.close()
+    return rate
+
+
+def fetch_only(bootstrap: str, topic: str, n: int) -> float:
+    """Events/s the server's fetch process delivers to a consumer that does nothing else: the
+    cost of fetching in a child process and shipping raw values, without the server's work."""
+    cfg = IngestConfig(kafka={"bootstrap_servers": bootstrap, "topic": topic})
+    fetcher = Prefetcher(cfg, {0: 0})
+    fetcher.start()
+    got = 0
+    t0 = time.perf_counter()
+    while got < n:
+        batch = fetcher.get(timeout=1.0)
+        if batch is not None:
+            got += batch.num_records
+    rate = n / (time.perf_counter() - t0)
+    fetcher.stop()
     return rate
 
 
@@ -257,16 +276,19 @@ def main() -> int:
         bootstrap = broker.bootstrap
         create_topic(bootstrap, "ingest", 1)
         replay_events(bootstrap, "ingest", data, progress=False)
-        raw, ingest = [], []
+        raw, fetched, ingest = [], [], []
         for r in range(args.rounds):  # --rounds 0: load part only
             raw.append(raw_consume(bootstrap, "ingest", n))
+            fetched.append(fetch_only(bootstrap, "ingest", n))
             ingest.append(
                 serve_ingest(bootstrap, "ingest", n, work / f"ingest-{r}", args.quality_interval_ms)
             )
             print(
-                f"round {r}: raw {raw[-1]:,.0f} ev/s, ingest {ingest[-1]['events_per_s']:,.0f} ev/s",
+                f"round {r}: raw {raw[-1]:,.0f} ev/s, fetch only {fetched[-1]:,.0f} ev/s, "
+                f"ingest {ingest[-1]['events_per_s']:,.0f} ev/s",
                 flush=True,
             )
+        fetch_med = statistics.median(fetched) if fetched else float("nan")
         raw_med = statistics.median(raw) if raw else float("nan")
         ing_med = statistics.median(x["events_per_s"] for x in ingest) if ingest else float("nan")
         load = None if args.skip_load else under_load(args, bootstrap, data, work)
@@ -278,6 +300,8 @@ def main() -> int:
         "model": "tgn (random weights, memory 100), torch threads 1",
         "ingest": {
             "raw_consume_events_per_s": raw,
+            "fetch_only_events_per_s": fetched,
+            "fetch_only_median": fetch_med,
             "ingest_events_per_s": [x["events_per_s"] for x in ingest],
             "raw_median": raw_med,
             "ingest_median": ing_med,
@@ -302,6 +326,7 @@ def main() -> int:
     print(f"\n{hw.get('cpu')} x{hw.get('cpu_cores')}, {data.name} {n:,} events")
     print(f"{'ingest':<34}{'events/s':>12}")
     print(f"{'raw kafka-python consume (median)':<34}{raw_med:>12,.0f}")
+    print(f"{'fetch process only (median)':<34}{fetch_med:>12,.0f}   ratio {fetch_med / raw_med:.2f}x")
     per_round = statistics.median(x["events_per_s"] / r for x, r in zip(ingest, raw)) if raw else float("nan")
     print(f"{'tgnstream serve ingest (median)':<34}{ing_med:>12,.0f}   ratio {ing_med / raw_med:.2f}x")
     print(f"{'median of per-round ratios':<34}{'':>12}   {per_round:.2f}x")
