@@ -36,10 +36,13 @@ class PairStats:
     common: torch.Tensor
 
 
+def _latest(nb_ids: torch.Tensor, nb_ts: torch.Tensor) -> torch.Tensor:
+    """Newest time in each row of neighbour-table rows ``[*, K]`` (-inf for an empty row)."""
+    return torch.where(nb_ids >= 0, nb_ts, torch.full_like(nb_ts, _NEG_INF)).amax(-1)
+
+
 def _table_latest(neighbors: RecentNeighbors, nodes: torch.Tensor) -> torch.Tensor:
-    ts = neighbors.ts[nodes]
-    ts = torch.where(neighbors.ids[nodes] >= 0, ts, torch.full_like(ts, _NEG_INF))
-    return ts.amax(-1)
+    return _latest(neighbors.ids[nodes], neighbors.ts[nodes])
 
 
 # Above this many [*, K, K] comparison cells the loop below is used instead (bounded memory).
@@ -83,7 +86,7 @@ def pairwise_stats(
     n = u.numel()
     uv = torch.cat([u, v])
     nb = neighbors.ids[uv]  # [2N, K]
-    latest = torch.where(nb >= 0, neighbors.ts[uv], torch.full_like(neighbors.ts[:1], _NEG_INF)).amax(-1)
+    latest = _latest(nb, neighbors.ts[uv])
     latest_u, latest_v = latest[:n], latest[n:]
     common = _common(nb[:n], nb[n:])
     if context is not None and len(context):
