@@ -2,10 +2,11 @@
 rate (same records, same run), and gRPC latency while the server ingests a live stream.
 
 1. **Ingest**: all of wikipedia (157,474 events) on a topic; each round runs a raw
-   kafka-python consume of the topic (the consumer settings the server uses), the server's
-   fetch process alone (shipping to a consumer that does nothing else), and a full
-   ``tgnstream serve`` ingest of it (decode, ids, prequential quality, apply, fold); medians
-   reported with their ratios.
+   kafka-python consume of the topic (the consumer settings the server uses; the issue's
+   baseline), a raw confluent-kafka consume (the server's default client), the server's fetch
+   process alone (shipping to a consumer that does nothing else), and a full ``tgnstream
+   serve`` ingest of it (decode, ids, prequential quality, apply, fold); medians reported with
+   their ratios. ``--client`` picks the server's consumer library.
 2. **Under load**: a ``tgnstream serve`` process holding the first ``--warm`` events, fed
    ``--ingest-rate`` events/s by a producer process (wikipedia cycled, times shifted so they
    keep increasing); open-loop Poisson requests at ``--rate`` req/s for Score (1 pair),
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 import grpc
+from confluent_kafka import Consumer as ConfluentConsumer
+from confluent_kafka import TopicPartition as ConfluentPartition
 from kafka import KafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,9 +59,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
 
 
-def _config(bootstrap: str, topic: str, snapshots: Path, **ingest) -> dict:
+def _config(bootstrap: str, topic: str, snapshots: Path, client: str = "auto", **ingest) -> dict:
     return {
-        "ingest": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic}, **ingest},
+        "ingest": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic, "client": client}, **ingest},
         "grpc": {"port": 0},
         "snapshots": {"dir": str(snapshots), "every_events": 10**9, "every_seconds": 10**6},
         "metrics_port": 0,
@@ -90,10 +93,36 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
     return rate
 
 
-def fetch_only(bootstrap: str, topic: str, n: int) -> float:
+def raw_consume_confluent(bootstrap: str, topic: str, n: int) -> float:
+    """Events/s of a bare confluent-kafka consumer (assign + consume) reading every record's
+    value, key, offset and timestamp, with the server's fetch sizes."""
+    cfg = IngestConfig()
+    consumer = ConfluentConsumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "raw-bench",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": cfg.kafka.fetch_max_bytes,
+            "max.partition.fetch.bytes": cfg.kafka.max_partition_fetch_bytes,
+        }
+    )
+    consumer.assign([ConfluentPartition(topic, 0, 0)])
+    got = 0
+    t0 = time.perf_counter()
+    while got < n:
+        for m in consumer.consume(max(cfg.batch_max_events, 500), 0.2):
+            if m.error() is None:
+                m.value(), m.key(), m.offset(), m.timestamp()
+                got += 1
+    rate = n / (time.perf_counter() - t0)
+    consumer.close()
+    return rate
+
+
+def fetch_only(bootstrap: str, topic: str, n: int, client: str = "auto") -> float:
     """Events/s the server's fetch process delivers to a consumer that does nothing else: the
     cost of fetching in a child process and shipping raw values, without the server's work."""
-    cfg = IngestConfig(kafka={"bootstrap_servers": bootstrap, "topic": topic})
+    cfg = IngestConfig(kafka={"bootstrap_servers": bootstrap, "topic": topic, "client": client})
     fetcher = Prefetcher(cfg, {0: 0})
     fetcher.start()
     got = 0
@@ -107,12 +136,14 @@ def fetch_only(bootstrap: str, topic: str, n: int) -> float:
     return rate
 
 
-def serve_ingest(bootstrap: str, topic: str, n: int, work: Path, quality_interval_ms: float | None) -> dict:
+def serve_ingest(
+    bootstrap: str, topic: str, n: int, work: Path, quality_interval_ms: float | None, client: str = "auto"
+) -> dict:
     """Events/s of the server ingesting the whole topic, from process start-up done to the last
     event applied (the fetch process's start is excluded; it is a one-off)."""
     shutil.rmtree(work, ignore_errors=True)
     quality = {} if quality_interval_ms is None else {"quality": {"min_interval_ms": quality_interval_ms}}
-    proc = ServingProcess(ServeConfig(**_config(bootstrap, topic, work / "snapshots", **quality)))
+    proc = ServingProcess(ServeConfig(**_config(bootstrap, topic, work / "snapshots", client, **quality)))
     t0 = time.perf_counter()
     proc.start()
     while int(proc.live.engine.events_applied) < n:
@@ -154,7 +185,9 @@ def under_load(args, bootstrap: str, data, work: Path) -> dict:
     topic = "live"
     create_topic(bootstrap, topic, 1)
     replay_events(bootstrap, topic, data, limit=args.warm, progress=False)
-    cfg = _config(bootstrap, topic, work / "live-snapshots", batch_max_wait_ms=args.batch_wait_ms)
+    cfg = _config(
+        bootstrap, topic, work / "live-snapshots", args.client, batch_max_wait_ms=args.batch_wait_ms
+    )
     cfg["grpc"]["topk_cache_max_age_ms"] = args.topk_cache_max_age_ms
     cfg["ready_file"] = str(work / "ready.json")
     (work / "serve.json").write_text(json.dumps(cfg))
@@ -263,6 +296,12 @@ def main() -> int:
         default=None,
         help="ingest.quality.min_interval_ms of the ingest rounds (default: the config's; 0: every batch)",
     )
+    p.add_argument(
+        "--client",
+        default="auto",
+        choices=["auto", "confluent-kafka", "kafka-python"],
+        help="ingest.kafka.client of the server (auto: confluent-kafka when installed)",
+    )
     p.add_argument("--rpcs", default="score1,score100,topk10", help="RPCs of the load phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
@@ -276,20 +315,24 @@ def main() -> int:
         bootstrap = broker.bootstrap
         create_topic(bootstrap, "ingest", 1)
         replay_events(bootstrap, "ingest", data, progress=False)
-        raw, fetched, ingest = [], [], []
+        raw, raw_ck, fetched, ingest = [], [], [], []
         for r in range(args.rounds):  # --rounds 0: load part only
             raw.append(raw_consume(bootstrap, "ingest", n))
-            fetched.append(fetch_only(bootstrap, "ingest", n))
+            raw_ck.append(raw_consume_confluent(bootstrap, "ingest", n))
+            fetched.append(fetch_only(bootstrap, "ingest", n, args.client))
             ingest.append(
-                serve_ingest(bootstrap, "ingest", n, work / f"ingest-{r}", args.quality_interval_ms)
+                serve_ingest(
+                    bootstrap, "ingest", n, work / f"ingest-{r}", args.quality_interval_ms, args.client
+                )
             )
             print(
-                f"round {r}: raw {raw[-1]:,.0f} ev/s, fetch only {fetched[-1]:,.0f} ev/s, "
-                f"ingest {ingest[-1]['events_per_s']:,.0f} ev/s",
+                f"round {r}: raw kafka-python {raw[-1]:,.0f} ev/s, raw confluent-kafka {raw_ck[-1]:,.0f} "
+                f"ev/s, fetch only {fetched[-1]:,.0f} ev/s, ingest {ingest[-1]['events_per_s']:,.0f} ev/s",
                 flush=True,
             )
         fetch_med = statistics.median(fetched) if fetched else float("nan")
         raw_med = statistics.median(raw) if raw else float("nan")
+        raw_ck_med = statistics.median(raw_ck) if raw_ck else float("nan")
         ing_med = statistics.median(x["events_per_s"] for x in ingest) if ingest else float("nan")
         load = None if args.skip_load else under_load(args, bootstrap, data, work)
 
@@ -299,7 +342,10 @@ def main() -> int:
         "dataset": {"name": data.name, "events": n, "nodes": data.num_nodes},
         "model": "tgn (random weights, memory 100), torch threads 1",
         "ingest": {
+            "client": args.client,
             "raw_consume_events_per_s": raw,
+            "raw_confluent_consume_events_per_s": raw_ck,
+            "raw_confluent_median": raw_ck_med,
             "fetch_only_events_per_s": fetched,
             "fetch_only_median": fetch_med,
             "ingest_events_per_s": [x["events_per_s"] for x in ingest],
@@ -326,6 +372,9 @@ def main() -> int:
     print(f"\n{hw.get('cpu')} x{hw.get('cpu_cores')}, {data.name} {n:,} events")
     print(f"{'ingest':<34}{'events/s':>12}")
     print(f"{'raw kafka-python consume (median)':<34}{raw_med:>12,.0f}")
+    print(
+        f"{'raw confluent-kafka consume (med.)':<34}{raw_ck_med:>12,.0f}   ratio {raw_ck_med / raw_med:.2f}x"
+    )
     print(f"{'fetch process only (median)':<34}{fetch_med:>12,.0f}   ratio {fetch_med / raw_med:.2f}x")
     per_round = statistics.median(x["events_per_s"] / r for x, r in zip(ingest, raw)) if raw else float("nan")
     print(f"{'tgnstream serve ingest (median)':<34}{ing_med:>12,.0f}   ratio {ing_med / raw_med:.2f}x")

@@ -8,10 +8,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.structs import OffsetAndMetadata
-
 from tgnstream.ingest.config import IngestConfig
+from tgnstream.ingest.consumers import Columns, ConsumerClient, open_consumer
 
 __all__ = ["KafkaSource", "RecordBatch", "SourceRecord"]
 
@@ -31,10 +29,10 @@ class SourceRecord:
 
 @dataclass(frozen=True)
 class RecordBatch:
-    """A micro-batch: records in consumption order plus the next offset of every partition once
-    the batch is applied (what a snapshot taken right after it must store)."""
+    """A micro-batch: its records in consumption order (as columns) plus the next offset of
+    every partition once the batch is applied (what a snapshot taken right after it must store)."""
 
-    records: list  # kafka ConsumerRecord objects (partition, offset, timestamp, key, value)
+    records: Columns
     next_offsets: dict[int, int]
 
 
@@ -47,26 +45,22 @@ class KafkaSource:
     which is what makes recovery reproduce the uninterrupted state exactly (memory is
     batch-granular). With several partitions the interleaving follows fetch order, so exact
     reproducibility needs one partition (documented in the README).
+
+    ``client``: the consumer to read with (default: ``open_consumer(config)``).
     """
 
-    def __init__(self, config: IngestConfig, start_offsets: dict[int, int] | None = None):
+    def __init__(
+        self,
+        config: IngestConfig,
+        start_offsets: dict[int, int] | None = None,
+        client: ConsumerClient | None = None,
+    ):
         self.config = config
         k = config.kafka
         self.topic = k.topic
-        self._consumer = KafkaConsumer(
-            **k.client_kwargs(),
-            group_id=k.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=max(config.batch_max_events, 500),
-            fetch_max_bytes=k.fetch_max_bytes,
-            max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-            request_timeout_ms=k.request_timeout_ms,
-        )
-        partitions = k.partitions if k.partitions is not None else self._discover_partitions()
+        self._client = client if client is not None else open_consumer(config)
+        partitions = k.partitions if k.partitions is not None else self._client.partitions()
         self.partitions = sorted(partitions)
-        self._tps = {p: TopicPartition(self.topic, p) for p in self.partitions}
-        self._consumer.assign(list(self._tps.values()))
         start_offsets = start_offsets or {}
         unknown = set(start_offsets) - set(self.partitions)
         if unknown:
@@ -74,45 +68,27 @@ class KafkaSource:
                 f"the snapshot has offsets for partitions {sorted(unknown)} of {self.topic!r} that "
                 f"this server does not read ({self.partitions}); refusing to skip their events"
             )
-        self.next_offsets: dict[int, int] = {}
-        for p, tp in self._tps.items():
-            if p in start_offsets:
-                self._consumer.seek(tp, start_offsets[p])
-                self.next_offsets[p] = start_offsets[p]
-            else:
-                self._consumer.seek_to_beginning(tp)
-                self.next_offsets[p] = self._consumer.position(tp)
-        # kafka-python's own record objects: wrapping each one would cost ~1 µs per record.
-        self._buffer: deque = deque()
+        self.next_offsets: dict[int, int] = self._client.assign(
+            {p: start_offsets.get(p) for p in self.partitions}
+        )
+        self._buffer: deque = deque()  # the client's own record objects
         self._first_buffered_at: float | None = None
         log.info("reading %s partitions %s from offsets %s", self.topic, self.partitions, self.next_offsets)
 
-    def _discover_partitions(self, timeout_s: float = 30.0) -> list[int]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            parts = self._consumer.partitions_for_topic(self.topic)
-            if parts:
-                return list(parts)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {self.topic!r} not found on {self.config.kafka.bootstrap_servers}")
-            time.sleep(0.2)
-
     # ------------------------------------------------------------------------------ reading
     def _fetch(self, timeout_ms: int) -> None:
-        polled = self._consumer.poll(timeout_ms=timeout_ms)
-        if not polled:
+        records = self._client.poll(timeout_ms)
+        if not records:
             return
         if self._first_buffered_at is None:
             self._first_buffered_at = time.monotonic()
-        # Fixed partition order makes multi-partition interleaving at least stable per fetch.
-        for tp in sorted(polled, key=lambda tp: tp.partition):
-            self._buffer.extend(polled[tp])
+        self._buffer.extend(records)
 
     def caught_up(self) -> bool:
         """True when every fetched record is buffered and no partition has more in the log."""
-        for tp in self._tps.values():
-            hw = self._consumer.highwater(tp)
-            if hw is None or self._consumer.position(tp) < hw:
+        for p in self.partitions:
+            hw = self._client.highwater(p)
+            if hw is None or self._client.position(p) < hw:
                 return False
         return True
 
@@ -142,23 +118,23 @@ class KafkaSource:
         else:
             records = [buffer.popleft() for _ in range(n)]
         self._first_buffered_at = time.monotonic() if buffer else None
+        cols = self._client.columns(records)
         for p in self.partitions:
-            last = next((r.offset for r in reversed(records) if r.partition == p), None)
-            if last is not None:
-                self.next_offsets[p] = last + 1
-        return RecordBatch(records, dict(self.next_offsets))
+            mine = cols.offsets[cols.partitions == p] if len(self.partitions) > 1 else cols.offsets
+            if mine.size:
+                self.next_offsets[p] = int(mine[-1]) + 1
+        return RecordBatch(cols, dict(self.next_offsets))
 
     # --------------------------------------------------------------------------- monitoring
     def highwaters(self) -> dict[int, int | None]:
         """Per partition: the log end seen in the latest fetch response (None before the first).
         Lag is computed from it because ListOffsets can be wrong on Tansu (design §9)."""
-        return {p: self._consumer.highwater(tp) for p, tp in self._tps.items()}
+        return {p: self._client.highwater(p) for p in self.partitions}
 
     def commit(self, offsets: dict[int, int]) -> None:
-        """Record ``offsets`` as the group's committed position (monitoring only)."""
-        if self.config.kafka.group_id is None:
-            return
-        self._consumer.commit({self._tps[p]: OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+        """Record ``offsets`` as the group's committed position (monitoring only; a no-op
+        without a group id)."""
+        self._client.commit(offsets)
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        self._client.close()

@@ -64,8 +64,9 @@ def _metric(scraped: dict, name: str, **labels) -> float:
     return scraped[(name, frozenset((k, str(v)) for k, v in labels.items()))]
 
 
+@pytest.mark.parametrize("client", ["confluent-kafka", "kafka-python"])
 def test_bad_records_are_dead_lettered_valid_ones_applied_and_metrics_move(
-    kafka_bootstrap, kafka_topic, wikipedia_csv, tmp_path
+    client, kafka_bootstrap, kafka_topic, wikipedia_csv, tmp_path
 ):
     valid = event_values(wikipedia_csv, 2_000)
     records = list(valid)
@@ -79,8 +80,12 @@ def test_bad_records_are_dead_lettered_valid_ones_applied_and_metrics_move(
         i: reason for i, (k, v) in enumerate(records) for value, reason in BAD if k == b"k" and v is value
     }
 
+    kafka = {"bootstrap_servers": kafka_bootstrap, "topic": kafka_topic, "client": client}
     cfg = serve_config(
-        tmp_path, kafka_bootstrap, kafka_topic, ingest={"batch_max_events": BATCH, "max_lateness_s": 1e6}
+        tmp_path,
+        kafka_bootstrap,
+        kafka_topic,
+        ingest={"batch_max_events": BATCH, "max_lateness_s": 1e6, "kafka": kafka},
     )
     proc = ServingProcess(ServeConfig(**cfg))
     proc.start()

@@ -1,0 +1,148 @@
+"""``ConsumerClient`` over confluent-kafka (librdkafka: fetching and parsing in C threads)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from tgnstream.ingest.config import IngestConfig, KafkaConfig
+from tgnstream.ingest.consumers import Columns
+
+__all__ = ["ConfluentClient", "librdkafka_settings"]
+
+log = logging.getLogger(__name__)
+
+# librdkafka insists on a group id even for a consumer that never joins or commits.
+_NO_GROUP = "tgnstream-assign-only"
+
+
+def librdkafka_settings(k: KafkaConfig) -> dict:
+    """``KafkaConfig``'s connection settings under librdkafka's names."""
+    s: dict = {"bootstrap.servers": k.bootstrap_servers, "security.protocol": k.security_protocol}
+    if k.sasl_mechanism:
+        s["sasl.mechanism"] = k.sasl_mechanism
+        if k.sasl_plain_username is not None:
+            s["sasl.username"] = k.sasl_plain_username
+        if k.sasl_plain_password is not None:
+            s["sasl.password"] = k.sasl_plain_password.get_secret_value()
+    for ours, theirs in (
+        ("ssl_cafile", "ssl.ca.location"),
+        ("ssl_certfile", "ssl.certificate.location"),
+        ("ssl_keyfile", "ssl.key.location"),
+    ):
+        if getattr(k, ours):
+            s[theirs] = getattr(k, ours)
+    return s
+
+
+class ConfluentClient:
+    """See ``consumers.ConsumerClient``. Records are confluent-kafka ``Message``s."""
+
+    def __init__(self, config: IngestConfig):
+        k = config.kafka
+        self.topic = k.topic
+        self._bootstrap = k.bootstrap_servers
+        self._commits = k.group_id is not None
+        self._max_poll = max(config.batch_max_events, 500)
+        self._consumer = Consumer(
+            {
+                **librdkafka_settings(k),
+                "group.id": k.group_id or _NO_GROUP,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "fetch.max.bytes": k.fetch_max_bytes,
+                "max.partition.fetch.bytes": k.max_partition_fetch_bytes,
+                "socket.timeout.ms": k.request_timeout_ms,
+            },
+            logger=logging.getLogger("librdkafka"),
+        )
+        self._tps: dict[int, TopicPartition] = {}
+        self._positions: dict[int, int] = {}
+
+    def partitions(self, timeout_s: float = 30.0) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                meta = self._consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+            except KafkaException as e:
+                meta, why = None, str(e)
+            else:
+                why = str(meta.error) if meta is not None and meta.error is not None else "no partitions"
+            if meta is not None and meta.error is None and meta.partitions:
+                return sorted(meta.partitions)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {self.topic!r} not found on {self._bootstrap} ({why})")
+            time.sleep(0.2)
+
+    def assign(self, start_offsets: dict[int, int | None]) -> dict[int, int]:
+        positions = {}
+        for p, offset in start_offsets.items():
+            if offset is None:
+                # The log start (ListOffsets "earliest"), so the offsets are known before a fetch.
+                marks = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
+                if marks is None:
+                    raise RuntimeError(f"no answer for the start of {self.topic}[{p}] within 30 s")
+                offset = max(int(marks[0]), 0)
+            positions[p] = offset
+        self._tps = {p: TopicPartition(self.topic, p) for p in positions}
+        self._consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])
+        self._positions = dict(positions)
+        return positions
+
+    def poll(self, timeout_ms: int) -> list:
+        messages = self._consumer.consume(self._max_poll, timeout_ms / 1000)
+        if not messages:
+            return messages
+        if any(m.error() is not None for m in messages):
+            messages = self._drop_errors(messages)
+        if len(self._tps) > 1:
+            messages.sort(key=lambda m: m.partition())  # stable: keeps each partition's order
+            for m in messages:
+                self._positions[m.partition()] = m.offset() + 1
+        elif messages:
+            self._positions[messages[-1].partition()] = messages[-1].offset() + 1
+        return messages
+
+    def _drop_errors(self, messages: list) -> list:
+        for m in messages:
+            err = m.error()
+            if err is None:
+                continue
+            if err.fatal():
+                raise KafkaException(err)
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("Kafka: %s (partition %s); librdkafka retries", err, m.partition())
+        return [m for m in messages if m.error() is None]
+
+    def position(self, partition: int) -> int:
+        return self._positions[partition]
+
+    def highwater(self, partition: int) -> int | None:
+        try:
+            _, high = self._consumer.get_watermark_offsets(self._tps[partition], cached=True)
+        except KafkaException:
+            return None
+        return int(high) if high >= 0 else None
+
+    def columns(self, records: list) -> Columns:
+        n = len(records)
+        return Columns(
+            values=[m.value() for m in records],
+            keys=[m.key() for m in records],
+            partitions=np.fromiter((m.partition() for m in records), np.int32, n),
+            offsets=np.fromiter((m.offset() for m in records), np.int64, n),
+            timestamps_ms=np.fromiter((m.timestamp()[1] for m in records), np.int64, n),
+        )
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        if self._commits:
+            self._consumer.commit(
+                offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()], asynchronous=False
+            )
+
+    def close(self) -> None:
+        self._consumer.close()
