@@ -13,6 +13,9 @@ rate (same records, same run), and gRPC latency while the server ingests a live 
    Score (100 pairs) and TopK (k=10 over all 1,000 pages), p50/p99 measured from each
    request's scheduled send time; then increasing rates of each to find the highest
    sustainable one (no errors, >= 99% within the SLO, rate kept, p99 <= ``--slo-ms``).
+3. **Floor**: the same client at ``--rate`` against ``noop_server.py``, a LinkPrediction server
+   that computes nothing, while the feed and the real server keep running: the latency of
+   Python gRPC itself on this machine under the same background load.
 
 Prints a table and writes ``benchmarks/results/serve.json``.
 
@@ -181,6 +184,37 @@ def _applied(stub) -> int:
     return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).events_applied
 
 
+def noop_floor(args, work: Path, info: dict, rng: random.Random) -> list[dict]:
+    """The same open-loop client at ``--rate`` against ``noop_server.py`` (no work at all), run
+    while the live feed and the real server keep ingesting: what Python gRPC alone costs here."""
+    port_file = work / "noop-port"
+    port_file.unlink(missing_ok=True)
+    noop = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("noop_server.py")), "--port-file", str(port_file)]
+    )
+    try:
+        while not port_file.exists() or not port_file.read_text():
+            if noop.poll() is not None:
+                raise RuntimeError("noop_server.py exited")
+            time.sleep(0.05)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text()}")
+        stub = pb_grpc.LinkPredictionStub(channel)
+        rows = []
+        for kind in args.rpcs.split(","):
+            closed_loop(stub, kind, info, 200, 0, rng)  # connect and warm up
+            row = open_loop(stub, kind, info, args.rate, args.duration, args.slo_ms, rng)
+            rows.append(row)
+            print(
+                f"  no-op floor {kind} @ {args.rate:.0f} req/s: "
+                f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms"
+            )
+        channel.close()
+        return rows
+    finally:
+        noop.terminate()
+        noop.wait(30)
+
+
 def under_load(args, bootstrap: str, data, work: Path) -> dict:
     topic = "live"
     create_topic(bootstrap, topic, 1)
@@ -254,6 +288,7 @@ def under_load(args, bootstrap: str, data, work: Path) -> dict:
                     best = rate
             sustainable[kind] = best
         at_rate = [r for r in steps if r["target_rps"] == args.rate]
+        floor = noop_floor(args, work, info, rng)  # the feed and the server are still running
         stop.set()
         feeder.join(30)
         time.sleep(1.0)
@@ -263,6 +298,7 @@ def under_load(args, bootstrap: str, data, work: Path) -> dict:
         channel.close()
         return {
             "at_rate": at_rate,
+            "noop_floor_at_rate": floor,
             "steps": steps,
             "sustainable_rps": sustainable,
             "closed_loop_no_ingest": idle_closed,
@@ -388,6 +424,14 @@ def main() -> int:
                 f"{r['ingest_events_per_s']:>13,.0f}  {str(r['sustained']):<9}  {r['errors'] or ''}"
             )
         print(f"highest sustainable rate (p99 <= {args.slo_ms} ms): {load['sustainable_rps']}")
+        print(
+            f"\nat {args.rate:.0f} req/s: tgnstream vs a no-op gRPC server (same client, same feed running)"
+        )
+        print(f"{'rpc':<10}{'p50 ms':>9}{'p99 ms':>9}{'no-op p50':>11}{'no-op p99':>11}")
+        for r, f in zip(load["at_rate"], load["noop_floor_at_rate"]):
+            print(
+                f"{r['rpc']:<10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{f['p50_ms']:>11.2f}{f['p99_ms']:>11.2f}"
+            )
         print(f"{'no ingest, closed loop':<22}{'p50 ms':>9}{'p99 ms':>9}")
         for r in load["closed_loop_no_ingest"]:
             print(f"{r['rpc']:<22}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")

@@ -1,0 +1,114 @@
+"""Where the server's ingest time goes, per event, without Kafka: the wikipedia stream as the
+JSON records the replay tool writes, fed in micro-batches straight to ``IngestLoop`` (decode,
+id registration, prequential quality, prepare, commit). This is the server-side half of the
+ingest path; ``serve.py`` measures the whole path on the embedded broker.
+
+Writes ``benchmarks/results/ingest_cost.json`` and prints a table.
+
+    python benchmarks/ingest_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tgnstream.core.loaders import load_dataset
+from tgnstream.ingest.loop import IngestLoop
+from tgnstream.ingest.prefetch import FetchedBatch
+from tgnstream.ingest.records import RecordDecoder
+from tgnstream.ingest.replay import iter_records
+from tgnstream.live import LiveEngine
+from tgnstream.metrics import ServerMetrics
+from tgnstream.serve import initial_engine
+from tgnstream.serve_config import ServeConfig
+from tgnstream.sysinfo import hardware_info
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
+
+
+class _NoKafka:
+    """What the loop asks of its fetcher besides batches (lag, commits)."""
+
+    def __init__(self, end: int):
+        self.highwater = {0: end}
+
+    def request_commit(self, offsets: dict[int, int]) -> None:
+        pass
+
+
+def _timed(stages: dict, name: str, fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        stages[name] += time.perf_counter() - t0
+        return out
+
+    return wrapper
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--events", type=int, default=0, help="first N events (0 = all)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ingest_cost.json")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = ServeConfig()  # the server's defaults: model, batch size, quality throttle
+    data = load_dataset(args.data, limit=args.events or None)
+    values = [v for _, v in iter_records(data)]
+    engine, version = initial_engine(cfg.model, "cpu")
+    engine.eval()
+    live = LiveEngine(engine, version, {})
+    decoder = RecordDecoder(edge_dim=engine.config.edge_dim, encoding="json")
+    loop = IngestLoop(
+        cfg.ingest, live, _NoKafka(len(values)), decoder, None, None, cfg.snapshots, ServerMetrics()
+    )
+    stages = dict.fromkeys(["decode", "register ids", "quality", "prepare", "commit"], 0.0)
+    loop.decoder.decode = _timed(stages, "decode", loop.decoder.decode)
+    loop._register = _timed(stages, "register ids", loop._register)
+    loop.quality.observe = _timed(stages, "quality", loop.quality.observe)
+    engine.prepare_events = _timed(stages, "prepare", engine.prepare_events)
+    engine.commit_events = _timed(stages, "commit", engine.commit_events)
+
+    b, n = cfg.ingest.batch_max_events, len(values)
+    t0 = time.perf_counter()
+    for s in range(0, n, b):
+        chunk = values[s : s + b]
+        k = len(chunk)
+        batch = FetchedBatch(
+            chunk, [None] * k, np.zeros(k, np.int32), np.arange(s, s + k), np.zeros(k, np.int64),
+            {0: s + k}, {0: n},
+        )  # fmt: skip
+        loop._handle(batch)
+        loop._update_lag(batch)
+    total = time.perf_counter() - t0
+    per_event = {name: sec / n * 1e6 for name, sec in stages.items()}
+    per_event["other (locks, metrics, lag)"] = (total - sum(stages.values())) / n * 1e6
+    result = {
+        "benchmark": "ingest_cost",
+        "events": n,
+        "batch_max_events": b,
+        "events_per_s": n / total,
+        "microseconds_per_event": per_event,
+        "model": engine.config.label,
+        "hardware": hardware_info(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{n:,} events, batches of {b}: {n / total:,.0f} events/s of server-side ingest work")
+    for name, us in per_event.items():
+        print(f"  {name:<28}{us:>7.2f} µs/event")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
