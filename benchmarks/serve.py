@@ -79,7 +79,7 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
-        max_poll_records=max(cfg.batch_max_events, 500),
+        max_poll_records=cfg.poll_records,
         fetch_max_bytes=cfg.kafka.fetch_max_bytes,
         max_partition_fetch_bytes=cfg.kafka.max_partition_fetch_bytes,
     )
@@ -113,7 +113,7 @@ def raw_consume_confluent(bootstrap: str, topic: str, n: int) -> float:
     got = 0
     t0 = time.perf_counter()
     while got < n:
-        for m in consumer.consume(max(cfg.batch_max_events, 500), 0.2):
+        for m in consumer.consume(cfg.poll_records, 0.2):
             if m.error() is None:
                 m.value(), m.key(), m.offset(), m.timestamp()
                 got += 1

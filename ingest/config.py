@@ -104,6 +104,11 @@ class IngestConfig(BaseModel):
     )
     quality: QualityConfig = QualityConfig()
 
+    @property
+    def poll_records(self) -> int:
+        """Records one consumer poll may return: a whole micro-batch, and never tiny fetches."""
+        return max(self.batch_max_events, 500)
+
     @model_validator(mode="after")
     def _check(self) -> IngestConfig:
         if self.kafka.partitions is not None and (

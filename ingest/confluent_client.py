@@ -46,7 +46,7 @@ class ConfluentClient:
         self.topic = k.topic
         self._bootstrap = k.bootstrap_servers
         self._commits = k.group_id is not None
-        self._max_poll = max(config.batch_max_events, 500)
+        self._max_poll = config.poll_records
         self._consumer = Consumer(
             {
                 **librdkafka_settings(k),

@@ -27,7 +27,7 @@ class KafkaPythonClient:
             group_id=k.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=max(config.batch_max_events, 500),
+            max_poll_records=config.poll_records,
             fetch_max_bytes=k.fetch_max_bytes,
             max_partition_fetch_bytes=k.max_partition_fetch_bytes,
             request_timeout_ms=k.request_timeout_ms,

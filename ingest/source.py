@@ -45,20 +45,13 @@ class KafkaSource:
     which is what makes recovery reproduce the uninterrupted state exactly (memory is
     batch-granular). With several partitions the interleaving follows fetch order, so exact
     reproducibility needs one partition (documented in the README).
-
-    ``client``: the consumer to read with (default: ``open_consumer(config)``).
     """
 
-    def __init__(
-        self,
-        config: IngestConfig,
-        start_offsets: dict[int, int] | None = None,
-        client: ConsumerClient | None = None,
-    ):
+    def __init__(self, config: IngestConfig, start_offsets: dict[int, int] | None = None):
         self.config = config
         k = config.kafka
         self.topic = k.topic
-        self._client = client if client is not None else open_consumer(config)
+        self._client: ConsumerClient = open_consumer(config)
         partitions = k.partitions if k.partitions is not None else self._client.partitions()
         self.partitions = sorted(partitions)
         start_offsets = start_offsets or {}
