@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher
 from tgnstream.ingest.prefetch import FetchedBatch, Prefetcher
@@ -31,8 +32,9 @@ class IngestLoop:
 
     Per micro-batch: decode (bad records -> dead letters), drop events later than the allowed
     lateness (-> dead letters), sort by time, register new node ids, score a sample before
-    applying (prequential quality), then apply + fold pending messages + advance the offsets in
-    one write-locked step. Snapshots (state + offsets) every N events or T seconds; Kafka's
+    applying (prequential quality), then the shared step's serving apply (apply + fold pending
+    messages; ``TemporalStep.prepare_live``/``commit_live``) and advance the offsets in one
+    write-locked step. Snapshots (state + offsets) every N events or T seconds; Kafka's
     committed offsets follow each durable snapshot (monitoring only).
     """
 
@@ -104,11 +106,11 @@ class IngestLoop:
             self.metrics.online_scored.inc(self.quality.observe(self.live, events))
             # The heavy part (messages, memory updater) under the shared lock: queries go on.
             with self.live.read() as engine:
-                prepared = engine.prepare_events(events)
+                prepared = TemporalStep(engine).prepare_live(events)
         with self.live.write() as engine:
             if prepared is not None:
                 late = int((events.t < engine.watermark).sum())
-                engine.commit_events(prepared)
+                TemporalStep(engine).commit_live(prepared)
                 self.metrics.ingest_events.labels("applied").inc(len(events))
                 if late:
                     self.metrics.ingest_events.labels("late_clamped").inc(late)

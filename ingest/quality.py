@@ -10,6 +10,7 @@ import torch
 
 from tgnstream.core.evaluation import average_precision, reciprocal_ranks
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 from tgnstream.ingest.config import QualityConfig
 from tgnstream.live import LiveEngine
 
@@ -68,11 +69,7 @@ class PrequentialQuality:
                 negs = pool[draw.to(pool.device)]
             dst = batch.dst[pick]
             candidates = torch.cat([negs, dst])
-            logits = (
-                engine.rank_logits(batch.src[pick], batch.t[pick], candidates, context=batch, visible=pick)
-                .float()
-                .cpu()
-            )
+            logits = TemporalStep(engine).rank(batch, candidates, pick).float().cpu()
         m = negs.numel()
         rows = torch.arange(s)
         pos = logits[rows, m + rows]

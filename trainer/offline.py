@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tgnstream.core.checkpoint import save_checkpoint
@@ -17,6 +16,7 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import TemporalDataset
 from tgnstream.core.negatives import NegativeSampler
+from tgnstream.core.step import TemporalStep
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
@@ -45,26 +45,26 @@ def train_epoch(
     historical_ratio: float = 0.0,
     progress: bool = False,
     desc: str = "train",
+    coherence_weight: float = 0.1,
 ) -> float:
     """One pass over events ``[0, stop)`` from an empty state; returns the mean loss.
 
-    Step order per batch: score (positives and one negative each) -> loss -> apply the batch
+    Per batch, the shared step (``tgnstream.core.step``): negatives -> score -> loss -> apply
     -> backward + optimizer step. Applying before ``backward`` is safe: the persisted state is
     detached and the graph holds its own copies of what it read.
     """
     engine.reset_state()
     engine.train()
+    step = TemporalStep(engine, coherence_weight)
     dev = engine.device
     total, n = 0.0, 0
     bar = tqdm(range(0, stop, batch_size), desc=desc, disable=not progress, leave=False, unit="batch")
     for i in bar:
         batch = data.events.slice(i, min(i + batch_size, stop)).to(dev)
         neg = sampler.sample(batch.src, 1, historical_ratio, engine.neighbors, exclude=batch.dst)
-        pos, negl, fresh = engine.pos_neg_logits(batch, neg)
-        loss = F.binary_cross_entropy_with_logits(
-            pos, torch.ones_like(pos)
-        ) + F.binary_cross_entropy_with_logits(negl, torch.zeros_like(negl))
-        engine.apply_events(batch, fresh)
+        scored = step.score_batch(batch, neg)
+        loss = step.loss(scored)
+        step.apply(scored, learn=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -50,6 +50,16 @@ class ModelConfig(BaseModel):
         "wikipedia fold_once trained 18% faster; plain TGN lost 0.02 test AP, TGN+pair none",
     )
     decoder_hidden: int = Field(100, ge=1, description="hidden width of the link decoder MLP")
+    pres: bool = Field(
+        False,
+        description="PRES prediction-correction: every memory update is fused with a prediction "
+        "from the node's running transition statistics, gamma * (s_prev + mean) + (1 - gamma) * "
+        "s_new, in training and serving alike (the statistics are learnt from training batches)",
+    )
+    pres_gamma: float = Field(0.9, ge=0.0, le=1.0, description="PRES fusion weight of the prediction")
+    pres_learn_gamma: bool = Field(
+        False, description="learn gamma (as sigmoid of a parameter initialised at pres_gamma)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

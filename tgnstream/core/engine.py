@@ -10,7 +10,10 @@ Step order, shared by trainer and server (TGN "memory update at batch start"):
 4. the persisted state is detached (``apply_events`` runs without grad).
 
 Every prediction within a batch sees the same state, so no event can see itself or a later
-event (no leakage); the same batch boundaries give the same state online and offline.
+event (no leakage); the same batch boundaries give the same state online and offline. The order
+itself is code in ``tgnstream.core.step``; this module gives it its parts, with gathering (what a
+forward reads from the state: ``gather_*``, ``fetch_memory``) separate from the model forward
+(``fold``, ``embed_forward``, ``pair_forward``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.edge_history import EdgeHistory
 from tgnstream.core.events import EventBatch
 from tgnstream.core.idmap import IdMap
+from tgnstream.core.inputs import EmbeddingInputs, FreshMemory, MemoryRows, PairInputs
 from tgnstream.core.memory import NodeMemory
 from tgnstream.core.model import TGNModel
 from tgnstream.core.modules import encode_pair_features
 from tgnstream.core.neighbors import RecentNeighbors
 from tgnstream.core.pair_stats import pairwise_stats, ranking_stats
+from tgnstream.core.pres import TransitionStats, pres_fuse
 
-__all__ = ["MemoryEngine", "FreshMemory", "PreparedBatch"]
+__all__ = ["MemoryEngine", "FreshMemory", "PreparedBatch", "AppliedMemory"]
 
 
 @dataclass(frozen=True)
@@ -50,20 +55,15 @@ class PreparedBatch:
     version: int
 
 
-@dataclass
-class FreshMemory:
-    """Memories of a sorted set of nodes with their pending messages folded in.
-
-    nodes: ``[U]`` sorted unique ids; memory: ``[U, d_mem]`` (may carry grad);
-    last_update: ``[U]`` float64.
-    """
+@dataclass(frozen=True)
+class AppliedMemory:
+    """What ``apply_memory`` persisted from a batch's fresh memories: ``nodes [P]`` whose folded
+    message was consumed, with ``prev [P, d]`` and ``raw [P, d]`` their memory before and after
+    the updater (before the PRES correction); PRES learns its statistics from these."""
 
     nodes: torch.Tensor
-    memory: torch.Tensor
-    last_update: torch.Tensor
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.nodes, ids)
+    prev: torch.Tensor
+    raw: torch.Tensor
 
 
 class MemoryEngine(nn.Module):
@@ -89,6 +89,8 @@ class MemoryEngine(nn.Module):
         self.neighbors = RecentNeighbors(capacity, config.num_neighbors, config.edge_dim)
         self.history = EdgeHistory()
         self.ids = IdMap()
+        # PRES statistics are state (checkpointed with the memory), not weights.
+        self.pres = TransitionStats(capacity, config.memory_dim) if config.pres else None
         self.register_buffer("events_applied", torch.zeros((), dtype=torch.long))
         self.register_buffer("watermark", torch.full((), float("-inf"), dtype=torch.float64))
         self.to(device)
@@ -109,9 +111,13 @@ class MemoryEngine(nn.Module):
         new_cap = max(num_nodes, 2 * self.capacity)
         self.memory.grow(new_cap)
         self.neighbors.grow(new_cap)
+        if self.pres is not None:
+            self.pres.grow(new_cap)
 
     def reset_state(self) -> None:
-        """Forget every event (memory, mailbox, neighbours, pair history, id map); keep weights."""
+        """Forget every event (memory, mailbox, neighbours, pair history, id map); keep weights
+        and the PRES statistics (learnt about the model's dynamics, like weights; see
+        ``reset_pres``)."""
         self.ids.reset()
         self.memory.reset()
         self.neighbors.reset()
@@ -119,37 +125,141 @@ class MemoryEngine(nn.Module):
         self.events_applied.zero_()
         self.watermark.fill_(float("-inf"))
 
-    # ------------------------------------------------------------------- memory + embedding
-    def fresh_memory(self, nodes: torch.Tensor, grad_nodes: torch.Tensor | None = None) -> FreshMemory:
-        """Memories of ``nodes`` (any ids) with pending messages folded in.
+    def reset_pres(self) -> None:
+        """Forget the PRES transition statistics (no-op without PRES)."""
+        if self.pres is not None:
+            self.pres.reset()
 
-        With autograd on, folds of nodes outside ``grad_nodes`` (when given) are computed
-        without it: same values, no backward cost.
-        """
-        uniq = torch.unique(nodes)
-        mem = self.memory.memory[uniq]
-        last = self.memory.last_update[uniq]
-        pending = self.memory.has_mail[uniq].nonzero().squeeze(1)
-        if pending.numel():
-            ids = uniq[pending]
-            mail_ts = self.memory.mail_ts[ids]
-            dt = (mail_ts - self.memory.last_update[ids]).clamp(min=0)
-            if grad_nodes is None or not torch.is_grad_enabled():
-                updated = self.model.update_memory(self.memory.mail[ids], dt, mem[pending])
-            else:
-                with_grad = torch.isin(ids, grad_nodes)
-                updated = mem[pending].clone()
-                g = with_grad.nonzero().squeeze(1)
-                updated[g] = self.model.update_memory(self.memory.mail[ids[g]], dt[g], mem[pending[g]])
-                ng = (~with_grad).nonzero().squeeze(1)
-                with torch.no_grad():
-                    updated[ng] = self.model.update_memory(
-                        self.memory.mail[ids[ng]], dt[ng], mem[pending[ng]]
+    # ----------------------------------------------------------------------------- gather
+    def fetch_memory(self, nodes: torch.Tensor) -> MemoryRows:
+        """Copy the memory, pending message and PRES statistics of ``nodes [U]`` (sorted, unique)."""
+        mem = self.memory
+        pending = mem.has_mail[nodes].nonzero().squeeze(1)
+        ids = nodes[pending]
+        pres = self.pres
+        return MemoryRows(
+            nodes=nodes,
+            memory=mem.memory[nodes],
+            last_update=mem.last_update[nodes],
+            pending=pending,
+            mail=mem.mail[ids],
+            mail_ts=mem.mail_ts[ids],
+            pres_mean=None if pres is None else pres.mean[ids],
+            pres_count=None if pres is None else pres.count[ids],
+            version=int(self.events_applied),
+        )
+
+    def gather_embedding(self, nodes: torch.Tensor, t: torch.Tensor) -> EmbeddingInputs:
+        """Structure needed to embed ``nodes [M]`` at times ``t [M]`` (float64): see ``embed_with``."""
+        cfg = self.config
+        uniq, inv = torch.unique(nodes, return_inverse=True)
+        t_u = torch.full(uniq.shape, float("inf"), dtype=torch.float64, device=t.device)
+        t_u = t_u.scatter_reduce(0, inv, t, reduce="amin")
+        if cfg.embedding != "attention":
+            return EmbeddingInputs(inv, uniq, t_u, uniq, torch.searchsorted(uniq, uniq))
+        nb_ids, nb_ts, nb_feats, mask = self.neighbors.gather(uniq)
+        read = torch.unique(torch.cat([uniq, nb_ids[mask]]))
+        nb_idx = torch.searchsorted(read, nb_ids.clamp(min=0))
+        return EmbeddingInputs(
+            inv=inv,
+            query_nodes=uniq,
+            t_query=t_u,
+            nodes=read,
+            q_idx=torch.searchsorted(read, uniq),
+            nb_idx=torch.where(mask, nb_idx, torch.zeros_like(nb_idx)),
+            nb_dt=(t_u.unsqueeze(1) - nb_ts).clamp(min=0),
+            nb_feats=nb_feats,
+            mask=mask,
+            grad_nodes=None if cfg.neighbor_memory_grad else uniq,
+        )
+
+    def gather_pairs(
+        self,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        t: torch.Tensor,
+        context: EventBatch | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> PairInputs:
+        """Structure needed to score pairs ``src, dst [B]`` at ``t [B]``: see ``logits``."""
+        self._check_ids(src, dst)
+        emb = self.gather_embedding(torch.cat([src, dst]), torch.cat([t, t]))
+        pair = self.pair_features(src, dst, t, context, visible) if self.config.pair_features else None
+        return PairInputs(emb, src.numel(), pair)
+
+    # ---------------------------------------------------------------------- model forward
+    def _update(
+        self, mail: torch.Tensor, dt: torch.Tensor, prev: torch.Tensor, mean, count
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory update of every path (training, evaluation, serving): the updater's output
+        ``raw`` and the memory that is kept, PRES-corrected when enabled: ``(kept, raw)``."""
+        raw = self.model.update_memory(mail, dt, prev)
+        if self.pres is None:
+            return raw, raw
+        return pres_fuse(raw, prev, mean, count, self.model.pres_gamma()), raw
+
+    def fold(self, rows: MemoryRows, grad_nodes: torch.Tensor | None = None) -> FreshMemory:
+        """Fold the pending messages of ``rows`` into their memories (the model's part of
+        reading memory). With autograd on, folds of nodes outside ``grad_nodes`` (when given)
+        run without it: same values, no backward cost."""
+        mem, last, pending = rows.memory, rows.last_update, rows.pending
+        if not pending.numel():
+            return FreshMemory(rows.nodes, mem, last)
+        ids = rows.nodes[pending]
+        mail_ts = rows.mail_ts
+        dt = (mail_ts - last[pending]).clamp(min=0)
+        prev = mem[pending]
+        mean, count = rows.pres_mean, rows.pres_count
+        if grad_nodes is None or not torch.is_grad_enabled():
+            updated, raw = self._update(rows.mail, dt, prev, mean, count)
+        else:
+            with_grad = torch.isin(ids, grad_nodes)
+            updated, raw = prev.clone(), prev.clone()
+            for sel, grad in ((with_grad.nonzero().squeeze(1), True), ((~with_grad).nonzero().squeeze(1), False)):
+                with torch.set_grad_enabled(grad):
+                    u, r = self._update(
+                        rows.mail[sel],
+                        dt[sel],
+                        prev[sel],
+                        None if mean is None else mean[sel],
+                        None if count is None else count[sel],
                     )
-            mem = mem.index_put((pending,), updated)
-            last = last.index_put((pending,), mail_ts)
-        return FreshMemory(uniq, mem, last)
+                updated[sel] = u
+                raw[sel] = r
+        return FreshMemory(
+            rows.nodes,
+            mem.index_put((pending,), updated),
+            last.index_put((pending,), mail_ts),
+            folded=pending,
+            prev_memory=prev,
+            raw_memory=raw,
+            consumed_ts=mail_ts,
+        )
 
+    def fresh_memory(self, nodes: torch.Tensor, grad_nodes: torch.Tensor | None = None) -> FreshMemory:
+        """Memories of ``nodes`` (any ids) with pending messages folded in (fetch + fold)."""
+        return self.fold(self.fetch_memory(torch.unique(nodes)), grad_nodes)
+
+    def embed_forward(self, inputs: EmbeddingInputs, fresh: FreshMemory) -> torch.Tensor:
+        """Embeddings ``[M, d_emb]`` of the queries of ``inputs`` from memories ``fresh`` (which
+        must hold ``inputs.nodes`` in the same order)."""
+        if inputs.nb_idx is not None:
+            z = self.model.embedding(
+                fresh.memory, inputs.q_idx, inputs.nb_idx, inputs.nb_dt, inputs.nb_feats, inputs.mask
+            )
+            return z.index_select(0, inputs.inv)
+        mem = fresh.memory.index_select(0, inputs.q_idx)
+        if self.config.embedding == "time":
+            mem = self.model.embedding(mem, inputs.t_query - fresh.last_update[inputs.q_idx])
+        return mem.index_select(0, inputs.inv)
+
+    def pair_forward(self, inputs: PairInputs, fresh: FreshMemory) -> torch.Tensor:
+        """Link logits ``[B]`` of the pairs of ``inputs`` from memories ``fresh``."""
+        b = inputs.num_pairs
+        z = self.embed_forward(inputs.embedding, fresh)
+        return self.model.decoder(z[:b], z[b:], inputs.pair)
+
+    # ------------------------------------------------------------------- memory + embedding
     def embed_with(self, nodes: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, FreshMemory]:
         """Embeddings ``[M, d_emb]`` of ``nodes [M]`` queried at times ``t [M]`` (float64), plus the
         fresh memories used (covering ``nodes`` and their neighbours).
@@ -158,26 +268,9 @@ class MemoryEngine(nn.Module):
         call: half the work on typical batches, and still leakage-free because a later query
         can never move an earlier one's time. All state is from before the call either way.
         """
-        cfg = self.config
-        uniq, inv = torch.unique(nodes, return_inverse=True)
-        t_u = torch.full(uniq.shape, float("inf"), dtype=torch.float64, device=t.device)
-        t_u = t_u.scatter_reduce(0, inv, t, reduce="amin")
-        if cfg.embedding == "attention":
-            nb_ids, nb_ts, nb_feats, mask = self.neighbors.gather(uniq)
-            grad_nodes = None if cfg.neighbor_memory_grad else uniq
-            fresh = self.fresh_memory(torch.cat([uniq, nb_ids[mask]]), grad_nodes)
-            q_idx = fresh.rows(uniq)
-            nb_idx = fresh.rows(nb_ids.clamp(min=0))
-            nb_idx = torch.where(mask, nb_idx, torch.zeros_like(nb_idx))
-            nb_dt = (t_u.unsqueeze(1) - nb_ts).clamp(min=0)
-            z = self.model.embedding(fresh.memory, q_idx, nb_idx, nb_dt, nb_feats, mask)
-            return z.index_select(0, inv), fresh
-        fresh = self.fresh_memory(uniq)
-        rows = fresh.rows(uniq)
-        mem = fresh.memory.index_select(0, rows)
-        if cfg.embedding == "time":
-            mem = self.model.embedding(mem, t_u - fresh.last_update[rows])
-        return mem.index_select(0, inv), fresh
+        inputs = self.gather_embedding(nodes, t)
+        fresh = self.fold(self.fetch_memory(inputs.nodes), inputs.grad_nodes)
+        return self.embed_forward(inputs, fresh), fresh
 
     def pair_features(
         self,
@@ -206,11 +299,9 @@ class MemoryEngine(nn.Module):
         ``context``/``visible``: the not-yet-applied batch these queries belong to; query ``i``
         sees its events ``< visible[i]`` in the pair statistics (never in memory).
         """
-        self._check_ids(src, dst)
-        b = src.numel()
-        z, fresh = self.embed_with(torch.cat([src, dst]), torch.cat([t, t]))
-        pair = self.pair_features(src, dst, t, context, visible) if self.config.pair_features else None
-        return self.model.decoder(z[:b], z[b:], pair), fresh
+        inputs = self.gather_pairs(src, dst, t, context, visible)
+        fresh = self.fold(self.fetch_memory(inputs.embedding.nodes), inputs.embedding.grad_nodes)
+        return self.pair_forward(inputs, fresh), fresh
 
     def pos_neg_logits(
         self, batch: EventBatch, neg_dst: torch.Tensor
@@ -351,8 +442,10 @@ class MemoryEngine(nn.Module):
             agg /= torch.bincount(owner, minlength=n).unsqueeze(1).float()
         return agg, when[newest]
 
-    def _record(self, batch: EventBatch) -> None:
-        """Neighbour table, pair history, destinations, counters: the non-memory part of apply."""
+    def record(self, batch: EventBatch) -> None:
+        """The structural part of applying a batch: neighbour table, pair history, destinations,
+        counters. Independent of the memory part (``apply_memory``), so a pipeline's producer can
+        keep structure exact while the trainer writes memories back."""
         self.memory.is_destination[batch.dst] = True
         self.neighbors.insert(batch.src, batch.dst, batch.t, batch.feats)
         self.history.insert(batch.src, batch.dst, batch.t)
@@ -361,36 +454,78 @@ class MemoryEngine(nn.Module):
 
     @torch.no_grad()
     def apply_events(self, batch: EventBatch, fresh: FreshMemory | None = None) -> None:
-        """Apply a time-ordered batch to the state (step 3 of the module docstring).
-
-        ``fresh`` may carry the memories computed while scoring this batch (they must cover
-        its nodes and come from the current state); otherwise they are recomputed. With
-        ``config.fold_once``, the folds it holds for other nodes (neighbours) are persisted too.
-        """
+        """Apply a time-ordered batch to the state (step 3 of the module docstring):
+        ``apply_memory`` then ``record``."""
         if len(batch) == 0:
             return
+        self.ensure_capacity(int(torch.maximum(batch.src.max(), batch.dst.max())) + 1)
+        self.apply_memory(batch, fresh)
+        self.record(batch)
+
+    @torch.no_grad()
+    def apply_memory(
+        self, batch: EventBatch, fresh: FreshMemory | None = None, in_order_only: bool = False
+    ) -> AppliedMemory:
+        """Persist the batch's folded memories and store its events as pending messages.
+
+        ``fresh`` may carry the memories computed while scoring this batch (they must cover its
+        nodes); otherwise they are recomputed from the current state. With ``config.fold_once``
+        the folds it holds for other nodes (neighbours) are persisted too.
+
+        ``in_order_only`` is for memories read a few write-backs ago (a pipeline): a fold is kept
+        only while the message it consumed is still the node's pending one, and no write moves a
+        node's ``last_update`` or ``mail_ts`` backwards. Without it the state must not have
+        changed since ``fresh`` was read (the sequential step), and the same writes happen.
+
+        Returns the folds that were persisted (for the PRES statistics).
+        """
         src, dst = batch.src, batch.dst
-        self.ensure_capacity(int(torch.maximum(src.max(), dst.max())) + 1)
         nodes = torch.unique(torch.cat([src, dst]))
         mem = self.memory
         if fresh is None:
             fresh = self.fresh_memory(nodes)
-        elif self.config.fold_once:
+        folded = fresh.folded if fresh.folded is not None else fresh.nodes[:0]
+        if in_order_only and folded.numel():
+            still = fresh.nodes[folded]
+            keep = mem.has_mail[still] & (mem.mail_ts[still] == fresh.consumed_ts)
+            folded_kept = keep.nonzero().squeeze(1)
+        else:
+            folded_kept = torch.arange(folded.numel(), device=nodes.device)
+        rows_f = folded.index_select(0, folded_kept)
+        persisted = fresh.nodes[rows_f]
+        if self.config.fold_once:
             # The batch's own nodes are overwritten below; this persists the neighbours' folds.
-            folded = mem.has_mail[fresh.nodes]
-            ids = fresh.nodes[folded]
-            mem.memory[ids] = fresh.memory[folded].detach()
-            mem.last_update[ids] = fresh.last_update[folded]
-            mem.has_mail[ids] = False
+            mem.memory[persisted] = fresh.memory[rows_f].detach()
+            mem.last_update[persisted] = fresh.last_update[rows_f]
+            mem.has_mail[persisted] = False
+        else:
+            persisted_own = torch.isin(persisted, nodes)
+            folded_kept = folded_kept[persisted_own]
+            persisted = persisted[persisted_own]
         rows = fresh.rows(nodes)
         mem_nodes = fresh.memory[rows].detach()
-        mem.memory[nodes] = mem_nodes
-        mem.last_update[nodes] = fresh.last_update[rows]
+        last_nodes = fresh.last_update[rows]
         agg, mail_ts = self._messages(batch, nodes, mem_nodes)
+        if in_order_only:
+            fwd = last_nodes >= mem.last_update[nodes]
+            mem.memory[nodes[fwd]] = mem_nodes[fwd]
+            mem.last_update[nodes[fwd]] = last_nodes[fwd]
+            newer = mail_ts >= mem.mail_ts[nodes]
+            nodes, agg, mail_ts = nodes[newer], agg[newer], mail_ts[newer]
+        else:
+            mem.memory[nodes] = mem_nodes
+            mem.last_update[nodes] = last_nodes
         mem.mail[nodes] = agg
         mem.mail_ts[nodes] = mail_ts
         mem.has_mail[nodes] = True
-        self._record(batch)
+        if fresh.prev_memory is None:
+            empty = mem_nodes[:0]
+            return AppliedMemory(persisted, empty, empty)
+        return AppliedMemory(
+            persisted,
+            fresh.prev_memory.index_select(0, folded_kept).detach(),
+            fresh.raw_memory.index_select(0, folded_kept).detach(),
+        )
 
     @torch.no_grad()
     def prepare_events(self, batch: EventBatch) -> PreparedBatch:
@@ -404,7 +539,14 @@ class MemoryEngine(nn.Module):
         nodes = torch.unique(torch.cat([src, dst]))
         fresh = self.fresh_memory(nodes)
         agg, mail_ts = self._messages(batch, nodes, fresh.memory)
-        folded = self.model.update_memory(agg, (mail_ts - fresh.last_update).clamp(min=0), fresh.memory)
+        pres = self.pres
+        folded, _ = self._update(
+            agg,
+            (mail_ts - fresh.last_update).clamp(min=0),
+            fresh.memory,
+            None if pres is None else pres.mean[nodes],
+            None if pres is None else pres.count[nodes],
+        )
         return PreparedBatch(batch, nodes, folded, agg, mail_ts, int(self.events_applied))
 
     @torch.no_grad()
@@ -420,4 +562,4 @@ class MemoryEngine(nn.Module):
         mem.mail[nodes] = prepared.mail
         mem.mail_ts[nodes] = prepared.mail_ts
         mem.has_mail[nodes] = False
-        self._record(prepared.batch)
+        self.record(prepared.batch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,6 +47,17 @@ class TGNModel(nn.Module):
             self.embedding = None
             emb_dim = cfg.memory_dim
         self.decoder = LinkDecoder(emb_dim, cfg.decoder_hidden, PAIR_FEATURE_DIM if cfg.pair_features else 0)
+        if cfg.pres and cfg.pres_learn_gamma:
+            g = min(max(cfg.pres_gamma, 1e-4), 1 - 1e-4)
+            self.pres_gamma_logit = nn.Parameter(torch.tensor(math.log(g / (1 - g))))
+        elif cfg.pres:
+            self.register_buffer("pres_gamma_value", torch.tensor(float(cfg.pres_gamma)))
+
+    def pres_gamma(self) -> torch.Tensor:
+        """PRES fusion weight (a scalar tensor; differentiable when learnt)."""
+        if hasattr(self, "pres_gamma_logit"):
+            return torch.sigmoid(self.pres_gamma_logit)
+        return self.pres_gamma_value
 
     def update_memory(self, mail: torch.Tensor, dt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Fold pending messages into memory: ``mail [M, d_mail], dt [M], memory [M, d] -> [M, d]``."""

@@ -11,6 +11,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.evaluation import average_precision, reciprocal_ranks, roc_auc
 from tgnstream.core.events import TemporalDataset
 from tgnstream.core.negatives import NegativeSampler
+from tgnstream.core.step import TemporalStep
 
 __all__ = ["EvalSettings", "evaluate_stream", "summarise"]
 
@@ -36,7 +37,8 @@ class EvalSettings:
 def evaluate_stream(
     engine: MemoryEngine, data: TemporalDataset, start: int, stop: int, settings: EvalSettings
 ) -> dict[str, torch.Tensor]:
-    """Score events ``[start, stop)`` batch by batch, applying each batch after scoring it.
+    """Score events ``[start, stop)`` batch by batch with the shared step, applying each batch
+    after scoring it (evaluation never teaches the PRES statistics).
 
     Returns per-event tensors: ``pos`` and ``neg`` logits (one uniform negative each) and,
     when ranking, ``rr`` reciprocal ranks. The engine's state moves forward to ``stop``.
@@ -49,19 +51,19 @@ def evaluate_stream(
     )
     rank_pool = data.dst_nodes.to(dev)
     rank_all = rank_pool.numel() <= settings.rank_all_max
+    step = TemporalStep(engine)
     pos_all, neg_all, rr_all = [], [], []
     steps = range(start, stop, settings.batch_size)
     for i in tqdm(steps, desc="eval", disable=not settings.progress, leave=False):
         batch = data.events.slice(i, min(i + settings.batch_size, stop)).to(dev)
         neg = sampler.sample(batch.src)
         b = len(batch)
-        pos, neg_logits, fresh = engine.pos_neg_logits(batch, neg)
-        visible = torch.arange(b, device=dev)
-        pos_all.append(pos.cpu())
-        neg_all.append(neg_logits.cpu())
+        scored = step.score_batch(batch, neg)
+        pos_all.append(scored.pos.cpu())
+        neg_all.append(scored.neg.cpu())
         if settings.rank:
             if rank_all:
-                scores = engine.rank_logits(batch.src, batch.t, rank_pool, None, batch, visible)
+                scores = step.rank(batch, rank_pool)
                 col = torch.searchsorted(rank_pool, batch.dst)
                 rows = torch.arange(b, device=dev)
                 pos_s = scores[rows, col]
@@ -71,13 +73,8 @@ def evaluate_stream(
                 cands = sampler.sample(
                     batch.src, settings.sampled_negatives, 0.5, engine.neighbors, exclude=batch.dst
                 )
-                q = cands.shape[1]
-                src_rep = batch.src.repeat_interleave(q)
-                t_rep = batch.t.repeat_interleave(q)
-                neg_s = engine.logits(src_rep, cands.flatten(), t_rep, batch, visible.repeat_interleave(q))[0]
-                neg_s = neg_s.view(b, q)
-                rr_all.append(reciprocal_ranks(pos, neg_s))
-        engine.apply_events(batch, fresh)
+                rr_all.append(reciprocal_ranks(scored.pos, step.score_candidates(batch, cands)))
+        step.apply(scored)
     engine.train(was_training)
     out = {"pos": torch.cat(pos_all), "neg": torch.cat(neg_all)}
     if settings.rank:

@@ -1,0 +1,173 @@
+"""The temporal step, written once: gather -> score -> loss -> apply (-> detach).
+
+Every consumer of the stream goes through here: offline training (``trainer.offline``), the
+pipelined trainer (``trainer.pipeline``), stream evaluation (``core.stream_eval``), prequential
+quality (``ingest.quality``) and ingest (``ingest.loop``). So PRES (inside ``score``/``loss``/
+``apply``) and the pipeline (which splits ``gather`` from ``fetch`` across threads) change the
+step in one place.
+
+1. **gather** what a batch's forward reads from the state: structure (neighbour rows, pair
+   statistics, which memories are needed) via ``gather``; node memory rows via ``fetch``, as late
+   as possible (a pipeline's producer gathers batch i+1 while batch i trains).
+2. **score** the batch from what was gathered: fold pending messages (with gradient in training,
+   PRES-corrected when enabled), embed, decode. Every prediction of a batch sees the same
+   memory; pair statistics also see the batch's earlier events (never its own or later ones).
+3. **loss** (training): BCE over positives and negatives, plus PRES's memory-coherence term.
+4. **apply** the batch (no grad): persist the folded memories, store its events as pending
+   messages, insert them into the neighbour table and pair history; PRES statistics learn from
+   the persisted transitions of training batches only. What is persisted is detached, so
+   ``backward`` may run after ``apply``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from tgnstream.core.engine import MemoryEngine, PreparedBatch
+from tgnstream.core.events import EventBatch
+from tgnstream.core.inputs import FreshMemory, MemoryRows, PairInputs
+from tgnstream.core.pres import coherence_loss
+
+__all__ = ["GatheredBatch", "ScoredBatch", "TemporalStep"]
+
+
+@dataclass(frozen=True)
+class GatheredBatch:
+    """A batch with everything its forward reads, gathered ahead of the forward.
+
+    batch: the events (``[B]``); neg_dst: ``[B]`` one negative destination per event; inputs:
+    structure to score ``[src; src]`` against ``[dst; neg_dst]``; memory: the node rows (None until
+    fetched); staleness: write-backs of earlier batches that ``memory`` was fetched without (0 in
+    the sequential step).
+    """
+
+    batch: EventBatch
+    neg_dst: torch.Tensor
+    inputs: PairInputs
+    memory: MemoryRows | None = None
+    staleness: int = 0
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """Positive ``[B]`` and negative ``[B]`` logits of a batch (grad when training) and the fresh
+    memories they were computed from (what ``apply`` persists)."""
+
+    batch: EventBatch
+    pos: torch.Tensor
+    neg: torch.Tensor
+    fresh: FreshMemory
+
+
+class TemporalStep:
+    """The step's phases over one engine.
+
+    Args:
+        engine: state and model.
+        coherence_weight: beta, weight of PRES's memory-coherence loss (used only with
+            ``engine.config.pres``).
+    """
+
+    def __init__(self, engine: MemoryEngine, coherence_weight: float = 0.1):
+        self.engine = engine
+        self.coherence_weight = float(coherence_weight)
+
+    # ------------------------------------------------------------------------------ gather
+    def gather(self, batch: EventBatch, neg_dst: torch.Tensor) -> GatheredBatch:
+        """Structure for scoring each event and its negative (no memory read yet)."""
+        b = len(batch)
+        visible = torch.arange(b, device=batch.t.device).repeat(2)
+        inputs = self.engine.gather_pairs(
+            batch.src.repeat(2), torch.cat([batch.dst, neg_dst]), batch.t.repeat(2), batch, visible
+        )
+        return GatheredBatch(batch, neg_dst, inputs)
+
+    def fetch(self, gathered: GatheredBatch, staleness: int = 0) -> GatheredBatch:
+        """The node memory rows ``gathered`` needs, read from the state now."""
+        rows = self.engine.fetch_memory(gathered.inputs.embedding.nodes)
+        return replace(gathered, memory=rows, staleness=staleness)
+
+    # ------------------------------------------------------------------------------- score
+    def score(self, gathered: GatheredBatch) -> ScoredBatch:
+        """The model forward: positive and negative logits (grad if enabled)."""
+        if gathered.memory is None:
+            gathered = self.fetch(gathered)
+        inputs = gathered.inputs
+        fresh = self.engine.fold(gathered.memory, inputs.embedding.grad_nodes)
+        logits = self.engine.pair_forward(inputs, fresh)
+        b = len(gathered.batch)
+        return ScoredBatch(gathered.batch, logits[:b], logits[b:], fresh)
+
+    def score_batch(self, batch: EventBatch, neg_dst: torch.Tensor) -> ScoredBatch:
+        """gather + fetch + score of the sequential step."""
+        return self.score(self.fetch(self.gather(batch, neg_dst)))
+
+    def rank(
+        self, batch: EventBatch, candidates: torch.Tensor, pick: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Ranking logits ``[P, Q]`` of the events ``pick [P]`` (default: all) of a not-yet-applied
+        batch against ``candidates [Q]``, with the same state and visibility as ``score``."""
+        if pick is None:
+            pick = torch.arange(len(batch), device=batch.t.device)
+        return self.engine.rank_logits(
+            batch.src[pick], batch.t[pick], candidates, context=batch, visible=pick
+        )
+
+    def score_candidates(self, batch: EventBatch, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, Q]`` of each event's source against its own candidates ``[B, Q]``."""
+        b, q = candidates.shape
+        visible = torch.arange(b, device=batch.t.device).repeat_interleave(q)
+        logits, _ = self.engine.logits(
+            batch.src.repeat_interleave(q), candidates.flatten(), batch.t.repeat_interleave(q), batch, visible
+        )
+        return logits.view(b, q)
+
+    # -------------------------------------------------------------------------------- loss
+    def loss(self, scored: ScoredBatch) -> torch.Tensor:
+        """BCE of positives against 1 and negatives against 0; with PRES, plus ``beta *`` the
+        memory-coherence term over the batch's memory updates (it carries gradient)."""
+        pos, neg = scored.pos, scored.neg
+        loss = F.binary_cross_entropy_with_logits(
+            pos, torch.ones_like(pos)
+        ) + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
+        fresh = scored.fresh
+        if self.engine.pres is not None and fresh.raw_memory is not None:
+            loss = loss + self.coherence_weight * coherence_loss(fresh.raw_memory, fresh.prev_memory)
+        return loss
+
+    # ------------------------------------------------------------------------------- apply
+    @torch.no_grad()
+    def apply(
+        self, scored: ScoredBatch, learn: bool = False, record: bool = True, in_order_only: bool = False
+    ) -> None:
+        """Apply the scored batch to the state.
+
+        learn: a training batch (PRES statistics learn from its persisted memory updates; never
+        from evaluation). record: also insert the events into the neighbour table and pair
+        history (a pipeline's producer has done that already). in_order_only: the memories were
+        read before some earlier write-backs (see ``MemoryEngine.apply_memory``).
+        """
+        engine, batch = self.engine, scored.batch
+        if len(batch) == 0:
+            return
+        engine.ensure_capacity(int(torch.maximum(batch.src.max(), batch.dst.max())) + 1)
+        applied = engine.apply_memory(batch, scored.fresh, in_order_only)
+        if learn and engine.pres is not None:
+            engine.pres.update(applied.nodes, applied.raw - applied.prev)
+        if record:
+            engine.record(batch)
+
+    # Serving applies a batch and folds its messages at once (queries then never run the
+    # updater), in two phases so that queries go on during the heavy one.
+    @torch.no_grad()
+    def prepare_live(self, batch: EventBatch) -> PreparedBatch:
+        """Phase 1 of the serving apply (read-only: run it under a shared lock)."""
+        return self.engine.prepare_events(batch)
+
+    @torch.no_grad()
+    def commit_live(self, prepared: PreparedBatch) -> None:
+        """Phase 2 of the serving apply (writes: run it under the exclusive lock)."""
+        self.engine.commit_events(prepared)
