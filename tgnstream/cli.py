@@ -52,6 +52,44 @@ def _train_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--limit", type=int, help="use only the first N events")
     p.add_argument("--memory-dim", type=int, default=100, help="memory, time, embedding width")
+    g = p.add_argument_group("large temporal batches (PRES) and the pipelined memory (MSPipe)")
+    g.add_argument(
+        "--pres",
+        action="store_true",
+        default=None,
+        help="PRES: fuse each memory update with a prediction from per-node transition statistics, "
+        "plus a memory-coherence loss (for batches of 800 and more)",
+    )
+    g.add_argument("--pres-gamma", type=float, help="fusion weight of the prediction (default 0.9)")
+    g.add_argument("--pres-beta", type=float, help="weight of the memory-coherence loss (default 0.1)")
+    g.add_argument("--pres-learn-gamma", action="store_true", default=None, help="learn gamma")
+    g.add_argument(
+        "--pipeline-depth",
+        type=int,
+        metavar="K",
+        help="prepare batches in a producer thread; memory reads may miss at most K write-backs "
+        "(0 = exact sequential semantics; default: no pipeline)",
+    )
+    g.add_argument(
+        "--pipeline-mitigation",
+        type=float,
+        metavar="LAMBDA",
+        help="staleness mitigation: stale nodes keep LAMBDA of their memory and take the rest from "
+        "more recently updated neighbours (default 0.9)",
+    )
+    g.add_argument(
+        "--no-pipeline-mitigation",
+        dest="pipeline_mitigation",
+        action="store_const",
+        const=-1.0,
+        help="turn the staleness mitigation off",
+    )
+    g.add_argument(
+        "--pipeline-eager-fetch",
+        action="store_true",
+        default=None,
+        help="fetch memory as early as K allows instead of as late as possible (worst-case staleness)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
@@ -67,6 +105,8 @@ def _run_train(args) -> int:
     given = {
         k: v for k, v in vars(args).items() if v is not None and k not in ("command", "memory_dim", "func")
     }
+    if given.get("pipeline_mitigation") == -1.0:
+        given["pipeline_mitigation"] = None
     cfg = OfflineTrainConfig(**given)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -79,6 +119,9 @@ def _run_train(args) -> int:
         edge_dim=data.edge_dim,
         fold_once=cfg.fold_once,
         time_encoding=cfg.time_encoding,
+        pres=cfg.pres,
+        pres_gamma=cfg.pres_gamma,
+        pres_learn_gamma=cfg.pres_learn_gamma,
     )
     logging.info(
         "%s: %d events, %d nodes, %s, edge dim %d, device %s",

@@ -42,6 +42,22 @@ class OfflineTrainConfig(BaseSettings):
         description="share of training negatives drawn from the source's recent neighbours "
         "(default 0.5 with pair features, else 0)",
     )
+    pres: bool = Field(False, description="PRES prediction-correction + memory coherence (see ModelConfig.pres)")
+    pres_gamma: float = Field(0.9, ge=0, le=1, description="PRES fusion weight of the prediction")
+    pres_beta: float = Field(0.1, ge=0, description="weight of PRES's memory-coherence loss")
+    pres_learn_gamma: bool = Field(False, description="learn the PRES fusion weight")
+    pipeline_depth: int | None = Field(
+        None,
+        ge=0,
+        description="None: sequential step; K: a producer thread prepares batches ahead and memory "
+        "reads may miss at most K write-backs (0 = exact sequential semantics)",
+    )
+    pipeline_mitigation: float | None = Field(
+        0.9, ge=0, le=1, description="lambda of MSPipe's staleness mitigation (None: off)"
+    )
+    pipeline_eager_fetch: bool = Field(
+        False, description="fetch memory as early as the bound allows (worst-case staleness; ablation)"
+    )
     progress: bool = True
 
     @property

@@ -20,8 +20,9 @@ from tgnstream.core.step import TemporalStep
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
+from tgnstream.trainer.pipeline import PipelinedBatches, SequentialBatches, StalenessStats
 
-__all__ = ["train_epoch", "train_offline", "make_optimizer", "OfflineResult"]
+__all__ = ["train_epoch", "run_epoch", "make_batches", "train_offline", "make_optimizer", "OfflineResult"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,59 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def make_batches(
+    step: TemporalStep,
+    data: TemporalDataset,
+    stop: int,
+    batch_size: int,
+    sampler: NegativeSampler,
+    historical_ratio: float = 0.0,
+    pipeline_depth: int | None = None,
+    mitigation: float | None = 0.9,
+    eager_fetch: bool = False,
+) -> SequentialBatches | PipelinedBatches:
+    """An epoch's batches over events ``[0, stop)``: inline (``pipeline_depth=None``) or from a
+    producer thread whose memory reads miss at most ``pipeline_depth`` write-backs."""
+    if pipeline_depth is None:
+        return SequentialBatches(step, data, stop, batch_size, sampler, historical_ratio)
+    return PipelinedBatches(
+        step, data, stop, batch_size, sampler, historical_ratio, pipeline_depth, mitigation, eager_fetch
+    )
+
+
+def run_epoch(
+    step: TemporalStep,
+    batches: SequentialBatches | PipelinedBatches,
+    optimizer: torch.optim.Optimizer,
+    progress: bool = False,
+    desc: str = "train",
+) -> float:
+    """Train on every batch of ``batches`` from an empty state; returns the mean loss.
+
+    Per batch, the shared step (``tgnstream.core.step``): score -> loss -> apply -> backward +
+    optimizer step. Applying before ``backward`` is safe: the persisted state is detached and
+    the graph holds its own copies of what it read; it also lets a pipeline fetch the next
+    batch's memory, already written back, while this one runs backward.
+    """
+    engine = step.engine
+    engine.reset_state()
+    engine.train()
+    total, n = 0.0, 0
+    bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
+    for k, gathered in enumerate(bar):
+        scored = step.score(gathered)
+        loss = step.loss(scored)
+        batches.apply(scored)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(scored.batch)
+        n += len(scored.batch)
+        if progress and k % 50 == 0:
+            bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(n, 1)
+
+
 def train_epoch(
     engine: MemoryEngine,
     data: TemporalDataset,
@@ -46,33 +100,13 @@ def train_epoch(
     progress: bool = False,
     desc: str = "train",
     coherence_weight: float = 0.1,
+    pipeline_depth: int | None = None,
 ) -> float:
-    """One pass over events ``[0, stop)`` from an empty state; returns the mean loss.
-
-    Per batch, the shared step (``tgnstream.core.step``): negatives -> score -> loss -> apply
-    -> backward + optimizer step. Applying before ``backward`` is safe: the persisted state is
-    detached and the graph holds its own copies of what it read.
-    """
-    engine.reset_state()
-    engine.train()
+    """One pass over events ``[0, stop)`` from an empty state; returns the mean loss (see
+    ``run_epoch``; ``pipeline_depth`` as in ``make_batches``)."""
     step = TemporalStep(engine, coherence_weight)
-    dev = engine.device
-    total, n = 0.0, 0
-    bar = tqdm(range(0, stop, batch_size), desc=desc, disable=not progress, leave=False, unit="batch")
-    for i in bar:
-        batch = data.events.slice(i, min(i + batch_size, stop)).to(dev)
-        neg = sampler.sample(batch.src, 1, historical_ratio, engine.neighbors, exclude=batch.dst)
-        scored = step.score_batch(batch, neg)
-        loss = step.loss(scored)
-        step.apply(scored, learn=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(batch)
-        n += len(batch)
-        if progress and (i // batch_size) % 50 == 0:
-            bar.set_postfix(loss=f"{total / n:.4f}")
-    return total / max(n, 1)
+    batches = make_batches(step, data, stop, batch_size, sampler, historical_ratio, pipeline_depth)
+    return run_epoch(step, batches, optimizer, progress, desc)
 
 
 @dataclass
@@ -108,22 +142,29 @@ def train_offline(
     metric = cfg.selection_metric
     val_settings = EvalSettings(batch_size=cfg.batch_size, rank=(metric == "mrr"), progress=cfg.progress)
 
+    step = TemporalStep(engine, cfg.pres_beta)
+    staleness = StalenessStats()
+    optimizer_steps = 0
+
     best_score, best_epoch, best_snapshot, since_best = float("-inf"), -1, None, 0
-    history, train_seconds = [], 0.0
+    history, train_seconds, started = [], 0.0, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss = train_epoch(
-            engine,
+        batches = make_batches(
+            step,
             data,
             val_start,
-            optimizer,
-            sampler,
             cfg.batch_size,
+            sampler,
             cfg.historical_ratio,
-            cfg.progress,
-            desc=f"epoch {epoch}",
+            cfg.pipeline_depth,
+            cfg.pipeline_mitigation,
+            cfg.pipeline_eager_fetch,
         )
+        loss = run_epoch(step, batches, optimizer, cfg.progress, desc=f"epoch {epoch}")
         secs = time.perf_counter() - t0
+        optimizer_steps += len(batches)
+        staleness.merge(batches.staleness)
         train_seconds += secs
         val = summarise(evaluate_stream(engine, data, val_start, test_start, val_settings))
         score = val[metric]
@@ -133,6 +174,7 @@ def train_offline(
             "loss": loss,
             "train_seconds": secs,
             "train_events_per_s": val_start / secs,
+            "wall_seconds": time.perf_counter() - started,
             **{f"val_{k}": v for k, v in val.items() if k != "n_events"},
         }
         history.append(row)
@@ -173,6 +215,9 @@ def train_offline(
         "train_events_per_s": val_start * epochs_run / train_seconds,
         "seconds_per_epoch": train_seconds / epochs_run,
         "best_val": {k[4:]: v for k, v in history[best_epoch - 1].items() if k.startswith("val_")},
+        "wall_seconds_to_best_val": history[best_epoch - 1]["wall_seconds"],
+        "optimizer_steps": optimizer_steps,
+        "staleness": staleness.as_dict(),
         "test": {"transductive": summarise(scores), "inductive": summarise(scores, inductive)},
         "hardware": hardware_info(device),
         "history": history,

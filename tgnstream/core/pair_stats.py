@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tgnstream.core.edge_history import EdgeHistory
+from tgnstream.core.edge_history import EdgeHistory, pair_keys
 from tgnstream.core.events import EventBatch
 from tgnstream.core.neighbors import RecentNeighbors
 
@@ -71,6 +71,35 @@ def _history(history: EdgeHistory, u: torch.Tensor, v: torch.Tensor):
     return count, torch.nan_to_num(last, nan=_NEG_INF)
 
 
+def _latest_before(
+    keys: torch.Tensor, times: torch.Tensor, num_events: int, q_keys: torch.Tensor, q_visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: how many batch entries share its key among events ``< q_visible``, and the time
+    of the newest of them (-inf if none).
+
+    ``keys``/``times`` are ``[R * B]``: R roles per event laid out role by role (entry ``j`` is
+    event ``j % B``), events in time order. Sorting by (key, event) and two binary searches per
+    query make this O((R*B + N) log B), not the O(N * B) of comparing every query with every
+    event (which dominated large training batches).
+    """
+    event = torch.arange(keys.numel(), device=keys.device) % num_events
+    # Stable sort by key keeps events ascending inside each key group (entries are role-major,
+    # so sort by event first, then stably by key).
+    by_event = torch.argsort(event, stable=True)
+    order = by_event[torch.argsort(keys[by_event], stable=True)]
+    sk, se, st = keys[order], event[order], times[order]
+    uniq, counts = torch.unique_consecutive(sk, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(uniq.numel(), device=keys.device), counts)
+    combined = group * (num_events + 1) + se
+    g = torch.searchsorted(uniq, q_keys).clamp(max=uniq.numel() - 1)
+    found = uniq[g] == q_keys
+    start = torch.searchsorted(combined, g * (num_events + 1))
+    end = torch.searchsorted(combined, g * (num_events + 1) + q_visible)
+    count = torch.where(found, end - start, torch.zeros_like(end))
+    newest = st[(end - 1).clamp(min=0)]
+    return count, torch.where(count > 0, newest, torch.full_like(newest, _NEG_INF))
+
+
 def pairwise_stats(
     history: EdgeHistory,
     neighbors: RecentNeighbors,
@@ -80,7 +109,7 @@ def pairwise_stats(
     visible: torch.Tensor | None = None,
 ) -> PairStats:
     """Stats of pairs ``u[i], v[i]`` (``[N]``). Query ``i`` also sees ``context`` events with
-    index ``< visible[i]``."""
+    index ``< visible[i]`` (``context`` in time order, as every ``EventBatch`` is)."""
     count, last = _history(history, u, v)
     # One gather for both endpoints' rows (tiny serving queries pay per op, not per element).
     n = u.numel()
@@ -91,17 +120,14 @@ def pairwise_stats(
     common = _common(nb[:n], nb[n:])
     if context is not None and len(context):
         cs, cd, ct = context.src, context.dst, context.t
-        seen = torch.arange(cs.numel(), device=cs.device) < visible.unsqueeze(1)  # [N, B]
-        u_, v_ = u.unsqueeze(1), v.unsqueeze(1)
-        touches_u = seen & ((cs == u_) | (cd == u_))
-        touches_v = seen & ((cs == v_) | (cd == v_))
-        pair = touches_u & (((cs == u_) & (cd == v_)) | ((cs == v_) & (cd == u_)))
-        ct_ = ct.unsqueeze(0)
-        neg = torch.full_like(ct_, _NEG_INF)
-        count = count + pair.sum(1)
-        last = torch.maximum(last, torch.where(pair, ct_, neg).amax(1))
-        latest_u = torch.maximum(latest_u, torch.where(touches_u, ct_, neg).amax(1))
-        latest_v = torch.maximum(latest_v, torch.where(touches_v, ct_, neg).amax(1))
+        b = cs.numel()
+        in_pair, pair_last = _latest_before(pair_keys(cs, cd), ct, b, pair_keys(u, v), visible)
+        count = count + in_pair
+        last = torch.maximum(last, pair_last)
+        # Both endpoints' latest in-batch interaction in one search: [u; v] against [src; dst].
+        _, touch = _latest_before(torch.cat([cs, cd]), ct.repeat(2), b, uv, visible.repeat(2))
+        latest_u = torch.maximum(latest_u, touch[:n])
+        latest_v = torch.maximum(latest_v, touch[n:])
     return PairStats(count, last, latest_u, latest_v, common)
 
 
