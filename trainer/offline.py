@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -22,7 +23,15 @@ from tgnstream.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
 from tgnstream.trainer.pipeline import PipelinedBatches, SequentialBatches, StalenessStats
 
-__all__ = ["train_epoch", "run_epoch", "make_batches", "train_offline", "make_optimizer", "OfflineResult"]
+__all__ = [
+    "train_epoch",
+    "run_epoch",
+    "make_batches",
+    "train_offline",
+    "make_optimizer",
+    "register_dataset_ids",
+    "OfflineResult",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +120,30 @@ def train_epoch(
 
 @dataclass
 class OfflineResult:
+    """What a run produced: ``results`` (results.json), the engine with the best epoch's weights
+    and the state after the whole stream, per-epoch ``history`` and the optimizer state of the
+    best epoch (with ``results["optimizer_steps"]``, what continuing to train needs)."""
+
     results: dict
     engine: MemoryEngine
     history: list[dict] = field(default_factory=list)
+    optimizer_state: dict | None = None
+
+
+def register_dataset_ids(engine: MemoryEngine, data: TemporalDataset) -> None:
+    """Give the engine's id map the dataset's external ids, dense id ``i`` -> ``raw_ids[i]``, so
+    a server that keeps the trained state resolves names to the nodes they were trained as
+    (ingest registers the same names in the same order: first appearance, src before dst)."""
+    names = data.raw_ids if data.raw_ids is not None else [str(i) for i in range(data.num_nodes)]
+    if len(engine.ids):
+        known, _ = engine.ids.lookup(names, create=False)
+        if not torch.equal(known, torch.arange(len(names))):
+            raise ValueError("the engine's id map disagrees with the dataset's ids")
+        return
+    dense, _ = engine.ids.lookup(names, create=True)
+    engine.ids.flush()
+    if not torch.equal(dense, torch.arange(len(names))):
+        raise ValueError("dataset ids are not distinct")
 
 
 def _inductive_mask(data: TemporalDataset, train_stop: int, start: int, stop: int) -> torch.Tensor:
@@ -147,6 +177,7 @@ def train_offline(
     optimizer_steps = 0
 
     best_score, best_epoch, best_snapshot, since_best = float("-inf"), -1, None, 0
+    best_optimizer, best_steps = None, 0
     history, train_seconds, started = [], 0.0, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -190,6 +221,8 @@ def train_offline(
         if improved:
             best_score, best_epoch, since_best = score, epoch, 0
             best_snapshot = {k: v.clone() for k, v in engine.state_dict().items()}
+            best_optimizer = copy.deepcopy(optimizer.state_dict())
+            best_steps = optimizer_steps
         else:
             since_best += 1
             if since_best >= cfg.patience:
@@ -197,8 +230,10 @@ def train_offline(
                 break
 
     engine.load_state_dict(best_snapshot)  # best weights + state after its validation pass
+    optimizer.load_state_dict(best_optimizer)
     test_settings = EvalSettings(batch_size=cfg.batch_size, rank=True, progress=cfg.progress)
     scores = evaluate_stream(engine, data, test_start, len(data), test_settings)
+    register_dataset_ids(engine, data)
     inductive = _inductive_mask(data, val_start, test_start, len(data))
     epochs_run = len(history)
     results = {
@@ -216,17 +251,22 @@ def train_offline(
         "seconds_per_epoch": train_seconds / epochs_run,
         "best_val": {k[4:]: v for k, v in history[best_epoch - 1].items() if k.startswith("val_")},
         "wall_seconds_to_best_val": history[best_epoch - 1]["wall_seconds"],
-        "optimizer_steps": optimizer_steps,
+        "optimizer_steps": best_steps,
         "staleness": staleness.as_dict(),
         "test": {"transductive": summarise(scores), "inductive": summarise(scores, inductive)},
         "hardware": hardware_info(device),
         "history": history,
     }
-    return OfflineResult(results, engine, history)
+    return OfflineResult(results, engine, history, optimizer.state_dict())
 
 
 def write_outputs(result: OfflineResult, out: Path) -> None:
     """``out/checkpoint.pt`` (best weights + state after the whole stream) and ``out/results.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "checkpoint.pt", result.engine, meta={"results": result.results})
+    save_checkpoint(
+        out / "checkpoint.pt",
+        result.engine,
+        meta={"results": result.results, "optimizer_steps": result.results["optimizer_steps"]},
+        optimizer_state=result.optimizer_state,
+    )
     (out / "results.json").write_text(json.dumps(result.results, indent=2))

@@ -11,7 +11,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "restore_optimizer", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -20,10 +20,18 @@ CHECKPOINT_FORMAT = 1
 _BEFORE_FIELD_EXISTED = {"time_encoding": "learned", "fold_once": False}
 
 
-def save_checkpoint(path: str | Path, engine: MemoryEngine, meta: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    engine: MemoryEngine,
+    meta: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
     """Write atomically (temp file, fsync, rename): a reader never sees a partial checkpoint.
 
-    ``meta`` is free-form JSON-like data stored alongside (e.g. Kafka offsets, metrics).
+    The engine's state dict holds weights and all node state (memory, mailbox, neighbours, pair
+    history, id map, PRES statistics). ``meta`` is free-form JSON-like data stored alongside
+    (e.g. Kafka offsets, metrics, the optimizer step count); ``optimizer_state`` (an
+    ``optimizer.state_dict()``) lets training continue where it stopped.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +41,7 @@ def save_checkpoint(path: str | Path, engine: MemoryEngine, meta: dict[str, Any]
         "capacity": engine.capacity,
         "engine": {k: v.detach().cpu() for k, v in engine.state_dict().items()},
         "meta": meta or {},
+        "optimizer": optimizer_state,
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -43,13 +52,28 @@ def save_checkpoint(path: str | Path, engine: MemoryEngine, meta: dict[str, Any]
     return path
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[MemoryEngine, dict]:
-    """Rebuild the engine exactly as saved; returns ``(engine, meta)``."""
+def _read(path: str | Path) -> dict:
     payload = torch.load(Path(path), map_location="cpu", weights_only=False)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
+    return payload
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[MemoryEngine, dict]:
+    """Rebuild the engine exactly as saved; returns ``(engine, meta)``."""
+    payload = _read(path)
     config = ModelConfig(**{**_BEFORE_FIELD_EXISTED, **payload["model_config"]})
     engine = MemoryEngine(config, payload["capacity"], device)
     engine.load_state_dict(payload["engine"])
     engine.to(device)
     return engine, payload["meta"]
+
+
+def restore_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> bool:
+    """Load the optimizer state saved with the checkpoint into ``optimizer`` (built over the
+    parameters of the engine ``load_checkpoint`` returned); False when none was saved."""
+    state = _read(path).get("optimizer")
+    if state is None:
+        return False
+    optimizer.load_state_dict(state)
+    return True
