@@ -45,7 +45,10 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--epochs", type=int, help="maximum epochs (default 50, early stopping patience 5)")
     p.add_argument("--patience", type=int)
-    p.add_argument("--batch-size", type=int, help="events per batch (default 200)")
+    p.add_argument("--batch-size", type=int, help="events per training batch (default 200)")
+    p.add_argument(
+        "--eval-batch-size", type=int, help="events per validation/test batch (default 200, the protocol's)"
+    )
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
@@ -53,6 +56,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="use only the first N events")
     p.add_argument("--memory-dim", type=int, default=100, help="memory, time, embedding width")
     g = p.add_argument_group("large temporal batches (PRES) and the pipelined memory (MSPipe)")
+    g.add_argument(
+        "--batch-neighbors",
+        action="store_true",
+        default=None,
+        help="attention at batch position k also sees the batch's events 0..k-1 as neighbours "
+        "(large batches lose no neighbourhood; no leakage)",
+    )
     g.add_argument(
         "--pres",
         action="store_true",
@@ -119,6 +129,7 @@ def _run_train(args) -> int:
         edge_dim=data.edge_dim,
         fold_once=cfg.fold_once,
         time_encoding=cfg.time_encoding,
+        batch_neighbors=cfg.batch_neighbors,
         pres=cfg.pres,
         pres_gamma=cfg.pres_gamma,
         pres_learn_gamma=cfg.pres_learn_gamma,

@@ -25,6 +25,12 @@ class OfflineTrainConfig(BaseSettings):
     epochs: int = Field(50, ge=1, description="maximum epochs")
     patience: int = Field(5, ge=1, description="early stopping: epochs without improvement")
     batch_size: int = Field(200, ge=1)
+    eval_batch_size: int = Field(
+        200,
+        ge=1,
+        description="batch size of validation and test (part of the protocol, fixed so that runs "
+        "with different training batches are compared on the same evaluation)",
+    )
     lr: float = Field(1e-4, gt=0)
     seed: int = 0
     device: str = "auto"
@@ -42,6 +48,7 @@ class OfflineTrainConfig(BaseSettings):
         description="share of training negatives drawn from the source's recent neighbours "
         "(default 0.5 with pair features, else 0)",
     )
+    batch_neighbors: bool = Field(False, description="see ModelConfig.batch_neighbors")
     pres: bool = Field(False, description="PRES prediction-correction + memory coherence (see ModelConfig.pres)")
     pres_gamma: float = Field(0.9, ge=0, le=1, description="PRES fusion weight of the prediction")
     pres_beta: float = Field(0.1, ge=0, description="weight of PRES's memory-coherence loss")

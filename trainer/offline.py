@@ -170,7 +170,7 @@ def train_offline(
     pool = data.dst_nodes if data.bipartite else torch.arange(data.num_nodes)
     sampler = NegativeSampler(pool, seed=cfg.seed, device=device)
     metric = cfg.selection_metric
-    val_settings = EvalSettings(batch_size=cfg.batch_size, rank=(metric == "mrr"), progress=cfg.progress)
+    val_settings = EvalSettings(batch_size=cfg.eval_batch_size, rank=(metric == "mrr"), progress=cfg.progress)
 
     step = TemporalStep(engine, cfg.pres_beta)
     staleness = StalenessStats()
@@ -231,7 +231,7 @@ def train_offline(
 
     engine.load_state_dict(best_snapshot)  # best weights + state after its validation pass
     optimizer.load_state_dict(best_optimizer)
-    test_settings = EvalSettings(batch_size=cfg.batch_size, rank=True, progress=cfg.progress)
+    test_settings = EvalSettings(batch_size=cfg.eval_batch_size, rank=True, progress=cfg.progress)
     scores = evaluate_stream(engine, data, test_start, len(data), test_settings)
     register_dataset_ids(engine, data)
     inductive = _inductive_mask(data, val_start, test_start, len(data))

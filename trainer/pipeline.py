@@ -148,7 +148,10 @@ class PipelinedBatches:
         mitigation: lambda of the staleness mitigation (None: off).
         eager_fetch: fetch as soon as the bound allows instead of as late as possible (shows
             the worst case of a given depth; tests and ablations).
-        lookahead: batches whose structure the producer may gather ahead of the trainer.
+
+    The producer gathers batch i+1's structure while the trainer runs batch i, and hands over
+    one fetched batch at a time (a fetch waits for the trainer to take the previous batch, so
+    that it happens as late as it can).
     """
 
     def __init__(
@@ -162,7 +165,6 @@ class PipelinedBatches:
         depth: int,
         mitigation: float | None = 0.9,
         eager_fetch: bool = False,
-        lookahead: int = 2,
     ):
         if depth < 0:
             raise ValueError(f"pipeline depth must be >= 0, got {depth}")
@@ -173,7 +175,7 @@ class PipelinedBatches:
         self.sampler, self.historical_ratio = sampler, historical_ratio
         self.depth, self.mitigation, self.eager_fetch = depth, mitigation, eager_fetch
         self.staleness = StalenessStats()
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, lookahead))
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._cond = threading.Condition()
         self._memory_lock = threading.Lock()
         self._written = 0  # batches whose memory write-back is done

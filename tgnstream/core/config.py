@@ -50,6 +50,12 @@ class ModelConfig(BaseModel):
         "wikipedia fold_once trained 18% faster; plain TGN lost 0.02 test AP, TGN+pair none",
     )
     decoder_hidden: int = Field(100, ge=1, description="hidden width of the link decoder MLP")
+    batch_neighbors: bool = Field(
+        False,
+        description="temporal attention of a query at batch position k also sees the batch's events "
+        "0..k-1 as neighbours (the K most recent of table and batch), as pair statistics do: "
+        "large batches then lose no neighbourhood; no leakage (never its own or later events)",
+    )
     pres: bool = Field(
         False,
         description="PRES prediction-correction: every memory update is fused with a prediction "

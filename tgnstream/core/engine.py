@@ -149,29 +149,89 @@ class MemoryEngine(nn.Module):
             version=int(self.events_applied),
         )
 
-    def gather_embedding(self, nodes: torch.Tensor, t: torch.Tensor) -> EmbeddingInputs:
-        """Structure needed to embed ``nodes [M]`` at times ``t [M]`` (float64): see ``embed_with``."""
+    def gather_embedding(
+        self,
+        nodes: torch.Tensor,
+        t: torch.Tensor,
+        context: EventBatch | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> EmbeddingInputs:
+        """Structure needed to embed ``nodes [M]`` at times ``t [M]`` (float64): see ``embed_with``.
+
+        With ``config.batch_neighbors`` and a ``context`` batch, query ``j`` also sees the context
+        events ``< visible[j]`` as neighbours; queries of one node that see the same number of
+        them share one embedding (at their earliest time).
+        """
         cfg = self.config
+        if cfg.embedding == "attention" and cfg.batch_neighbors and context is not None and len(context):
+            return self._gather_with_batch_neighbors(nodes, t, context, visible)
         uniq, inv = torch.unique(nodes, return_inverse=True)
         t_u = torch.full(uniq.shape, float("inf"), dtype=torch.float64, device=t.device)
         t_u = t_u.scatter_reduce(0, inv, t, reduce="amin")
         if cfg.embedding != "attention":
             return EmbeddingInputs(inv, uniq, t_u, uniq, torch.searchsorted(uniq, uniq))
         nb_ids, nb_ts, nb_feats, mask = self.neighbors.gather(uniq)
-        read = torch.unique(torch.cat([uniq, nb_ids[mask]]))
+        return self._attention_inputs(inv, uniq, t_u, nb_ids, nb_ts, nb_feats, mask)
+
+    def _attention_inputs(self, inv, query_nodes, t_u, nb_ids, nb_ts, nb_feats, mask) -> EmbeddingInputs:
+        read = torch.unique(torch.cat([query_nodes, nb_ids[mask]]))
         nb_idx = torch.searchsorted(read, nb_ids.clamp(min=0))
         return EmbeddingInputs(
             inv=inv,
-            query_nodes=uniq,
+            query_nodes=query_nodes,
             t_query=t_u,
             nodes=read,
-            q_idx=torch.searchsorted(read, uniq),
+            q_idx=torch.searchsorted(read, query_nodes),
             nb_idx=torch.where(mask, nb_idx, torch.zeros_like(nb_idx)),
             nb_dt=(t_u.unsqueeze(1) - nb_ts).clamp(min=0),
             nb_feats=nb_feats,
             mask=mask,
-            grad_nodes=None if cfg.neighbor_memory_grad else uniq,
+            grad_nodes=None if self.config.neighbor_memory_grad else torch.unique(query_nodes),
         )
+
+    def _gather_with_batch_neighbors(
+        self, nodes: torch.Tensor, t: torch.Tensor, context: EventBatch, visible: torch.Tensor
+    ) -> EmbeddingInputs:
+        """Attention inputs where each query's neighbours are the K most recent of its table row
+        and the context events it may see (sorted by (node, event); two binary searches a query)."""
+        k = self.neighbors.k
+        cs, cd = context.src, context.dst
+        b = cs.numel()
+        owner, partner = torch.cat([cs, cd]), torch.cat([cd, cs])
+        event = torch.arange(2 * b, device=cs.device) % b
+        by_event = torch.argsort(event, stable=True)
+        order = by_event[torch.argsort(owner[by_event], stable=True)]
+        s_owner, s_event = owner[order], event[order]
+        s_partner, s_t = partner[order], context.t.repeat(2)[order]
+        s_feats = context.feats.repeat(2, 1)[order]
+        groups, counts = torch.unique_consecutive(s_owner, return_counts=True)
+        combined = torch.repeat_interleave(torch.arange(groups.numel(), device=cs.device), counts) * (b + 1)
+        combined = combined + s_event
+        g = torch.searchsorted(groups, nodes).clamp(max=groups.numel() - 1)
+        found = groups[g] == nodes
+        start = torch.searchsorted(combined, g * (b + 1))
+        seen = torch.where(found, torch.searchsorted(combined, g * (b + 1) + visible) - start, 0)
+        # One embedding per (node, batch events it sees); 2b + 1 > any count (self-loops count twice).
+        key, inv = torch.unique(nodes * (2 * b + 1) + seen, return_inverse=True)
+        q_nodes, q_seen = key // (2 * b + 1), key % (2 * b + 1)
+        t_u = torch.full(key.shape, float("inf"), dtype=torch.float64, device=t.device)
+        t_u = t_u.scatter_reduce(0, inv, t, reduce="amin")
+        q_start = torch.zeros_like(key).scatter(0, inv, start)
+        # The newest min(seen, K) batch neighbours, then the table's, keep the K newest.
+        j = torch.arange(k, device=cs.device)
+        batch_ok = j.unsqueeze(0) < q_seen.unsqueeze(1)
+        pos = (q_start.unsqueeze(1) + q_seen.unsqueeze(1) - 1 - j).clamp(min=0)
+        tb_ids, tb_ts, tb_feats, tb_mask = self.neighbors.gather(q_nodes)
+        all_ids = torch.cat([torch.where(batch_ok, s_partner[pos], -1), tb_ids], 1)
+        all_ts = torch.cat([s_t[pos], tb_ts], 1)
+        all_mask = torch.cat([batch_ok, tb_mask], 1)
+        newest = torch.where(all_mask, all_ts, torch.full_like(all_ts, float("-inf"))).topk(k, 1).indices
+        mask = all_mask.gather(1, newest)
+        nb_ids = torch.where(mask, all_ids.gather(1, newest), -1)
+        nb_ts = all_ts.gather(1, newest)
+        nb_feats = torch.cat([s_feats[pos], tb_feats], 1)
+        nb_feats = nb_feats.gather(1, newest.unsqueeze(-1).expand(-1, -1, nb_feats.shape[-1]))
+        return self._attention_inputs(inv, q_nodes, t_u, nb_ids, nb_ts, nb_feats, mask)
 
     def gather_pairs(
         self,
@@ -183,7 +243,8 @@ class MemoryEngine(nn.Module):
     ) -> PairInputs:
         """Structure needed to score pairs ``src, dst [B]`` at ``t [B]``: see ``logits``."""
         self._check_ids(src, dst)
-        emb = self.gather_embedding(torch.cat([src, dst]), torch.cat([t, t]))
+        vis = None if visible is None else torch.cat([visible, visible])
+        emb = self.gather_embedding(torch.cat([src, dst]), torch.cat([t, t]), context, vis)
         pair = self.pair_features(src, dst, t, context, visible) if self.config.pair_features else None
         return PairInputs(emb, src.numel(), pair)
 
@@ -260,15 +321,22 @@ class MemoryEngine(nn.Module):
         return self.model.decoder(z[:b], z[b:], inputs.pair)
 
     # ------------------------------------------------------------------- memory + embedding
-    def embed_with(self, nodes: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, FreshMemory]:
+    def embed_with(
+        self,
+        nodes: torch.Tensor,
+        t: torch.Tensor,
+        context: EventBatch | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, FreshMemory]:
         """Embeddings ``[M, d_emb]`` of ``nodes [M]`` queried at times ``t [M]`` (float64), plus the
         fresh memories used (covering ``nodes`` and their neighbours).
 
         Each distinct node is embedded once per call, at the earliest time it is queried in the
         call: half the work on typical batches, and still leakage-free because a later query
         can never move an earlier one's time. All state is from before the call either way.
+        ``context``/``visible``: see ``gather_embedding``.
         """
-        inputs = self.gather_embedding(nodes, t)
+        inputs = self.gather_embedding(nodes, t, context, visible)
         fresh = self.fold(self.fetch_memory(inputs.nodes), inputs.grad_nodes)
         return self.embed_forward(inputs, fresh), fresh
 
@@ -338,9 +406,15 @@ class MemoryEngine(nn.Module):
         self._check_ids(src, candidates)
         t_c = float(t.min()) if t_candidates is None else t_candidates
         q = candidates.numel()
+        vis = None
+        if context is not None and visible is not None:
+            # Sources see their batch's earlier events; candidates are embedded as of the batch start.
+            vis = torch.cat([visible, torch.zeros(q, dtype=visible.dtype, device=visible.device)])
         z, _ = self.embed_with(
             torch.cat([src, candidates]),
             torch.cat([t, torch.full((q,), t_c, dtype=torch.float64, device=t.device)]),
+            context,
+            vis,
         )
         z_src, z_c = z[: src.numel()], z[src.numel() :]
         pair = None
