@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tgnstream.core.batch_index import KeyedBatch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.edge_history import EdgeHistory
 from tgnstream.core.events import EventBatch
@@ -197,20 +198,11 @@ class MemoryEngine(nn.Module):
         k = self.neighbors.k
         cs, cd = context.src, context.dst
         b = cs.numel()
-        owner, partner = torch.cat([cs, cd]), torch.cat([cd, cs])
-        event = torch.arange(2 * b, device=cs.device) % b
-        by_event = torch.argsort(event, stable=True)
-        order = by_event[torch.argsort(owner[by_event], stable=True)]
-        s_owner, s_event = owner[order], event[order]
-        s_partner, s_t = partner[order], context.t.repeat(2)[order]
-        s_feats = context.feats.repeat(2, 1)[order]
-        groups, counts = torch.unique_consecutive(s_owner, return_counts=True)
-        combined = torch.repeat_interleave(torch.arange(groups.numel(), device=cs.device), counts) * (b + 1)
-        combined = combined + s_event
-        g = torch.searchsorted(groups, nodes).clamp(max=groups.numel() - 1)
-        found = groups[g] == nodes
-        start = torch.searchsorted(combined, g * (b + 1))
-        seen = torch.where(found, torch.searchsorted(combined, g * (b + 1) + visible) - start, 0)
+        index = KeyedBatch(torch.cat([cs, cd]), b)
+        s_partner = torch.cat([cd, cs])[index.order]
+        s_t = context.t.repeat(2)[index.order]
+        s_feats = context.feats.repeat(2, 1)[index.order]
+        start, seen = index.lookup(nodes, visible)
         # One embedding per (node, batch events it sees); 2b + 1 > any count (self-loops count twice).
         key, inv = torch.unique(nodes * (2 * b + 1) + seen, return_inverse=True)
         q_nodes, q_seen = key // (2 * b + 1), key % (2 * b + 1)

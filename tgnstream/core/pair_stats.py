@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tgnstream.core.batch_index import KeyedBatch
 from tgnstream.core.edge_history import EdgeHistory, pair_keys
 from tgnstream.core.events import EventBatch
 from tgnstream.core.neighbors import RecentNeighbors
@@ -75,28 +76,11 @@ def _latest_before(
     keys: torch.Tensor, times: torch.Tensor, num_events: int, q_keys: torch.Tensor, q_visible: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query: how many batch entries share its key among events ``< q_visible``, and the time
-    of the newest of them (-inf if none).
-
-    ``keys``/``times`` are ``[R * B]``: R roles per event laid out role by role (entry ``j`` is
-    event ``j % B``), events in time order. Sorting by (key, event) and two binary searches per
-    query make this O((R*B + N) log B), not the O(N * B) of comparing every query with every
-    event (which dominated large training batches).
-    """
-    event = torch.arange(keys.numel(), device=keys.device) % num_events
-    # Stable sort by key keeps events ascending inside each key group (entries are role-major,
-    # so sort by event first, then stably by key).
-    by_event = torch.argsort(event, stable=True)
-    order = by_event[torch.argsort(keys[by_event], stable=True)]
-    sk, se, st = keys[order], event[order], times[order]
-    uniq, counts = torch.unique_consecutive(sk, return_counts=True)
-    group = torch.repeat_interleave(torch.arange(uniq.numel(), device=keys.device), counts)
-    combined = group * (num_events + 1) + se
-    g = torch.searchsorted(uniq, q_keys).clamp(max=uniq.numel() - 1)
-    found = uniq[g] == q_keys
-    start = torch.searchsorted(combined, g * (num_events + 1))
-    end = torch.searchsorted(combined, g * (num_events + 1) + q_visible)
-    count = torch.where(found, end - start, torch.zeros_like(end))
-    newest = st[(end - 1).clamp(min=0)]
+    of the newest of them (-inf if none). ``keys``/``times`` as ``KeyedBatch`` takes them; the
+    batch is in time order, so the newest is the last."""
+    index = KeyedBatch(keys, num_events)
+    start, count = index.lookup(q_keys, q_visible)
+    newest = times[index.order][(start + count - 1).clamp(min=0)]
     return count, torch.where(count > 0, newest, torch.full_like(newest, _NEG_INF))
 
 
