@@ -285,6 +285,11 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="first N events only (smoke runs)")
     p.add_argument("--tag", default="", help="suffix of the results file, e.g. gpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in the results file (same dataset and configuration) and run the rest",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -298,9 +303,17 @@ def main() -> int:
     rows = plan(args)
     results: list[Result] = []
     started = time.time()
+    if args.resume and out.exists():
+        for r in json.loads(out.read_text())["rows"]:
+            spec = {k: v for k, v in r["row"].items() if k != "name"}
+            results.append(Result(**{**r, "row": Row(**spec)}))
+        logging.info("resuming: %d rows kept from %s", len(results), out)
+    done = {(r.dataset, r.row) for r in results}
     for ds in args.datasets:
         data = load_dataset(DATASETS[ds], limit=args.limit)
         for row in rows:
+            if (ds, row) in done:
+                continue
             logging.info("%s: %s", ds, row.name)
             results.append(run_row(data, ds, DATASETS[ds], row, args, device))
             text = table(results, floor)

@@ -148,6 +148,10 @@ class PipelinedBatches:
         mitigation: lambda of the staleness mitigation (None: off).
         eager_fetch: fetch as soon as the bound allows instead of as late as possible (shows
             the worst case of a given depth; tests and ablations).
+        threads: torch intra-op threads while the epoch runs (default: one fewer than set, so
+            the producer has a core: two threads each running multi-threaded ops on the same
+            cores slow each other down). torch's setting is process-wide, so it is set here,
+            once, and restored when the epoch ends.
 
     The producer gathers batch i+1's structure while the trainer runs batch i, and hands over
     one fetched batch at a time (a fetch waits for the trainer to take the previous batch, so
@@ -165,6 +169,7 @@ class PipelinedBatches:
         depth: int,
         mitigation: float | None = 0.9,
         eager_fetch: bool = False,
+        threads: int | None = None,
     ):
         if depth < 0:
             raise ValueError(f"pipeline depth must be >= 0, got {depth}")
@@ -174,6 +179,7 @@ class PipelinedBatches:
         self.step, self.data, self.stop, self.batch_size = step, data, stop, batch_size
         self.sampler, self.historical_ratio = sampler, historical_ratio
         self.depth, self.mitigation, self.eager_fetch = depth, mitigation, eager_fetch
+        self.threads = threads
         self.staleness = StalenessStats()
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._cond = threading.Condition()
@@ -192,10 +198,6 @@ class PipelinedBatches:
     # -------------------------------------------------------------------------- producer
     def _produce(self) -> None:
         engine, step = self.step.engine, self.step
-        # One intra-op thread here: the trainer's ops keep the cores' OpenMP teams to
-        # themselves (two teams on the same cores spin against each other). This sets the
-        # calling thread's team size; the trainer thread keeps its own.
-        torch.set_num_threads(1)
         try:
             with torch.no_grad():
                 for idx, i in enumerate(range(0, self.stop, self.batch_size)):
@@ -250,6 +252,8 @@ class PipelinedBatches:
 
     # --------------------------------------------------------------------------- trainer
     def __iter__(self) -> Iterator[GatheredBatch]:
+        configured = torch.get_num_threads()
+        torch.set_num_threads(self.threads or max(1, configured - 1))
         self._thread = threading.Thread(target=self._produce, name="batch-producer", daemon=True)
         self._thread.start()
         try:
@@ -270,6 +274,7 @@ class PipelinedBatches:
                 yield item
         finally:
             self.close()
+            torch.set_num_threads(configured)
 
     def apply(self, scored: ScoredBatch) -> None:
         """Write the batch's memory back (in order; times never move backwards)."""

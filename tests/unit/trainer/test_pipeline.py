@@ -142,3 +142,22 @@ def test_pipeline_needs_capacity_for_every_node(wiki):
     engine = MemoryEngine(ModelConfig.preset("tgn", width=16), capacity=10)
     with pytest.raises(ValueError, match="capacity"):
         make_batches(TemporalStep(engine), wiki, 1000, 200, NegativeSampler(wiki.dst_nodes), 0.0, 0)
+
+
+def test_thread_setting_is_restored_after_the_epoch(wiki):
+    """torch's intra-op setting is process-wide: the pipeline lowers it for its epoch only."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        torch.manual_seed(0)
+        engine = MemoryEngine(ModelConfig.preset("tgn", width=16), capacity=wiki.num_nodes)
+        step = TemporalStep(engine)
+        batches = make_batches(step, wiki, 600, 200, NegativeSampler(wiki.dst_nodes), 0.0, 0)
+        for gathered in batches:
+            seen.append(torch.get_num_threads())
+            batches.apply(step.score(gathered))
+        assert seen == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
