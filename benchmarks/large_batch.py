@@ -207,7 +207,8 @@ def table(results: list[Result], floor: float) -> str:
         ratio = r.train_events_per_s / base.train_events_per_s if base else float("nan")
         lines.append(
             f"{r.dataset:<11}{r.row.name:<34}{r.test_ap:>8.4f}{r.test_mrr:>8.4f}{r.train_events_per_s:>12,.0f}"
-            f"{ratio:>8.2f}{r.train_events_per_s / floor:>7.0%}{r.best_epoch:>8d}{r.wall_seconds_to_best_val:>10.0f}"
+            f"{ratio:>8.2f}{r.train_events_per_s / floor:>7.0%}{r.best_epoch:>8d}"
+            f"{r.wall_seconds_to_best_val:>10.0f}"
         )
     return "\n".join(lines)
 
@@ -231,7 +232,8 @@ def targets(results: list[Result]) -> list[str]:
                     and r.train_events_per_s >= 3 * base.train_events_per_s
                 )
                 out.append(
-                    f"{ds} {r.row.name}: AP {r.test_ap - base.test_ap:+.4f}, MRR {r.test_mrr - base.test_mrr:+.4f}, "
+                    f"{ds} {r.row.name}: AP {r.test_ap - base.test_ap:+.4f}, "
+                    f"MRR {r.test_mrr - base.test_mrr:+.4f}, "
                     f"throughput {r.train_events_per_s / base.train_events_per_s:.2f}x vs b200 "
                     f"(target: AP >= -0.005, MRR >= -0.01, >= 3x): {'met' if ok else 'NOT met'}"
                 )
@@ -239,7 +241,12 @@ def targets(results: list[Result]) -> list[str]:
                 if r.row.model != model or r.row.pipeline_depth is None:
                     continue
                 seq = next(
-                    (x for x in rs if x.row == Row(model, r.row.batch, lr=r.row.lr, batch_neighbors=r.row.batch_neighbors)),
+                    (
+                        x
+                        for x in rs
+                        if x.row
+                        == Row(model, r.row.batch, lr=r.row.lr, batch_neighbors=r.row.batch_neighbors)
+                    ),
                     None,
                 )
                 if seq is None:
@@ -247,11 +254,14 @@ def targets(results: list[Result]) -> list[str]:
                 x = r.train_events_per_s / seq.train_events_per_s
                 ok = x >= 1.3 and abs(r.test_ap - seq.test_ap) <= 0.005
                 out.append(
-                    f"{ds} {r.row.name}: {x:.2f}x the sequential throughput, AP {r.test_ap - seq.test_ap:+.4f} "
+                    f"{ds} {r.row.name}: {x:.2f}x the sequential throughput, "
+                    f"AP {r.test_ap - seq.test_ap:+.4f} "
                     f"(target >= 1.3x at equal AP): {'met' if ok else 'NOT met'}"
                 )
             if pyg is not None:
-                accurate = [r for r in rs if r.row.model == model and not r.row.pyg and r.test_ap >= pyg.test_ap]
+                accurate = [
+                    r for r in rs if r.row.model == model and not r.row.pyg and r.test_ap >= pyg.test_ap
+                ]
                 if accurate:
                     best = max(accurate, key=lambda r: r.train_events_per_s)
                     x = best.train_events_per_s / pyg.train_events_per_s
@@ -329,7 +339,9 @@ def main() -> int:
                         "hardware": hw,
                         "matmul_gflops": gflops,
                         "compute_floor_events_per_s": floor,
-                        "rows": [{**asdict(r), "row": {**asdict(r.row), "name": r.row.name}} for r in results],
+                        "rows": [
+                            {**asdict(r), "row": {**asdict(r.row), "name": r.row.name}} for r in results
+                        ],
                         "table": text,
                         "wall_seconds": time.time() - started,
                     },
@@ -342,8 +354,10 @@ def main() -> int:
     print(text)
     print(
         f"\ncompute floor: {floor:,.0f} training events/s ({gflops:.0f} GFLOP/s fp32 matmul measured, "
-        f"{MFLOP_PER_EVENT} MFLOP per event); {hw['cpu']} x{hw['cpu_cores']}, {hw['torch_threads']} torch threads, "
-        f"device {hw['device']}{' ' + hw['gpu'] if 'gpu' in hw else ''}; {args.epochs} epochs, seed {args.seed}, "
+        f"{MFLOP_PER_EVENT} MFLOP per event); {hw['cpu']} x{hw['cpu_cores']}, "
+        f"{hw['torch_threads']} torch threads, device {hw['device']}"
+        f"{' ' + hw['gpu'] if 'gpu' in hw else ''}; "
+        f"{args.epochs} epochs, seed {args.seed}, "
         "evaluation batches of 200"
     )
     print("\n".join(checks))

@@ -81,7 +81,9 @@ def run(pair: bool) -> dict:
     return {
         "losses": losses,
         "train_state": after_train,
-        "eval_scores": {k: {"sha256": tensor_digest(v), "sum": float(v.double().sum())} for k, v in scores.items()},
+        "eval_scores": {
+            k: {"sha256": tensor_digest(v), "sum": float(v.double().sum())} for k, v in scores.items()
+        },
         "eval_state": after_eval,
         "ingest_state": after_ingest,
     }
@@ -107,9 +109,7 @@ def main() -> int:
         print(f"wrote {GOLDEN}")
         return 0
     old = json.loads(GOLDEN.read_text())
-    same = all(
-        old["runs"][m][k] == rec["runs"][m][k] for m in rec["runs"] for k in rec["runs"][m]
-    )
+    same = all(old["runs"][m][k] == rec["runs"][m][k] for m in rec["runs"] for k in rec["runs"][m])
     print("identical" if same else "DIFFERENT")
     return 0 if same else 1
 

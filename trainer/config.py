@@ -49,7 +49,9 @@ class OfflineTrainConfig(BaseSettings):
         "(default 0.5 with pair features, else 0)",
     )
     batch_neighbors: bool = Field(False, description="see ModelConfig.batch_neighbors")
-    pres: bool = Field(False, description="PRES prediction-correction + memory coherence (see ModelConfig.pres)")
+    pres: bool = Field(
+        False, description="PRES prediction-correction + memory coherence (see ModelConfig.pres)"
+    )
     pres_gamma: float = Field(0.9, ge=0, le=1, description="PRES fusion weight of the prediction")
     pres_beta: float = Field(0.1, ge=0, description="weight of PRES's memory-coherence loss")
     pres_learn_gamma: bool = Field(False, description="learn the PRES fusion weight")

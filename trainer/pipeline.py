@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import TemporalDataset
 from tgnstream.core.inputs import EmbeddingInputs, MemoryRows
 from tgnstream.core.negatives import NegativeSampler
@@ -104,9 +103,8 @@ def mitigate_staleness(
     return replace(rows, memory=memory), int(target.numel())
 
 
-class SequentialBatches:
-    """The sequential step's batches: negatives, gather and fetch inline, just before each
-    forward; ``apply`` right after it."""
+class _EpochBatches:
+    """An epoch's batches over events ``[0, stop)``: what both sources share."""
 
     def __init__(
         self,
@@ -124,12 +122,22 @@ class SequentialBatches:
     def __len__(self) -> int:
         return -(-self.stop // self.batch_size)
 
-    def __iter__(self) -> Iterator[GatheredBatch]:
+    def _gather(self, start: int) -> GatheredBatch:
+        """The batch starting at event ``start`` with its negatives and structure (no memory):
+        negatives and structure read the state before the batch."""
         engine = self.step.engine
-        for i in range(0, self.stop, self.batch_size):
-            batch = self.data.events.slice(i, min(i + self.batch_size, self.stop)).to(engine.device)
-            neg = self.sampler.sample(batch.src, 1, self.historical_ratio, engine.neighbors, exclude=batch.dst)
-            gathered = self.step.fetch(self.step.gather(batch, neg))
+        batch = self.data.events.slice(start, min(start + self.batch_size, self.stop)).to(engine.device)
+        neg = self.sampler.sample(batch.src, 1, self.historical_ratio, engine.neighbors, exclude=batch.dst)
+        return self.step.gather(batch, neg)
+
+
+class SequentialBatches(_EpochBatches):
+    """The sequential step's batches: negatives, gather and fetch inline, just before each
+    forward; ``apply`` right after it."""
+
+    def __iter__(self) -> Iterator[GatheredBatch]:
+        for start in range(0, self.stop, self.batch_size):
+            gathered = self.step.fetch(self._gather(start))
             self.staleness.add(0, 0, 0, gathered.memory.nodes.numel())
             yield gathered
 
@@ -140,7 +148,7 @@ class SequentialBatches:
         pass
 
 
-class PipelinedBatches:
+class PipelinedBatches(_EpochBatches):
     """Batches prepared by a producer thread, up to ``depth`` write-backs ahead (see module doc).
 
     Args:
@@ -176,11 +184,9 @@ class PipelinedBatches:
         engine = step.engine
         if int(data.events.src.max()) >= engine.capacity or int(data.events.dst.max()) >= engine.capacity:
             raise ValueError("the pipeline needs the engine's capacity reserved for every node up front")
-        self.step, self.data, self.stop, self.batch_size = step, data, stop, batch_size
-        self.sampler, self.historical_ratio = sampler, historical_ratio
+        super().__init__(step, data, stop, batch_size, sampler, historical_ratio)
         self.depth, self.mitigation, self.eager_fetch = depth, mitigation, eager_fetch
         self.threads = threads
-        self.staleness = StalenessStats()
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._cond = threading.Condition()
         self._memory_lock = threading.Lock()
@@ -192,20 +198,14 @@ class PipelinedBatches:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def __len__(self) -> int:
-        return -(-self.stop // self.batch_size)
-
     # -------------------------------------------------------------------------- producer
     def _produce(self) -> None:
-        engine, step = self.step.engine, self.step
+        engine = self.step.engine
         try:
             with torch.no_grad():
-                for idx, i in enumerate(range(0, self.stop, self.batch_size)):
-                    batch = self.data.events.slice(i, min(i + self.batch_size, self.stop)).to(engine.device)
-                    neg = self.sampler.sample(
-                        batch.src, 1, self.historical_ratio, engine.neighbors, exclude=batch.dst
-                    )
-                    gathered = step.gather(batch, neg)
+                for idx, start in enumerate(range(0, self.stop, self.batch_size)):
+                    gathered = self._gather(start)
+                    batch = gathered.batch
                     engine.record(batch)  # structure stays exact: later gathers see this batch
                     with self._cond:
                         self._touched[idx] = torch.unique(torch.cat([batch.src, batch.dst]))

@@ -268,7 +268,8 @@ class MemoryEngine(nn.Module):
         else:
             with_grad = torch.isin(ids, grad_nodes)
             updated, raw = prev.clone(), prev.clone()
-            for sel, grad in ((with_grad.nonzero().squeeze(1), True), ((~with_grad).nonzero().squeeze(1), False)):
+            parts = ((with_grad.nonzero().squeeze(1), True), ((~with_grad).nonzero().squeeze(1), False))
+            for sel, grad in parts:
                 with torch.set_grad_enabled(grad):
                     u, r = self._update(
                         rows.mail[sel],

@@ -74,7 +74,11 @@ def test_training_statistics_equal_naive_per_node_transitions():
         pending = _memory_before_fold(engine)
         scored = step.score_batch(batch, sampler.sample(batch.src))
         loss = step.loss(scored)
-        folded = set(scored.fresh.nodes[scored.fresh.folded].tolist()) if scored.fresh.folded is not None else set()
+        folded = (
+            set(scored.fresh.nodes[scored.fresh.folded].tolist())
+            if scored.fresh.folded is not None
+            else set()
+        )
         with torch.no_grad():
             for node in sorted(folded):
                 prev, mail, dt = pending[node]

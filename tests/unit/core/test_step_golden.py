@@ -46,4 +46,8 @@ def test_step_matches_the_pre_refactor_record(wikipedia_csv):
             assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
         for key in ("train_state", "eval_state", "ingest_state"):
             for name, total in old[key]["abs_sums"].items():
-                assert math.isclose(new[key]["abs_sums"][name], total, rel_tol=1e-2, abs_tol=1e-3), (model, key, name)
+                assert math.isclose(new[key]["abs_sums"][name], total, rel_tol=1e-2, abs_tol=1e-3), (
+                    model,
+                    key,
+                    name,
+                )

@@ -35,7 +35,9 @@ def trained(wikipedia_csv, tmp_path_factory):
 
 def test_names_resolve_to_the_nodes_they_were_trained_as(trained):
     data, result, path = trained
-    engine, version = initial_engine(ModelSource(checkpoint=path, keep_checkpoint_state=True), torch.device("cpu"))
+    engine, version = initial_engine(
+        ModelSource(checkpoint=path, keep_checkpoint_state=True), torch.device("cpu")
+    )
     engine.eval()
     engine.fold_pending()  # as the server does on start
     live = LiveEngine(engine, version, {})
@@ -45,7 +47,9 @@ def test_names_resolve_to_the_nodes_they_were_trained_as(trained):
     # the same dense nodes.
     ev = data.events
     pairs = [(int(ev.src[k]), int(ev.dst[k])) for k in (5, 700, 2999)]
-    reply = score(live, ScoreQuery([data.raw_ids[s] for s, _ in pairs], [data.raw_ids[d] for _, d in pairs], None))
+    reply = score(
+        live, ScoreQuery([data.raw_ids[s] for s, _ in pairs], [data.raw_ids[d] for _, d in pairs], None)
+    )
     trained_engine = result.engine.eval()
     t = torch.full((3,), float(trained_engine.watermark), dtype=torch.float64)
     want = trained_engine.score(torch.tensor([s for s, _ in pairs]), torch.tensor([d for _, d in pairs]), t)
