@@ -19,7 +19,7 @@ from tgnstream.trainer.pipeline import PipelinedBatches, mitigate_staleness
 
 @pytest.fixture(scope="module")
 def wiki(wikipedia_csv):
-    return load_dataset(wikipedia_csv, limit=6000)
+    return load_dataset(wikipedia_csv, limit=3000)
 
 
 def _digest(engine) -> str:
@@ -30,7 +30,7 @@ def _digest(engine) -> str:
     return h.hexdigest()
 
 
-def _run(data, depth, pair=False, pres=False, eager=False, watch=None, batch_size=200, epochs=2):
+def _run(data, depth, pair=False, pres=False, eager=False, watch=None, batch_size=100, epochs=2):
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tgn", width=32, pair_features=pair, pres=pres)
     engine = MemoryEngine(cfg, capacity=data.num_nodes)
@@ -39,7 +39,7 @@ def _run(data, depth, pair=False, pres=False, eager=False, watch=None, batch_siz
     sampler = NegativeSampler(data.dst_nodes, seed=0)
     losses, stats = [], []
     for _ in range(epochs):
-        batches = make_batches(step, data, 4000, batch_size, sampler, 0.5 if pair else 0.0, depth, 0.9, eager)
+        batches = make_batches(step, data, 2000, batch_size, sampler, 0.5 if pair else 0.0, depth, 0.9, eager)
         if watch is not None:
             watch(batches)
         losses.append(run_epoch(step, batches, opt))
