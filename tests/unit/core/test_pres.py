@@ -176,7 +176,7 @@ def test_coherence_term_has_gradient_on_the_updater():
     with_beta = step.loss(step.score_batch(batch, sampler.sample(batch.src)))
     step.coherence_weight = 0.0
     without = step.loss(step.score_batch(batch, sampler.sample(batch.src)))
-    assert float(with_beta) != float(without)
+    assert float(with_beta.detach()) != float(without.detach())
 
 
 def test_evaluation_never_teaches_the_statistics():
