@@ -144,9 +144,6 @@ class SequentialBatches(_EpochBatches):
     def apply(self, scored: ScoredBatch) -> None:
         self.step.apply(scored, learn=True)
 
-    def close(self) -> None:
-        pass
-
 
 class PipelinedBatches(_EpochBatches):
     """Batches prepared by a producer thread, up to ``depth`` write-backs ahead (see module doc).

@@ -117,19 +117,13 @@ class MemoryEngine(nn.Module):
 
     def reset_state(self) -> None:
         """Forget every event (memory, mailbox, neighbours, pair history, id map); keep weights
-        and the PRES statistics (learnt about the model's dynamics, like weights; see
-        ``reset_pres``)."""
+        and the PRES statistics (learnt about the model's dynamics, like weights)."""
         self.ids.reset()
         self.memory.reset()
         self.neighbors.reset()
         self.history.reset()
         self.events_applied.zero_()
         self.watermark.fill_(float("-inf"))
-
-    def reset_pres(self) -> None:
-        """Forget the PRES transition statistics (no-op without PRES)."""
-        if self.pres is not None:
-            self.pres.reset()
 
     # ----------------------------------------------------------------------------- gather
     def fetch_memory(self, nodes: torch.Tensor) -> MemoryRows:
@@ -147,7 +141,6 @@ class MemoryEngine(nn.Module):
             mail_ts=mem.mail_ts[ids],
             pres_mean=None if pres is None else pres.mean[ids],
             pres_count=None if pres is None else pres.count[ids],
-            version=int(self.events_applied),
         )
 
     def gather_embedding(

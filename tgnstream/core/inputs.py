@@ -24,8 +24,7 @@ class MemoryRows:
     nodes: ``[U]`` sorted unique ids; memory: ``[U, d_mem]``; last_update: ``[U]`` float64;
     pending: ``[P]`` row indices of the nodes with a pending message; mail: ``[P, d_mail]`` and
     mail_ts: ``[P]`` float64 those messages; pres_mean: ``[P, d_mem]`` and pres_count: ``[P]``
-    the PRES transition statistics of those nodes (None without PRES); version: the engine's
-    ``events_applied`` when the rows were fetched.
+    the PRES transition statistics of those nodes (None without PRES).
     """
 
     nodes: torch.Tensor
@@ -36,7 +35,6 @@ class MemoryRows:
     mail_ts: torch.Tensor
     pres_mean: torch.Tensor | None
     pres_count: torch.Tensor | None
-    version: int
 
 
 @dataclass

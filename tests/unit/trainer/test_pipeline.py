@@ -98,7 +98,6 @@ def test_mitigation_by_hand():
         mail_ts=torch.zeros(0, dtype=torch.float64),
         pres_mean=None,
         pres_count=None,
-        version=0,
     )
     inputs = EmbeddingInputs(
         inv=torch.tensor([0]),
