@@ -41,6 +41,7 @@ from pydantic import StrictFloat, TypeAdapter
 from pydantic_core import from_json
 from typing_extensions import TypedDict
 
+from tgnstream.core.idmap import MAX_ID_BYTES
 from tgnstream.rpc.v1.event_pb2 import Event
 
 __all__ = ["REASONS", "MAX_ID_BYTES", "Rejected", "DecodedBatch", "RecordDecoder"]
@@ -63,7 +64,6 @@ REASONS: tuple[str, ...] = (
     "self_loop",  # src == dst while self loops are not allowed
     "invalid_protobuf",  # protobuf encoding: the bytes are not an Event message
 )
-MAX_ID_BYTES = 512
 _MAX_DETAIL = 300
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # A str id of at most this many characters cannot exceed MAX_ID_BYTES (<= 4 UTF-8 bytes/char),

@@ -9,7 +9,11 @@ import torch
 
 from tgnstream.core.buffers import ResizableBufferModule
 
-__all__ = ["IdMap"]
+__all__ = ["IdMap", "MAX_ID_BYTES"]
+
+#: Longest external node id, in bytes of UTF-8, that any door accepts (Kafka records and gRPC
+#: requests alike): ids are stored for good, so an unbounded id is unbounded memory.
+MAX_ID_BYTES = 512
 
 
 class IdMap(ResizableBufferModule):
