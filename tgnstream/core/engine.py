@@ -94,6 +94,8 @@ class MemoryEngine(nn.Module):
         self.pres = TransitionStats(capacity, config.memory_dim) if config.pres else None
         self.register_buffer("events_applied", torch.zeros((), dtype=torch.long))
         self.register_buffer("watermark", torch.full((), float("-inf"), dtype=torch.float64))
+        # Earliest applied event time: with the watermark, the span of times a query may ask about.
+        self.register_buffer("first_event_time", torch.full((), float("inf"), dtype=torch.float64))
         self.to(device)
 
     # ----------------------------------------------------------------------------- state
@@ -115,6 +117,16 @@ class MemoryEngine(nn.Module):
         if self.pres is not None:
             self.pres.grow(new_cap)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # States saved before first_event_time existed: the oldest "newest event of a pair" is
+        # the closest bound they still hold (at or after the true first event).
+        key = prefix + "first_event_time"
+        if key not in state_dict:
+            last_t = state_dict.get(prefix + "history.last_t")
+            first = last_t.min() if last_t is not None and last_t.numel() else torch.tensor(float("inf"))
+            state_dict[key] = first.to(torch.float64).reshape(())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_state(self) -> None:
         """Forget every event (memory, mailbox, neighbours, pair history, id map); keep weights
         and the PRES statistics (learnt about the model's dynamics, like weights)."""
@@ -124,6 +136,7 @@ class MemoryEngine(nn.Module):
         self.history.reset()
         self.events_applied.zero_()
         self.watermark.fill_(float("-inf"))
+        self.first_event_time.fill_(float("inf"))
 
     # ----------------------------------------------------------------------------- gather
     def fetch_memory(self, nodes: torch.Tensor) -> MemoryRows:
@@ -511,6 +524,7 @@ class MemoryEngine(nn.Module):
         self.history.insert(batch.src, batch.dst, batch.t)
         self.events_applied += len(batch)
         self.watermark.copy_(torch.maximum(self.watermark, batch.t.max()))
+        self.first_event_time.copy_(torch.minimum(self.first_event_time, batch.t.min()))
 
     @torch.no_grad()
     def apply_events(self, batch: EventBatch, fresh: FreshMemory | None = None) -> None:

@@ -18,7 +18,20 @@ __all__ = [
     "LinkDecoder",
     "PAIR_FEATURE_DIM",
     "encode_pair_features",
+    "MAX_TIME_GAP_S",
+    "bounded_gap",
 ]
+
+#: Largest time gap (seconds, about 317 years) the model ever sees. Events are validated at the
+#: door, but a state restored from elsewhere or a query time near the allowed edge can still
+#: produce a huge gap; beyond float32's range it would turn into inf, and cos(inf) or
+#: 0 * inf into NaN. Clamping keeps every output finite for any finite input.
+MAX_TIME_GAP_S = 1e10
+
+
+def bounded_gap(dt: torch.Tensor) -> torch.Tensor:
+    """``dt`` clamped to ``[-MAX_TIME_GAP_S, MAX_TIME_GAP_S]`` as float32 (NaN stays NaN)."""
+    return dt.clamp(-MAX_TIME_GAP_S, MAX_TIME_GAP_S).float()
 
 
 class TimeEncoder(nn.Module):
@@ -42,7 +55,7 @@ class TimeEncoder(nn.Module):
             self.register_buffer("b", b)
 
     def forward(self, dt: torch.Tensor) -> torch.Tensor:
-        return torch.cos(dt.float().unsqueeze(-1) * self.w + self.b)
+        return torch.cos(bounded_gap(dt).unsqueeze(-1) * self.w + self.b)
 
 
 class IdentityMessage(nn.Module):
@@ -135,7 +148,7 @@ class TimeProjectionEmbedding(nn.Module):
         self.out_dim = memory_dim
 
     def forward(self, mem: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        return mem * (1 + self.proj(torch.log1p(dt.clamp(min=0).float()).unsqueeze(-1)))
+        return mem * (1 + self.proj(torch.log1p(bounded_gap(dt).clamp(min=0)).unsqueeze(-1)))
 
 
 # Pair features: [seen, log1p(count), RBF(log-time since last u-v event), log1p(common),
@@ -158,7 +171,7 @@ def encode_pair_features(stats, t: torch.Tensor) -> torch.Tensor:
     # the last u-v event, and how far that event is behind u's and v's latest interaction.
     gaps = torch.stack([t - stats.last, stats.latest_u - stats.last, stats.latest_v - stats.last], -1)
     on = seen.unsqueeze(-1)
-    x = torch.log1p(torch.where(on, gaps, torch.zeros_like(gaps)).clamp(min=0).float())
+    x = torch.log1p(bounded_gap(torch.where(on, gaps, torch.zeros_like(gaps))).clamp(min=0))
     rbf = torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * on.unsqueeze(-1)
     is_latest = (on & (gaps[..., 1:] <= 0)).float()  # [*, 2]: for u, for v
     return torch.cat(
