@@ -99,6 +99,26 @@ class IngestConfig(BaseModel):
         description="events older than (watermark - this) go to the DLQ as 'too_late'; None: "
         "every late event is applied with its time gap clamped at 0 (and counted)",
     )
+    max_future_s: float | None = Field(
+        86_400.0,
+        gt=0,
+        description="events more than this after the running watermark go to the DLQ as "
+        "'too_far_ahead' (one event in milliseconds or from a broken clock would otherwise move the "
+        "watermark years ahead); raise it for streams with longer gaps; None: no bound",
+    )
+    max_ahead_of_record_time_s: float | None = Field(
+        None,
+        ge=0,
+        description="wall-clock bound: events whose ts is more than this ahead of their Kafka record "
+        "timestamp go to the DLQ as 'too_far_ahead' (the timestamp is in the log, so replays agree); "
+        "needs event times in Unix seconds; None: off",
+    )
+    max_abs_ts_s: float = Field(
+        1e11,
+        gt=0,
+        description="events with |ts| beyond this are rejected as 'ts_out_of_range' (default: about "
+        "year 5100, which refuses Unix times in milliseconds or finer)",
+    )
     dlq_enabled: bool = Field(
         True, description="send invalid records to <topic>.dlq (else: count and log only)"
     )

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+from tgnstream.core.engine import PreparedBatch
 from tgnstream.core.events import EventBatch
 from tgnstream.core.step import TemporalStep
 from tgnstream.ingest.config import IngestConfig
@@ -18,6 +19,7 @@ from tgnstream.ingest.prefetch import FetchedBatch, Prefetcher
 from tgnstream.ingest.quality import PrequentialQuality
 from tgnstream.ingest.records import DecodedBatch, RecordDecoder
 from tgnstream.ingest.source import SourceRecord
+from tgnstream.ingest.time_policy import TimePolicy
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
 from tgnstream.snapshots import SnapshotConfig, SnapshotStore
@@ -30,8 +32,8 @@ log = logging.getLogger(__name__)
 class IngestLoop:
     """Applies the event stream to ``live`` with exactly-once state.
 
-    Per micro-batch: decode (bad records -> dead letters), drop events later than the allowed
-    lateness (-> dead letters), sort by time, register new node ids, score a sample before
+    Per micro-batch: decode (bad records -> dead letters), screen event times (too late, too far
+    ahead -> dead letters; ``time_policy.py``), sort by time, register new node ids, score a sample before
     applying (prequential quality), then the shared step's serving apply (apply + fold pending
     messages; ``TemporalStep.prepare_live``/``commit_live``) and advance the offsets in one
     write-locked step. Snapshots (state + offsets) every N events or T seconds; Kafka's
@@ -59,6 +61,9 @@ class IngestLoop:
         self.snapshot_config = snapshot_config
         self.metrics = metrics
         self.quality = PrequentialQuality(config.quality)
+        self.time_policy = TimePolicy(
+            config.max_lateness_s, config.max_future_s, config.max_ahead_of_record_time_s
+        )
         self._stop = threading.Event()
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
@@ -99,16 +104,15 @@ class IngestLoop:
         decoded = self.decoder.decode(batch.values)
         for rej in decoded.rejected:
             self._dead_letter(batch.record(rej.position), rej.reason, rej.detail)
-        keep = self._apply_lateness_policy(batch, decoded)
+        keep = self._apply_time_policy(batch, decoded)
         events = self._register(decoded, keep)
         prepared = None
         if events is not None:
             self.metrics.online_scored.inc(self.quality.observe(self.live, events))
-            # The heavy part (messages, memory updater) under the shared lock: queries go on.
-            with self.live.read() as engine:
-                prepared = TemporalStep(engine).prepare_live(events)
+            prepared = self._prepare(batch, decoded, keep, events)
         with self.live.write() as engine:
             if prepared is not None:
+                events = prepared.batch
                 late = int((events.t < engine.watermark).sum())
                 TemporalStep(engine).commit_live(prepared)
                 self.metrics.ingest_events.labels("applied").inc(len(events))
@@ -122,21 +126,43 @@ class IngestLoop:
         m.ingest_batch_events.observe(0 if events is None else len(events))
         self._publish_state_metrics()
 
-    def _apply_lateness_policy(self, batch: FetchedBatch, decoded: DecodedBatch) -> np.ndarray:
-        """Indices (into ``decoded``) of events to apply; too-late ones become dead letters."""
-        limit = self.config.max_lateness_s
-        everything = np.arange(decoded.ts.shape[0])
+    def _apply_time_policy(self, batch: FetchedBatch, decoded: DecodedBatch) -> np.ndarray:
+        """Indices (into ``decoded``) of events to apply; the others become dead letters."""
+        record_time_s = batch.timestamps_ms[decoded.positions] / 1000.0
         watermark = float(self.live.engine.watermark)  # only this thread writes it
-        if limit is None or not np.isfinite(watermark):
-            return everything
-        too_late = decoded.ts < watermark - limit
-        for i in np.nonzero(too_late)[0].tolist():
-            self._dead_letter(
-                batch.record(int(decoded.positions[i])),
-                "too_late",
-                f"ts {decoded.ts[i]!r} is more than {limit} s before the watermark {watermark!r}",
-            )
-        return everything[~too_late]
+        keep, rejected = self.time_policy.screen(decoded.ts, record_time_s, watermark)
+        for r in rejected:
+            self._dead_letter(batch.record(int(decoded.positions[r.index])), r.reason, r.detail)
+        return keep
+
+    def _prepare(
+        self, batch: FetchedBatch, decoded: DecodedBatch, keep: np.ndarray, events: EventBatch
+    ) -> PreparedBatch | None:
+        """The serving apply's heavy phase (messages, memory updater) under the shared lock, so
+        queries go on. Last line of defence: events whose update would write a non-finite row
+        (a damaged model; validated input cannot cause it) are dead-lettered, never applied."""
+        rows = keep[np.argsort(decoded.ts[keep], kind="stable")]  # decoded index of each event
+        for _ in range(2):
+            with self.live.read() as engine:
+                prepared = TemporalStep(engine).prepare_live(events)
+            bad = prepared.nonfinite_nodes()
+            if bad.numel() == 0:
+                return prepared
+            hit = (torch.isin(events.src, bad) | torch.isin(events.dst, bad)).cpu()
+            self.metrics.nonfinite.labels("ingest").inc(int(hit.sum()))
+            for i in torch.nonzero(hit).squeeze(1).tolist():
+                self._dead_letter(
+                    batch.record(int(decoded.positions[rows[i]])),
+                    "non_finite_state",
+                    "applying this event would write a non-finite memory row (the model is damaged)",
+                )
+            if bool(hit.all()):
+                return None
+            kept = torch.nonzero(~hit).squeeze(1)
+            rows = rows[kept.numpy()]
+            events = events.select(kept.to(events.device))
+        log.error("ingest: a batch still gave non-finite memory after dropping its events; skipped")
+        return None
 
     def _register(self, decoded: DecodedBatch, keep: np.ndarray) -> EventBatch | None:
         """Map external ids to dense ids (new ids get slots: they read as cold start until their

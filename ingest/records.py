@@ -3,7 +3,8 @@
 Contract of one JSON value: ``{"src": "user-17", "dst": "page-42", "ts": 1700000000.25,
 "features": [...], "label": 0}``. ``src``/``dst`` are non-empty strings of at most
 ``MAX_ID_BYTES`` UTF-8 bytes (JSON integers are accepted and stringified; booleans, floats and
-anything else are rejected); ``ts`` is a finite number of seconds; ``features`` has exactly
+anything else are rejected); ``ts`` is a finite number of seconds with ``|ts| <= max_abs_ts_s``
+(default 1e11: Unix time in milliseconds is refused); ``features`` has exactly
 ``edge_dim`` finite numbers (absent or ``null`` is allowed only when ``edge_dim == 0``; ``[]``
 always means length 0); ``label`` is an optional integer in the int64 range (absent or
 ``null`` reads as 0). Unknown extra fields are ignored. The optional binary encoding is the
@@ -44,7 +45,7 @@ from typing_extensions import TypedDict
 from tgnstream.core.idmap import MAX_ID_BYTES
 from tgnstream.rpc.v1.event_pb2 import Event
 
-__all__ = ["REASONS", "MAX_ID_BYTES", "Rejected", "DecodedBatch", "RecordDecoder"]
+__all__ = ["DEFAULT_MAX_ABS_TS_S", "REASONS", "MAX_ID_BYTES", "Rejected", "DecodedBatch", "RecordDecoder"]
 
 # Every reason code a rejection can carry. Stable, snake_case, bounded: used as a metric label.
 REASONS: tuple[str, ...] = (
@@ -58,6 +59,7 @@ REASONS: tuple[str, ...] = (
     "empty_id",  # src or dst is ""
     "id_too_long",  # src or dst longer than MAX_ID_BYTES bytes of UTF-8
     "non_finite_ts",  # ts is NaN/Infinity (JSON literals included) or overflows a float64
+    "ts_out_of_range",  # |ts| > max_abs_ts_s (milliseconds or microseconds sent as seconds, ...)
     "feature_length",  # len(features) != edge_dim
     "non_finite_feature",  # a feature is NaN/Infinity or overflows float32
     "bad_label",  # label is not an integer in the int64 range
@@ -65,6 +67,7 @@ REASONS: tuple[str, ...] = (
     "invalid_protobuf",  # protobuf encoding: the bytes are not an Event message
 )
 _MAX_DETAIL = 300
+DEFAULT_MAX_ABS_TS_S = 1e11
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # A str id of at most this many characters cannot exceed MAX_ID_BYTES (<= 4 UTF-8 bytes/char),
 # so the screen only re-checks longer ones precisely.
@@ -175,6 +178,8 @@ class RecordDecoder:
         encoding: ``"json"`` (default) or ``"protobuf"`` (``tgnstream.rpc.v1.Event``).
         max_record_bytes: larger values are rejected unparsed (``oversized``).
         allow_self_loops: accept events with ``src == dst`` (compared after stringification).
+        max_abs_ts_s: events with ``|ts|`` beyond this are rejected (``ts_out_of_range``): the
+            default, 1e11 s (about year 5100), refuses Unix times sent in milliseconds or finer.
     """
 
     def __init__(
@@ -183,6 +188,7 @@ class RecordDecoder:
         encoding: str = "json",
         max_record_bytes: int = 65536,
         allow_self_loops: bool = False,
+        max_abs_ts_s: float = DEFAULT_MAX_ABS_TS_S,
     ):
         if edge_dim < 0:
             raise ValueError(f"edge_dim must be >= 0, got {edge_dim}")
@@ -194,6 +200,9 @@ class RecordDecoder:
         self.encoding = encoding
         self.max_record_bytes = int(max_record_bytes)
         self.allow_self_loops = bool(allow_self_loops)
+        if not (math.isfinite(max_abs_ts_s) and max_abs_ts_s > 0):
+            raise ValueError(f"max_abs_ts_s must be a positive finite number, got {max_abs_ts_s}")
+        self.max_abs_ts_s = float(max_abs_ts_s)
         self._zero_row = [0.0] * self.edge_dim  # placeholder for screened-out rows
         self._parse_json = from_json if self.edge_dim == 0 else _FEATURES_JSON.validate_json
 
@@ -300,10 +309,14 @@ class RecordDecoder:
                     suspects.add(i)
                     col[i] = 0.0
             ts = np.array(col, dtype=np.float64)
-        finite = np.isfinite(ts)
-        if not finite.all():
-            suspects.update(np.flatnonzero(~finite).tolist())
+        self._screen_ts_range(ts, suspects)
         return ts
+
+    def _screen_ts_range(self, ts: np.ndarray, suspects: set[int]) -> None:
+        """Flag times that are not finite or beyond ``max_abs_ts_s`` (NaN compares False)."""
+        ok = np.abs(ts) <= self.max_abs_ts_s
+        if not ok.all():
+            suspects.update(np.flatnonzero(~ok).tolist())
 
     def _screen_labels(self, col: list[Any], suspects: set[int]) -> np.ndarray:
         """Flag labels that are not ints in the int64 range; absent/null read as 0."""
@@ -369,9 +382,7 @@ class RecordDecoder:
         src = self._screen_ids(list(map(attrgetter("src"), events)), suspects)
         dst = self._screen_ids(list(map(attrgetter("dst"), events)), suspects)
         ts = np.fromiter(map(attrgetter("ts"), events), dtype=np.float64, count=n)
-        finite = np.isfinite(ts)
-        if not finite.all():
-            suspects.update(np.flatnonzero(~finite).tolist())
+        self._screen_ts_range(ts, suspects)
         feats = list(map(attrgetter("features"), events))
         if set(map(len, feats)) != {d}:
             suspects.update(i for i, f in enumerate(feats) if len(f) != d)
@@ -489,7 +500,7 @@ class RecordDecoder:
         """Check one parsed event object field by field, in the documented order."""
         src = _check_id(obj, "src")
         dst = _check_id(obj, "dst")
-        ts = _check_ts(obj)
+        ts = _check_ts(obj, self.max_abs_ts_s)
         features = self._check_features(obj)
         label = _check_label(obj)
         if src == dst and not self.allow_self_loops:
@@ -573,7 +584,7 @@ def _check_id(obj: dict, name: str) -> str:
     return x
 
 
-def _check_ts(obj: dict) -> float:
+def _check_ts(obj: dict, max_abs: float) -> float:
     if "ts" not in obj:
         raise _Reject("missing_field", "ts is required")
     x = obj["ts"]
@@ -584,6 +595,11 @@ def _check_ts(obj: dict) -> float:
     t = float(x)
     if not math.isfinite(t):
         raise _Reject("non_finite_ts", f"ts must be finite, got {t!r}")
+    if abs(t) > max_abs:
+        raise _Reject(
+            "ts_out_of_range",
+            f"ts {t!r} is beyond ±{max_abs:g} s (ts must be in seconds: milliseconds or finer?)",
+        )
     return t
 
 

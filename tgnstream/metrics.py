@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-__all__ = ["ServerMetrics", "INGEST_RESULTS"]
+__all__ = ["ServerMetrics", "INGEST_RESULTS", "NONFINITE_WHERE"]
 
 # Every value the ``result`` label of tgnstream_ingest_events_total takes.
 INGEST_RESULTS = ("applied", "late_clamped", "dlq")
+
+# Where a NaN/inf can be caught: a batch about to be applied, or a reply about to be sent.
+NONFINITE_WHERE = ("ingest", "score", "topk", "embed")
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -40,6 +43,15 @@ class ServerMetrics:
             ["reason"],
             registry=r,
         )
+        self.nonfinite = Counter(
+            "tgnstream_nonfinite_total",
+            "NaN/inf caught before it reached the state or a client: events dead-lettered as "
+            "non_finite_state (where=ingest), replies refused with INTERNAL (where=score/topk/embed)",
+            ["where"],
+            registry=r,
+        )
+        for where in NONFINITE_WHERE:
+            self.nonfinite.labels(where)
         self.ingest_batch_seconds = Histogram(
             "tgnstream_ingest_batch_seconds",
             "Wall time to apply one micro-batch to memory (decode excluded)",

@@ -79,14 +79,9 @@ class ServingProcess:
         self.metrics = ServerMetrics()
         self.store = SnapshotStore(cfg.snapshots.dir, cfg.snapshots.keep)
         topic = cfg.ingest.kafka.topic
-        restored = self.store.restore_latest(device)
+        restored = self.store.restore_latest(device, topic=topic)
         if restored is not None:
             snap, engine = restored
-            if snap.topic and snap.topic != topic:
-                raise ValueError(
-                    f"snapshot {snap.path} is of topic {snap.topic!r}, this server reads {topic!r}; "
-                    "use another snapshot directory"
-                )
             version, offsets = snap.model_version, snap.next_offsets
             log.info("restored %s: %d events, offsets %s", snap.path.name, snap.events_applied, offsets)
         else:
@@ -118,6 +113,7 @@ class ServingProcess:
             encoding=cfg.ingest.encoding,
             max_record_bytes=cfg.ingest.max_record_bytes,
             allow_self_loops=cfg.ingest.allow_self_loops,
+            max_abs_ts_s=cfg.ingest.max_abs_ts_s,
         )
         self.loop = IngestLoop(
             cfg.ingest,

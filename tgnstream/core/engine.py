@@ -55,6 +55,11 @@ class PreparedBatch:
     mail_ts: torch.Tensor
     version: int
 
+    def nonfinite_nodes(self) -> torch.Tensor:
+        """``[k]`` nodes whose new memory or message has a NaN/inf (empty when all is well)."""
+        ok = torch.isfinite(self.memory).all(1) & torch.isfinite(self.mail).all(1)
+        return self.nodes[~ok]
+
 
 @dataclass(frozen=True)
 class AppliedMemory:

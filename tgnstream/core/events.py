@@ -50,6 +50,10 @@ class EventBatch:
             self.src[start:stop], self.dst[start:stop], self.t[start:stop], self.feats[start:stop]
         )
 
+    def select(self, rows: torch.Tensor) -> EventBatch:
+        """The events at ``rows [m]`` (increasing keeps the time order)."""
+        return EventBatch(self.src[rows], self.dst[rows], self.t[rows], self.feats[rows])
+
     @staticmethod
     def from_lists(src: list[int], dst: list[int], t: list[float], d_edge: int = 0) -> EventBatch:
         """Convenience constructor for tests and small hand-built streams."""

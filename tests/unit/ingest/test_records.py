@@ -36,7 +36,8 @@ def test_reasons_are_stable_bounded_labels():
     assert all(re.fullmatch(r"[a-z][a-z0-9_]*", r) for r in REASONS)
     required = {
         "null_value", "oversized", "invalid_utf8", "invalid_json", "not_an_object", "missing_field",
-        "bad_type", "empty_id", "id_too_long", "non_finite_ts", "feature_length", "non_finite_feature",
+        "bad_type", "empty_id", "id_too_long", "non_finite_ts", "ts_out_of_range",
+        "feature_length", "non_finite_feature",
         "bad_label", "self_loop", "invalid_protobuf",
     }  # fmt: skip
     assert required <= set(REASONS)
@@ -80,6 +81,10 @@ BAD_CASES = [
     ({}, b'{"src":"a","dst":"b","ts":-Infinity}', "non_finite_ts"),
     ({}, b'{"src":"a","dst":"b","ts":1e400}', "non_finite_ts"),
     ({}, b'{"src":"a","dst":"b","ts":1' + b"0" * 400 + b"}", "non_finite_ts"),
+    ({}, b'{"src":"a","dst":"b","ts":1e300}', "ts_out_of_range"),
+    ({}, b'{"src":"a","dst":"b","ts":1732968000123}', "ts_out_of_range"),  # Unix milliseconds
+    ({}, b'{"src":"a","dst":"b","ts":-100000000001}', "ts_out_of_range"),
+    ({"max_abs_ts_s": 11.0}, b'{"src":"a","dst":"b","ts":-11.5}', "ts_out_of_range"),
     ({"edge_dim": 2}, b'{"src":"a","dst":"b","ts":1,"features":[1.0,2.0,3.0]}', "feature_length"),
     ({"edge_dim": 2}, b'{"src":"a","dst":"b","ts":1,"features":[]}', "feature_length"),
     ({}, b'{"src":"a","dst":"b","ts":1,"features":[0.5]}', "feature_length"),
@@ -93,6 +98,7 @@ BAD_CASES = [
     ({}, b'{"src":"a","dst":"a","ts":1}', "self_loop"),
     ({}, b'{"src":5,"dst":"5","ts":1}', "self_loop"),
     ({"encoding": "protobuf"}, b"\xff\xff\xff\xff", "invalid_protobuf"),
+    ({"encoding": "protobuf"}, encode_event("a", "b", 1e300, 0, None, "protobuf"), "ts_out_of_range"),
     ({"encoding": "protobuf"}, b'{"src":"a","dst":"b","ts":1}', "invalid_protobuf"),
 ]
 
@@ -377,6 +383,8 @@ def reference_decode(value, edge_dim, max_bytes=65536, allow_self_loops=False):
         raise RefReject("non_finite_ts") from None
     if math.isnan(ts) or math.isinf(ts):
         raise RefReject("non_finite_ts")
+    if abs(ts) > 1e11:
+        raise RefReject("ts_out_of_range")
     feats = obj.get("features")
     if feats is None:
         if edge_dim != 0:
