@@ -1,12 +1,17 @@
 """Durable snapshots of the live state together with the Kafka offsets it reflects.
 
 Layout: ``DIR/snap-<events:012d>-<unix_ms>/`` holding ``state.pt`` (a checkpoint: config,
-weights, full node state and id map) and ``manifest.json`` (model version, per-partition next
-offsets, event count, SHA-256 of ``state.pt``). The manifest is written last, by temp file +
-fsync + rename, and the directory is fsynced: a snapshot without a manifest, or whose checksum
-does not match, is incomplete and never loaded. Restoring the newest complete snapshot and
-seeking to its offsets gives exactly-once state (the Flink model): every event is either in the
-snapshot or after its offsets, never both.
+weights, full node state and id map) and ``manifest.json`` (model version, topic, per-partition
+next offsets, event count, SHA-256 of ``state.pt``, and ``manifest_sha256``: the SHA-256 of the
+canonical JSON of all the other manifest fields). The manifest is written last, by temp file +
+fsync + rename, and the directory is fsynced: a snapshot without a manifest, whose manifest
+checksum does not match (an edited or damaged manifest would re-apply or skip events), or whose
+``state.pt`` checksum does not match, is never loaded. A write that fails part-way removes its
+directory. Restoring the newest complete snapshot and seeking to its offsets gives exactly-once
+state (the Flink model): every event is either in the snapshot or after its offsets, never both.
+
+The checksums detect accidents (hand edits, bit rot, truncation), not tampering: whoever can
+write the directory can recompute them.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ __all__ = ["Snapshot", "SnapshotConfig", "SnapshotStore", "SNAPSHOT_FORMAT"]
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
+_FORMAT_UNPROTECTED = 1  # still readable: its manifest has no checksum of its own
 _MANIFEST = "manifest.json"
 _STATE = "state.pt"
+_DIGEST = "manifest_sha256"
 
 
 class SnapshotConfig(BaseModel):
@@ -60,12 +67,42 @@ class Snapshot:
     topic: str
 
     def load(self, device: torch.device | str = "cpu") -> MemoryEngine:
-        """Rebuild the engine; raises ``ValueError`` when ``state.pt`` fails its checksum."""
-        manifest = json.loads((self.path / _MANIFEST).read_text())
+        """Rebuild the engine; raises ``ValueError`` when the manifest or ``state.pt`` fails its
+        checksum."""
+        manifest = _read_manifest(self.path)
         if _sha256(self.path / _STATE) != manifest["state_sha256"]:
             raise ValueError(f"{self.path}: state.pt does not match the manifest checksum")
         engine, _ = load_checkpoint(self.path / _STATE, device)
         return engine
+
+
+class _Rejected(ValueError):
+    """A manifest that is readable but must not be trusted (edited, damaged, unsupported)."""
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, compact separators, ASCII) of every field
+    but ``manifest_sha256`` itself."""
+    body = {k: v for k, v in manifest.items() if k != _DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of the snapshot at ``path``, verified. Raises ``_Rejected`` for an edited,
+    damaged or unsupported one, ``ValueError`` for one that is not JSON."""
+    m = json.loads((path / _MANIFEST).read_text())
+    if not isinstance(m, dict):
+        raise _Rejected(f"{path}: manifest is not a JSON object, ignored")
+    fmt = m.get("format")
+    if fmt == SNAPSHOT_FORMAT:
+        if m.get(_DIGEST) != _manifest_digest(m):
+            raise _Rejected(
+                f"{path}: manifest checksum does not match: the manifest was edited or damaged; "
+                "snapshot ignored"
+            )
+    elif fmt != _FORMAT_UNPROTECTED:
+        raise _Rejected(f"{path}: unsupported snapshot format {fmt!r}, ignored")
+    return m
 
 
 def _sha256(path: Path) -> str:
@@ -99,67 +136,104 @@ class SnapshotStore:
         self.root = Path(root)
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
+        self._warned: set[tuple[Path, str]] = set()
+
+    def _warn_once(self, path: Path, message: str) -> None:
+        # complete() runs after every write (prune); an ignored manifest stays on disk, so each
+        # complaint is logged once per store, not once per snapshot interval.
+        if (path, message) not in self._warned:
+            self._warned.add((path, message))
+            log.warning("%s", message)
 
     def write(
         self, engine: MemoryEngine, model_version: str, next_offsets: dict[int, int], topic: str
     ) -> Snapshot:
         """Persist ``engine``'s state and the offsets it reflects. The caller must make sure the
-        engine is not being written meanwhile (the ingest loop snapshots between batches)."""
+        engine is not being written meanwhile (the ingest loop snapshots between batches).
+
+        If anything fails (disk full, fsync), the half-written directory is removed (best
+        effort) and the exception propagates."""
         events = int(engine.events_applied)
         created = time.time()
         path = self.root / f"snap-{events:012d}-{int(created * 1000)}"
-        path.mkdir()
-        save_checkpoint(path / _STATE, engine, {"model_version": model_version})
-        manifest = {
-            "format": SNAPSHOT_FORMAT,
-            "model_version": model_version,
-            "topic": topic,
-            "next_offsets": {str(p): int(o) for p, o in sorted(next_offsets.items())},
-            "events_applied": events,
-            "created_at": created,
-            "state_sha256": _sha256(path / _STATE),
-        }
-        tmp = path / (_MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / _MANIFEST)
-        _fsync_dir(path)
-        _fsync_dir(self.root)
+        path.mkdir()  # before the try: a directory that already exists is not ours to remove
+        try:
+            save_checkpoint(path / _STATE, engine, {"model_version": model_version})
+            manifest = {
+                "format": SNAPSHOT_FORMAT,
+                "model_version": model_version,
+                "topic": topic,
+                "next_offsets": {str(p): int(o) for p, o in sorted(next_offsets.items())},
+                "events_applied": events,
+                "created_at": created,
+                "state_sha256": _sha256(path / _STATE),
+            }
+            manifest[_DIGEST] = _manifest_digest(manifest)
+            tmp = path / (_MANIFEST + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path / _MANIFEST)
+            _fsync_dir(path)
+            _fsync_dir(self.root)
+        except BaseException:
+            _discard(path)
+            raise
         snap = Snapshot(path, model_version, dict(next_offsets), events, created, topic)
         self.prune()
         return snap
 
     def complete(self) -> list[Snapshot]:
-        """Complete snapshots, oldest first (by event count, then creation time)."""
+        """Complete snapshots, oldest first (by event count, then creation time). Manifests that
+        fail their checksum, are unreadable or of an unsupported format are ignored (one warning
+        each); format-1 manifests are read, with a warning that their offsets are unprotected."""
         found = []
         for path in self.root.glob("snap-*"):
-            manifest_path = path / _MANIFEST
-            if not manifest_path.is_file():
+            if not (path / _MANIFEST).is_file():
                 continue
             try:
-                m = json.loads(manifest_path.read_text())
-                if m.get("format") != SNAPSHOT_FORMAT:
-                    log.warning("%s: unsupported snapshot format %r, ignored", path, m.get("format"))
-                    continue
-                found.append(
-                    Snapshot(
-                        path,
-                        m["model_version"],
-                        {int(p): int(o) for p, o in m["next_offsets"].items()},
-                        int(m["events_applied"]),
-                        float(m["created_at"]),
-                        m.get("topic", ""),
-                    )
+                m = _read_manifest(path)
+                snap = Snapshot(
+                    path,
+                    m["model_version"],
+                    {int(p): int(o) for p, o in m["next_offsets"].items()},
+                    int(m["events_applied"]),
+                    float(m["created_at"]),
+                    m.get("topic") or "",
                 )
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("%s: unreadable manifest (%s), ignored", path, e)
+            except _Rejected as e:
+                self._warn_once(path, str(e))
+                continue
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self._warn_once(path, f"{path}: unreadable manifest ({e!r}), ignored")
+                continue
+            if m["format"] == _FORMAT_UNPROTECTED:
+                self._warn_once(
+                    path,
+                    f"{path}: format-1 manifest without a manifest checksum: its offsets are not "
+                    "protected against edits or damage (the next snapshot will be format "
+                    f"{SNAPSHOT_FORMAT})",
+                )
+            found.append(snap)
         return sorted(found, key=lambda s: (s.events_applied, s.created_at))
 
-    def restore_latest(self, device: torch.device | str = "cpu") -> tuple[Snapshot, MemoryEngine] | None:
-        """The newest snapshot that loads and verifies (falling back to older ones), or None."""
+    def restore_latest(
+        self, device: torch.device | str = "cpu", topic: str | None = None
+    ) -> tuple[Snapshot, MemoryEngine] | None:
+        """The newest snapshot that loads and verifies (falling back to older ones), or None.
+
+        With ``topic``, snapshots of another topic are skipped (with a warning); snapshots that
+        record no topic count as matching."""
         for snap in reversed(self.complete()):
+            if topic is not None and snap.topic and snap.topic != topic:
+                log.warning(
+                    "snapshot %s is of topic %r, not %r; skipped, trying an older one",
+                    snap.path,
+                    snap.topic,
+                    topic,
+                )
+                continue
             try:
                 return snap, snap.load(device)
             except (ValueError, OSError, RuntimeError) as e:
@@ -167,9 +241,34 @@ class SnapshotStore:
         return None
 
     def prune(self) -> None:
-        """Delete all but the newest ``keep`` complete snapshots, and incomplete leftovers (one
-        store has one writer, so an incomplete directory is always a crashed write)."""
-        keep = {s.path for s in self.complete()[-self.keep :]}
-        for path in self.root.glob("snap-*"):
-            if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+        """Delete all but the newest ``keep`` complete snapshots of each topic, and incomplete
+        leftovers (directories without a manifest: one store has one writer, so such a directory
+        is always a crashed write). Directories whose manifest is ignored (edited, damaged, of
+        an unsupported format, e.g. written by a newer version) are left alone: they are not
+        this writer's leftovers, and ``complete()`` warns about them."""
+        by_topic: dict[str, list[Snapshot]] = {}
+        for snap in self.complete():  # oldest first
+            by_topic.setdefault(snap.topic, []).append(snap)
+        doomed = [s.path for snaps in by_topic.values() for s in snaps[: -self.keep]]
+        doomed += [p for p in self.root.glob("snap-*") if not (p / _MANIFEST).exists()]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    """Best-effort removal of a failed write's directory; never raises (the write's own error
+    is the one to report)."""
+    try:
+        # The manifest first: whatever else fails to go, what remains is an incomplete snapshot
+        # (never loaded, deleted by the next prune).
+        try:
+            (path / _MANIFEST).unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        left = path.exists()
+    except Exception as e:
+        left, why = True, f" ({e})"
+    else:
+        why = ""
+    if left:
+        log.warning("could not remove the failed snapshot %s%s", path, why)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 
+import pytest
 import torch
 
+from tgnstream import snapshots
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.snapshots import SnapshotStore
+from tgnstream.snapshots import SNAPSHOT_FORMAT, SnapshotStore
 
 
 def _engine(events: int) -> MemoryEngine:
@@ -80,3 +85,180 @@ def test_prune_keeps_the_newest_complete_ones_and_drops_leftovers(tmp_path):
 
 def test_restore_from_empty_directory_is_none(tmp_path):
     assert SnapshotStore(tmp_path / "new").restore_latest() is None
+
+
+def _rewrite_manifest(path, edit) -> None:
+    """Rewrite ``path``'s manifest by hand: ``edit`` changes the parsed dict in place; the
+    checksums are left as they were."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def test_manifest_checksum_is_sha256_of_canonical_json_of_the_other_fields(tmp_path):
+    snap = SnapshotStore(tmp_path).write(_engine(20), "v1", {1: 7, 0: 20}, "events")
+    manifest = json.loads((snap.path / "manifest.json").read_text())
+    assert manifest["format"] == SNAPSHOT_FORMAT == 2
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert manifest["manifest_sha256"] == hashlib.sha256(canonical).hexdigest()
+    assert set(body) == {
+        "format",
+        "model_version",
+        "topic",
+        "next_offsets",
+        "events_applied",
+        "created_at",
+        "state_sha256",
+    }
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(next_offsets={"0": 41}),
+        lambda m: m["next_offsets"].update({"1": 5}),
+        lambda m: m.update(events_applied=45),
+        lambda m: m.update(topic="other"),
+        lambda m: m.update(model_version="v2"),
+        lambda m: m.pop("manifest_sha256"),
+    ],
+    ids=["next_offsets", "extra_partition", "events_applied", "topic", "model_version", "no_checksum"],
+)
+def test_an_edited_manifest_is_ignored_and_the_older_snapshot_restored(tmp_path, caplog, edit):
+    store = SnapshotStore(tmp_path, keep=2)
+    older = store.write(_engine(30), "v1", {0: 30}, "events")
+    newer = store.write(_engine(40), "v1", {0: 40}, "events")
+    _rewrite_manifest(newer.path, edit)
+    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+        snap, engine = store.restore_latest()
+    assert snap.path == older.path and snap.next_offsets == {0: 30} and int(engine.events_applied) == 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(newer.path) in warnings[0] and "edited or damaged" in warnings[0]
+    # Ignored, never trusted: complete() leaves it out, Snapshot.load refuses it, and the warning
+    # is not repeated after every later write.
+    assert [s.path for s in store.complete()] == [older.path]
+    with pytest.raises(ValueError, match="edited or damaged"):
+        newer.load()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+        store.write(_engine(50), "v1", {0: 50}, "events")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [s.events_applied for s in store.complete()] == [30, 50]
+
+
+def test_a_format_1_manifest_still_restores_with_a_warning(tmp_path, caplog):
+    store = SnapshotStore(tmp_path)
+    snap = store.write(_engine(30), "v1", {0: 30, 1: 2}, "events")
+
+    def to_format_1(m):  # as the previous version wrote it, and hand-made without a topic
+        m.update(format=1)
+        del m["manifest_sha256"], m["topic"]
+
+    _rewrite_manifest(snap.path, to_format_1)
+    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+        got, engine = store.restore_latest(topic="events")  # no topic recorded: counts as matching
+    assert (got.path, got.next_offsets, got.events_applied, got.topic) == (snap.path, {0: 30, 1: 2}, 30, "")
+    assert int(engine.events_applied) == 30
+    assert any(str(snap.path) in r.getMessage() and "not protected" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unsupported_format_is_ignored_with_a_warning(tmp_path, caplog):
+    store = SnapshotStore(tmp_path, keep=1)
+    snap = store.write(_engine(30), "v1", {0: 30}, "events")
+    _rewrite_manifest(snap.path, lambda m: m.update(format=3))
+    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+        assert store.restore_latest() is None
+    assert any(str(snap.path) in r.getMessage() and "unsupported" in r.getMessage() for r in caplog.records)
+    # Not this writer's crash leftover (e.g. written by a newer version): prune leaves it alone.
+    store.write(_engine(40), "v1", {0: 40}, "events")
+    assert snap.path.is_dir()
+
+
+def test_restore_skips_snapshots_of_another_topic(tmp_path, caplog):
+    store = SnapshotStore(tmp_path, keep=5)
+    store.write(_engine(30), "v1", {0: 30}, "a")
+    newest_a = store.write(_engine(40), "v1", {0: 40}, "a")
+    b = store.write(_engine(50), "v1", {0: 50}, "b")
+    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+        snap, engine = store.restore_latest(topic="a")
+    assert snap.path == newest_a.path and snap.topic == "a" and int(engine.events_applied) == 40
+    message = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert str(b.path) in message and "'b'" in message and "'a'" in message
+    assert store.restore_latest(topic="b")[0].path == b.path
+    assert store.restore_latest()[0].path == b.path  # no topic given: the newest of any
+
+
+def test_restore_with_only_other_topics_is_none(tmp_path):
+    store = SnapshotStore(tmp_path)
+    store.write(_engine(30), "v1", {0: 30}, "b")
+    assert store.restore_latest(topic="a") is None
+    assert store.restore_latest(topic="b") is not None
+
+
+def test_prune_keeps_the_newest_of_each_topic(tmp_path):
+    store = SnapshotStore(tmp_path, keep=1)
+    store.write(_engine(10), "v", {0: 10}, "a")
+    store.write(_engine(20), "v", {0: 20}, "b")
+    store.write(_engine(30), "v", {0: 30}, "a")
+    assert [(s.topic, s.events_applied) for s in store.complete()] == [("b", 20), ("a", 30)]
+    store.write(_engine(40), "v", {0: 40}, "b")
+    assert [(s.topic, s.events_applied) for s in store.complete()] == [("a", 30), ("b", 40)]
+    assert len(list(tmp_path.glob("snap-*"))) == 2
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _partial_state_then_disk_full(path, *args, **kwargs):
+    path.write_bytes(b"half a checkpoint")
+    _disk_full()
+
+
+@pytest.mark.parametrize(
+    "target, failure",
+    [
+        ("save_checkpoint", _partial_state_then_disk_full),
+        ("os.fsync", _disk_full),  # in save_checkpoint or on the manifest temp file
+        ("_fsync_dir", _disk_full),  # the manifest is already in place by then
+    ],
+)
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, target, failure):
+    store = SnapshotStore(tmp_path, keep=3)
+    kept = store.write(_engine(10), "v1", {0: 10}, "events")
+    with monkeypatch.context() as m:
+        if target == "os.fsync":
+            m.setattr(snapshots.os, "fsync", failure)
+        else:
+            m.setattr(snapshots, target, failure)
+        with pytest.raises(OSError) as info:
+            store.write(_engine(20), "v1", {0: 20}, "events")
+    assert info.value.errno == errno.ENOSPC
+    assert [p.name for p in tmp_path.glob("snap-*")] == [kept.path.name]
+    assert store.restore_latest()[0].path == kept.path
+    later = store.write(_engine(30), "v1", {0: 30}, "events")
+    assert [s.path for s in store.complete()] == [kept.path, later.path]
+    assert store.restore_latest()[0].path == later.path
+
+
+def test_a_failed_cleanup_does_not_mask_the_write_error(tmp_path, monkeypatch, caplog):
+    store = SnapshotStore(tmp_path)
+    monkeypatch.setattr(snapshots, "save_checkpoint", _partial_state_then_disk_full)
+
+    def rmtree_fails(path, ignore_errors=False):
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, "read-only", str(path))
+
+    monkeypatch.setattr(snapshots.shutil, "rmtree", rmtree_fails)
+    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+        with pytest.raises(OSError) as info:
+            store.write(_engine(20), "v1", {0: 20}, "events")
+    assert info.value.errno == errno.ENOSPC
+    (left,) = tmp_path.glob("snap-*")
+    assert any(str(left) in r.getMessage() for r in caplog.records)
+    assert store.complete() == []  # no manifest: incomplete, never loaded
+    monkeypatch.undo()
+    store.prune()
+    assert list(tmp_path.glob("snap-*")) == []
