@@ -5,7 +5,9 @@ Parsing needs no engine (so it runs before any lock is taken); checks that need 
 ``RequestError`` becomes INVALID_ARGUMENT with its message.
 
 Rules (the contract):
-- ids must be non-empty strings; times, when set, finite (unset = the server's watermark);
+- ids (Score pairs' src and dst, TopK src and candidates, Embed nodes) must be non-empty strings
+  of at most ``MAX_ID_BYTES`` (512) bytes of UTF-8, the limit ingest applies to the ids it
+  accepts; times, when set, finite (unset = the server's watermark);
 - Score: 1..max_pairs pairs; duplicate pairs are allowed (each is answered);
 - TopK: 1 <= k <= max_k; at most max_candidates candidates, all distinct (a duplicate would
   take two of the k places); an empty list means "every destination";
@@ -18,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tgnstream.core.idmap import MAX_ID_BYTES
 from tgnstream.live import StateStamp
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
@@ -81,10 +84,29 @@ def _time(request) -> float | None:
     return t
 
 
+# A str of at most this many characters cannot exceed MAX_ID_BYTES (<= 4 UTF-8 bytes a
+# character): only longer ids are measured precisely.
+_SAFE_ID_CHARS = MAX_ID_BYTES // 4
+
+
+def _utf8_size(s: str) -> int:
+    return len(s) if s.isascii() else len(s.encode("utf-8"))
+
+
+def _too_long(field: str, size: int) -> RequestError:
+    return RequestError(f"{field} is {size} bytes of UTF-8, more than the {MAX_ID_BYTES} allowed")
+
+
 def _check_ids(ids: list[str], field: str) -> None:
-    # One C-level scan in the common case; the loop only runs to name the culprit.
+    """``field``: the name of ``ids[i]`` with ``{}`` for ``i`` (e.g. ``pairs[{}].src``)."""
+    # C-level scans in the common case (no empty id, every id short); the loops only run to
+    # name the culprit or to measure ids long enough to possibly exceed the limit.
     if "" in ids:
-        raise RequestError(f"{field}[{ids.index('')}] is empty: node ids must be non-empty strings")
+        raise RequestError(f"{field.format(ids.index(''))} is empty: node ids must be non-empty strings")
+    if ids and max(map(len, ids)) > _SAFE_ID_CHARS:
+        for i, s in enumerate(ids):
+            if len(s) > _SAFE_ID_CHARS and (size := _utf8_size(s)) > MAX_ID_BYTES:
+                raise _too_long(field.format(i), size)
 
 
 def parse_score(request: pb.ScoreRequest, config: GrpcConfig) -> ScoreQuery:
@@ -95,15 +117,17 @@ def parse_score(request: pb.ScoreRequest, config: GrpcConfig) -> ScoreQuery:
         raise RequestError(f"too many pairs: {n} > max_pairs {config.max_pairs}; split the request")
     src = [p.src for p in request.pairs]
     dst = [p.dst for p in request.pairs]
-    for ids, side in ((src, "src"), (dst, "dst")):
-        if "" in ids:
-            raise RequestError(f"pairs[{ids.index('')}].{side} is empty: node ids must be non-empty strings")
+    _check_ids(src, "pairs[{}].src")
+    _check_ids(dst, "pairs[{}].dst")
     return ScoreQuery(src, dst, _time(request))
 
 
 def parse_topk(request: pb.TopKRequest, config: GrpcConfig) -> TopKQuery:
-    if not request.src:
+    src = request.src
+    if not src:
         raise RequestError("src is empty: node ids must be non-empty strings")
+    if len(src) > _SAFE_ID_CHARS and (size := _utf8_size(src)) > MAX_ID_BYTES:
+        raise _too_long("src", size)
     k = int(request.k)
     if not 1 <= k <= config.max_k:
         raise RequestError(f"k must be in [1, {config.max_k}], got {k}")
@@ -113,13 +137,13 @@ def parse_topk(request: pb.TopKRequest, config: GrpcConfig) -> TopKQuery:
         if n > config.max_candidates:
             raise RequestError(f"too many candidates: {n} > max_candidates {config.max_candidates}")
         candidates = list(request.candidates)
-        _check_ids(candidates, "candidates")
+        _check_ids(candidates, "candidates[{}]")
         if len(set(candidates)) != n:
             seen: set[str] = set()
             dup = next(c for c in candidates if c in seen or seen.add(c))
             raise RequestError(f"candidates must be distinct: {dup!r} appears more than once")
     return TopKQuery(
-        src=request.src,
+        src=src,
         k=k,
         candidates=candidates,
         exclude_seen=bool(request.exclude_seen),
@@ -135,7 +159,7 @@ def parse_embed(request: pb.EmbedRequest, config: GrpcConfig) -> EmbedQuery:
     if n > config.max_embed_nodes:
         raise RequestError(f"too many nodes: {n} > max_embed_nodes {config.max_embed_nodes}")
     nodes = list(request.nodes)
-    _check_ids(nodes, "nodes")
+    _check_ids(nodes, "nodes[{}]")
     return EmbedQuery(nodes, _time(request))
 
 

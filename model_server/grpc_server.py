@@ -8,8 +8,11 @@ stop_server(server, health, config.shutdown_grace_s)
 
 from __future__ import annotations
 
+import re
+import ssl
 import weakref
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,7 +22,12 @@ from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server.admission import Admission, AdmissionInterceptor
 from tgnstream.model_server.config import GrpcConfig
-from tgnstream.model_server.interceptors import HEALTH_SERVICE, AuthInterceptor, MetricsInterceptor
+from tgnstream.model_server.interceptors import (
+    HEALTH_SERVICE,
+    AuthInterceptor,
+    MetricsInterceptor,
+    UndecodableInterceptor,
+)
 from tgnstream.model_server.servicer import SERVICE_NAME, LinkPredictionServicer
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 
@@ -29,12 +37,65 @@ __all__ = ["build_server", "stop_server", "SERVICE_NAME", "HEALTH_SERVICE"]
 _SERVICERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_PEM_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+
+
+def _check_tls_pair(cert_file: Path, key_file: Path, cert: bytes, key: bytes) -> None:
+    """Raise ValueError saying what is wrong with a certificate/key pair (grpc itself only
+    fails to bind). Loaded with Python's ``ssl`` at security level 0: this judges the files,
+    not the local OpenSSL's policy on key sizes and digests (grpc has its own)."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        raise ValueError(
+            f"TLS certificate file {cert_file} holds no PEM certificate "
+            "(no '-----BEGIN CERTIFICATE-----' line; DER files must be converted to PEM)"
+        )
+    if _PEM_KEY.search(key) is None:
+        raise ValueError(
+            f"TLS key file {key_file} holds no PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)"
+        )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    except ssl.SSLError:  # an OpenSSL without security levels (LibreSSL) has no such policy
+        pass
+    try:
+        ctx.load_verify_locations(cadata=cert.decode("ascii", "replace"))
+    except ssl.SSLError:
+        raise ValueError(f"TLS certificate file {cert_file} holds no valid PEM certificate") from None
+    asked: list[bool] = []
+
+    def password() -> bytes:  # never prompt on a terminal: an encrypted key is an error
+        asked.append(True)
+        return b""
+
+    try:
+        ctx.load_cert_chain(cert_file, key_file, password=password)
+    except ssl.SSLError as exc:
+        if asked:
+            raise ValueError(
+                f"TLS key file {key_file} is encrypted; grpc needs an unencrypted PEM private key"
+            ) from None
+        # NO_CERTIFICATE_ASSIGNED: a key of another type (e.g. RSA key, EC certificate).
+        if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+            raise ValueError(
+                f"TLS key file {key_file} does not match the certificate in {cert_file} (the first "
+                "certificate in the file must be the one the key belongs to)"
+            ) from None
+        raise ValueError(
+            f"TLS key file {key_file} cannot be used with the certificate in {cert_file}: "
+            f"{exc.reason or exc.strerror or exc}"
+        ) from None
+
+
 def _credentials(config: GrpcConfig) -> grpc.ServerCredentials:
+    """Raises ValueError saying what is wrong: a file unreadable, not PEM, an encrypted key, a
+    key that does not belong to the certificate."""
     try:
         key = config.tls_key_file.read_bytes()
         cert = config.tls_cert_file.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read TLS key/certificate: {exc}") from exc
+    _check_tls_pair(config.tls_cert_file, config.tls_key_file, cert, key)
     return grpc.ssl_server_credentials([(key, cert)])
 
 
@@ -52,11 +113,15 @@ def build_server(
     applied batch; its coalescers count batches); default: a new one over ``live``.
 
     Raises:
-        ValueError: TLS files unreadable; RuntimeError: the address cannot be bound.
+        ValueError: TLS files unreadable or invalid (the message says what is wrong);
+        RuntimeError: the address cannot be bound.
     """
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if config.auth_token is not None:
         interceptors.append(AuthInterceptor(config.auth_token.get_secret_value()))
+    # After auth (no token -> UNAUTHENTICATED, whatever the body), before admission (a body that
+    # does not decode takes no slot).
+    interceptors.append(UndecodableInterceptor())
     admission = Admission(config.max_inflight, config.max_queued, config.queue_timeout_s)
     interceptors.append(AdmissionInterceptor(admission, (SERVICE_NAME,)))
     size = config.max_message_bytes

@@ -1,7 +1,16 @@
-"""Server interceptors: Prometheus metrics for every RPC, and bearer-token auth.
+"""Server interceptors: Prometheus metrics for every RPC, bearer-token auth, and undecodable
+requests.
 
-Order (outermost first, as passed to ``grpc.server``): metrics, auth, admission. Metrics is
-outermost so that UNAUTHENTICATED and RESOURCE_EXHAUSTED replies are counted like any other.
+Order (outermost first, as passed to ``grpc.server``): metrics, auth, undecodable, admission.
+Metrics is outermost so that UNAUTHENTICATED, INVALID_ARGUMENT (undecodable) and
+RESOURCE_EXHAUSTED replies are counted like any other; auth comes before the undecodable check
+so that a client without a token learns nothing but UNAUTHENTICATED.
+
+Undecodable requests: grpc deserializes a request before any behaviour runs, and when the
+deserializer raises it answers INTERNAL and logs a traceback per request. ``UndecodableInterceptor``
+gives every method a deserializer that cannot raise (a failure becomes a per-method sentinel) and
+a behaviour that answers the sentinel INVALID_ARGUMENT, logging nothing. The other interceptors
+keep the inner handler's deserializer (``rewrap``), so the one grpc calls is this one.
 
 What metrics cannot see: RPCs refused by grpc itself (unknown method -> UNIMPLEMENTED, and
 ``GrpcConfig.hard_limit_rpcs`` -> RESOURCE_EXHAUSTED) never reach a handler. Admission
@@ -29,6 +38,7 @@ __all__ = [
     "CachingInterceptor",
     "MetricsInterceptor",
     "AuthInterceptor",
+    "UndecodableInterceptor",
     "rewrap",
     "split_method",
     "HEALTH_SERVICE",
@@ -51,13 +61,21 @@ def grpc_type(handler: grpc.RpcMethodHandler) -> str:
     return "server_stream" if handler.response_streaming else "unary"
 
 
+_SAME: Any = object()
+
+
 def rewrap(
     handler: grpc.RpcMethodHandler,
     unary: Callable[[Behaviour], Behaviour],
     streaming: Callable[[Behaviour], Behaviour] | None = None,
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = _SAME,
 ) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped: ``unary`` for methods with a single reply,
-    ``streaming`` (a wrapper returning an iterator) for streamed replies (default: ``unary``)."""
+    ``streaming`` (a wrapper returning an iterator) for streamed replies (default: ``unary``).
+    ``request_deserializer``: a replacement (default: the handler's own)."""
+    if request_deserializer is _SAME:
+        request_deserializer = handler.request_deserializer
     streaming = streaming or unary
     if handler.request_streaming and handler.response_streaming:
         make, inner, wrap = grpc.stream_stream_rpc_method_handler, handler.stream_stream, streaming
@@ -69,7 +87,7 @@ def rewrap(
         make, inner, wrap = grpc.unary_unary_rpc_method_handler, handler.unary_unary, unary
     return make(
         wrap(inner),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -223,3 +241,75 @@ class AuthInterceptor(CachingInterceptor):
             return call
 
         return rewrap(handler, guard, guard_stream)
+
+
+class _Undecodable:
+    """What the deserializer returns instead of raising; one per method (no per-call object)."""
+
+    __slots__ = ("details",)
+
+    def __init__(self, details: str):
+        self.details = details
+
+
+def _message_name(deserializer: Callable[[bytes], Any], method: str) -> str:
+    # Generated code passes ``Message.FromString``: a classmethod bound to the message class.
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) and name else f"request message of {method}"
+
+
+# Attributes grpc reads on a behaviour: keep them, or e.g. health Watch (callback-driven, no
+# worker thread) would silently become a thread-holding stream.
+_BEHAVIOUR_ATTRS = ("experimental_non_blocking", "experimental_thread_pool")
+
+
+class UndecodableInterceptor(CachingInterceptor):
+    """Bytes that do not decode as the method's request message -> INVALID_ARGUMENT
+    ``request body is not a valid <pkg.Message> message``, and nothing is logged.
+
+    Applies to every method with a deserializer: single requests are checked before the inner
+    behaviour runs; for request-streaming methods (reflection) the request iterator is checked
+    as the servicer reads it, so the messages before a bad one are answered first. Handlers
+    without a deserializer (raw bytes) are left untouched.
+    """
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        deserialize = handler.request_deserializer
+        if deserialize is None:
+            return handler
+        sentinel = _Undecodable(f"request body is not a valid {_message_name(deserialize, method)} message")
+        details = sentinel.details
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+
+        def safe_deserialize(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception:  # DecodeError, or anything else the parser raises: the client's bytes
+                return sentinel
+
+        def checked(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+            for request in requests:
+                if request is sentinel:
+                    context.abort(invalid, details)
+                yield request
+
+        def check(inner: Behaviour) -> Behaviour:
+            if handler.request_streaming:
+
+                def call(requests, context, *rest):
+                    return inner(checked(requests, context), context, *rest)
+
+            else:
+
+                def call(request, context, *rest):
+                    if request is sentinel:
+                        context.abort(invalid, details)
+                    return inner(request, context, *rest)
+
+            for attr in _BEHAVIOUR_ATTRS:
+                if hasattr(inner, attr):
+                    setattr(call, attr, getattr(inner, attr))
+            return call
+
+        return rewrap(handler, check, check, request_deserializer=safe_deserialize)

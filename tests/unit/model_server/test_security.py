@@ -65,21 +65,14 @@ def test_token_is_secret_in_config():
     assert TOKEN not in repr(cfg) and TOKEN not in str(cfg.model_dump())
 
 
-@pytest.fixture(scope="module")
-def self_signed(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl CLI to make a self-signed certificate")
-    d = tmp_path_factory.mktemp("tls")
-    key, cert = d / "key.pem", d / "cert.pem"
+def _make_self_signed(d, name: str, newkey: list[str]):
+    key, cert = d / f"{name}-key.pem", d / f"{name}-cert.pem"
     subprocess.run(
         [
             "openssl",
             "req",
             "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
+            *newkey,
             "-nodes",
             "-keyout",
             str(key),
@@ -96,6 +89,26 @@ def self_signed(tmp_path_factory):
         capture_output=True,
     )
     return key, cert
+
+
+EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make a self-signed certificate")
+    return tmp_path_factory.mktemp("tls")
+
+
+@pytest.fixture(scope="module")
+def self_signed(tls_dir):
+    return _make_self_signed(tls_dir, "a", EC)
+
+
+@pytest.fixture(scope="module")
+def other_self_signed(tls_dir):
+    return _make_self_signed(tls_dir, "b", EC)
 
 
 def test_tls_with_token(served, self_signed):
@@ -124,3 +137,81 @@ def test_unreadable_tls_files_fail_clearly(served, tmp_path):
     cfg = GrpcConfig(**TEST_CONFIG, tls_key_file=tmp_path / "nope.pem", tls_cert_file=tmp_path / "nope.crt")
     with pytest.raises(ValueError, match="cannot read TLS key/certificate"):
         build_server(served.live, cfg, ServerMetrics())
+
+
+def _tls_config(key, cert) -> GrpcConfig:
+    return GrpcConfig(**TEST_CONFIG, tls_key_file=key, tls_cert_file=cert)
+
+
+def test_tls_key_of_another_certificate_fails_clearly(served, self_signed, other_self_signed):
+    (_, cert_a), (key_b, _) = self_signed, other_self_signed
+    with pytest.raises(ValueError, match="does not match") as err:
+        build_server(served.live, _tls_config(key_b, cert_a), ServerMetrics())
+    assert str(err.value).startswith(f"TLS key file {key_b} does not match the certificate in {cert_a}")
+
+
+def test_tls_key_of_another_type_fails_clearly(served, self_signed, tls_dir):
+    """An RSA key with an EC certificate (OpenSSL reports this one differently)."""
+    _, cert = self_signed
+    rsa_key, _ = _make_self_signed(tls_dir, "rsa", ["-newkey", "rsa:2048"])
+    with pytest.raises(ValueError, match=f"TLS key file {rsa_key} does not match the certificate in {cert}"):
+        build_server(served.live, _tls_config(rsa_key, cert), ServerMetrics())
+
+
+def test_garbage_tls_certificate_fails_clearly(served, self_signed, tmp_path):
+    key, _ = self_signed
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_bytes(b"this is not a certificate\n")
+    with pytest.raises(ValueError) as err:
+        build_server(served.live, _tls_config(key, garbage), ServerMetrics())
+    assert str(err.value).startswith(f"TLS certificate file {garbage} holds no PEM certificate")
+
+
+def test_der_or_corrupt_tls_certificate_fails_clearly(served, self_signed, tmp_path):
+    key, cert = self_signed
+    der = tmp_path / "cert.der"
+    subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-outform", "DER", "-out", str(der)],
+        check=True,
+        capture_output=True,
+    )
+    with pytest.raises(ValueError, match="holds no PEM certificate") as err:
+        build_server(served.live, _tls_config(key, der), ServerMetrics())
+    assert str(der) in str(err.value)
+    lines = cert.read_text().splitlines()
+    corrupt = tmp_path / "corrupt.crt"
+    corrupt.write_text("\n".join([lines[0], "AAAA" + lines[1][4:][::-1], *lines[2:]]) + "\n")
+    with pytest.raises(ValueError) as err:
+        build_server(served.live, _tls_config(key, corrupt), ServerMetrics())
+    assert str(err.value) == f"TLS certificate file {corrupt} holds no valid PEM certificate"
+
+
+def test_garbage_or_swapped_tls_key_fails_clearly(served, self_signed, tmp_path):
+    key, cert = self_signed
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"\x00\x01 not a key")
+    for bad in (garbage, cert):  # a certificate given as the key
+        with pytest.raises(ValueError) as err:
+            build_server(served.live, _tls_config(bad, cert), ServerMetrics())
+        assert str(err.value).startswith(f"TLS key file {bad} holds no PEM private key")
+
+
+def test_encrypted_tls_key_fails_clearly_without_prompting(served, self_signed, tmp_path):
+    key, cert = self_signed
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:pw", "-out", str(encrypted)],
+        check=True,
+        capture_output=True,
+    )
+    with pytest.raises(ValueError) as err:
+        build_server(served.live, _tls_config(encrypted, cert), ServerMetrics())
+    assert str(err.value) == (
+        f"TLS key file {encrypted} is encrypted; grpc needs an unencrypted PEM private key"
+    )
+
+
+def test_valid_pair_still_builds(served, self_signed):
+    key, cert = self_signed
+    server, health, _ = build_server(served.live, _tls_config(key, cert), ServerMetrics())
+    stop_server(server, health, 0)
