@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from tgnstream.core.events import MAX_ABS_EVENT_TIME_S
+
 __all__ = ["KafkaConfig", "IngestConfig", "QualityConfig"]
 
 
@@ -114,10 +116,17 @@ class IngestConfig(BaseModel):
         "needs event times in Unix seconds; None: off",
     )
     max_abs_ts_s: float = Field(
-        1e11,
+        MAX_ABS_EVENT_TIME_S,
         gt=0,
         description="events with |ts| beyond this are rejected as 'ts_out_of_range' (default: about "
         "year 5100, which refuses Unix times in milliseconds or finer)",
+    )
+    on_log_gap: Literal["fail", "reset"] = Field(
+        "fail",
+        description="what to do when the log moved behind the applied offsets (topic recreated, "
+        "broker replaced empty, records deleted by retention before they were applied): 'fail' "
+        "stops with a message saying what happened; 'reset' continues from the earliest offset "
+        "(keeping the state) with a loud log line and tgnstream_ingest_log_resets_total",
     )
     dlq_enabled: bool = Field(
         True, description="send invalid records to <topic>.dlq (else: count and log only)"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from uuid import UUID
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from tgnstream.ingest.config import IngestConfig, KafkaConfig
-from tgnstream.ingest.consumers import Columns
+from tgnstream.ingest.consumers import Columns, ConnectionLogThrottle, OffsetOutOfRange
 
 __all__ = ["ConfluentClient", "librdkafka_settings"]
 
@@ -17,6 +19,26 @@ log = logging.getLogger(__name__)
 
 # librdkafka insists on a group id even for a consumer that never joins or commits.
 _NO_GROUP = "tgnstream-assign-only"
+_MASK64 = (1 << 64) - 1
+# Fragments of librdkafka's per-attempt connection failure lines.
+_CONNECTION_FAILURES = ("Connect to", "Disconnected", "brokers are down", "Connection refused")
+
+
+class _ThrottledLogger:
+    """What librdkafka logs through: forwards to the ``librdkafka`` logger, with connection
+    failures rate-limited (``ConnectionLogThrottle``)."""
+
+    def __init__(self, throttle: ConnectionLogThrottle):
+        self._log = logging.getLogger("librdkafka")
+        self._throttle = throttle
+
+    def log(self, level: int, msg: str, *args) -> None:
+        text = msg % args if args else msg
+        if any(f in text for f in _CONNECTION_FAILURES):
+            text = self._throttle.filter(text)
+            if text is None:
+                return
+        self._log.log(level, "%s", text)
 
 
 def librdkafka_settings(k: KafkaConfig) -> dict:
@@ -47,19 +69,27 @@ class ConfluentClient:
         self._bootstrap = k.bootstrap_servers
         self._commits = k.group_id is not None
         self._max_poll = config.poll_records
+        self._throttle = ConnectionLogThrottle()
+        self._connected = True  # it must connect to list partitions; stats say otherwise later
         self._consumer = Consumer(
             {
                 **librdkafka_settings(k),
                 "group.id": k.group_id or _NO_GROUP,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
+                # Never jump by itself: a position outside the log is reported (poll raises
+                # OffsetOutOfRange) and the source applies the configured policy.
+                "auto.offset.reset": "error",
+                "statistics.interval.ms": 1000,
+                "stats_cb": self._on_stats,
+                "error_cb": self._on_error,
                 "fetch.max.bytes": k.fetch_max_bytes,
                 "max.partition.fetch.bytes": k.max_partition_fetch_bytes,
                 "socket.timeout.ms": k.request_timeout_ms,
             },
-            logger=logging.getLogger("librdkafka"),
+            logger=_ThrottledLogger(self._throttle),
         )
+        self._settings = librdkafka_settings(k)
         self._tps: dict[int, TopicPartition] = {}
         self._positions: dict[int, int] = {}
 
@@ -114,9 +144,63 @@ class ConfluentClient:
                 continue
             if err.fatal():
                 raise KafkaException(err)
+            if err.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
+                raise OffsetOutOfRange(m.partition(), err.str())
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("Kafka: %s (partition %s); librdkafka retries", err, m.partition())
         return [m for m in messages if m.error() is None]
+
+    # ------------------------------------------------------------------ log checks, health
+    def seek(self, positions: dict[int, int]) -> None:
+        self._positions.update(positions)
+        self._consumer.assign([TopicPartition(self.topic, p, o) for p, o in self._positions.items()])
+
+    def log_start(self, partition: int) -> int | None:
+        try:
+            low, _ = self._consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
+        except KafkaException:
+            return None
+        return max(int(low), 0)
+
+    def topic_id(self) -> str | None:
+        try:
+            from confluent_kafka import TopicCollection
+            from confluent_kafka.admin import AdminClient
+
+            admin = AdminClient({**self._settings, "logger": _ThrottledLogger(self._throttle)})
+            described = admin.describe_topics(TopicCollection([self.topic]), request_timeout=10)
+            uuid = described[self.topic].result(timeout=15).topic_id
+        except Exception as e:  # an old broker or client without topic ids: not checkable
+            log.debug("could not read the id of topic %r: %s", self.topic, e)
+            return None
+        if uuid is None:
+            return None
+        # The canonical UUID text, as kafka-python and the Kafka tools print it.
+        msb, lsb = uuid.get_most_significant_bits(), uuid.get_least_significant_bits()
+        return str(UUID(int=((msb & _MASK64) << 64) | (lsb & _MASK64)))
+
+    def connected(self) -> bool:
+        return self._connected
+
+    def _on_stats(self, raw: str) -> None:
+        # Called from poll (this thread) every statistics.interval.ms: a broker (not the
+        # bootstrap placeholder, nodeid -1) in state UP means we can fetch.
+        try:
+            brokers = json.loads(raw).get("brokers", {}).values()
+        except ValueError:
+            return
+        up = any(b.get("nodeid", -1) >= 0 and b.get("state") == "UP" for b in brokers)
+        self._set_connected(up)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._set_connected(False)
+
+    def _set_connected(self, up: bool) -> None:
+        if up and not self._connected:
+            log.info("Kafka: connected to %s again", self._bootstrap)
+            self._throttle.reset()
+        self._connected = up
 
     def position(self, partition: int) -> int:
         return self._positions[partition]

@@ -13,6 +13,7 @@ is wrong on Tansu, design §9), so the source above them behaves the same with e
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +21,14 @@ import numpy as np
 
 from tgnstream.ingest.config import IngestConfig
 
-__all__ = ["Columns", "ConsumerClient", "open_consumer", "resolve_client"]
+__all__ = [
+    "Columns",
+    "ConnectionLogThrottle",
+    "ConsumerClient",
+    "OffsetOutOfRange",
+    "open_consumer",
+    "resolve_client",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,16 @@ class Columns:
     timestamps_ms: np.ndarray
 
 
+class OffsetOutOfRange(Exception):
+    """The broker says a partition's position is outside its log (deleted by retention, or the
+    log is shorter than it was): raised by ``poll`` instead of silently jumping elsewhere."""
+
+    def __init__(self, partition: int, detail: str = ""):
+        super().__init__(partition, detail)
+        self.partition = partition
+        self.detail = detail
+
+
 class ConsumerClient(Protocol):
     """What ``KafkaSource`` needs from a Kafka consumer of one topic.
 
@@ -51,7 +69,20 @@ class ConsumerClient(Protocol):
         """Read these partitions from these offsets (None: the log start); returns the offsets."""
 
     def poll(self, timeout_ms: int) -> list[Any]:
-        """Records fetched within ``timeout_ms`` (maybe none), partition by partition."""
+        """Records fetched within ``timeout_ms`` (maybe none), partition by partition; raises
+        ``OffsetOutOfRange`` rather than resetting a position by itself."""
+
+    def seek(self, positions: dict[int, int]) -> None:
+        """Continue these partitions from these offsets."""
+
+    def log_start(self, partition: int) -> int | None:
+        """The partition's earliest offset (a broker round trip; None when unreachable)."""
+
+    def topic_id(self) -> str | None:
+        """The topic's unique id (a recreated topic has a new one); None when unknown."""
+
+    def connected(self) -> bool:
+        """Whether the client currently has a working connection to a broker."""
 
     def position(self, partition: int) -> int:
         """The offset after the last record returned by ``poll``."""
@@ -89,3 +120,36 @@ def open_consumer(config: IngestConfig) -> ConsumerClient:
     from tgnstream.ingest.kafka_python_client import KafkaPythonClient
 
     return KafkaPythonClient(config)
+
+
+class ConnectionLogThrottle:
+    """Rate-limits a Kafka client's connection-failure log lines while a broker is unreachable.
+
+    Clients retry connecting every few tens of milliseconds and log each failure (hundreds of
+    lines a minute). ``filter(text)`` returns the line to log, or None to drop it: the first
+    failure of a streak passes; later ones pass at most at 1, 2, 4, ... ``max_interval_s``
+    seconds into the streak, annotated with how many were suppressed. ``reset()`` (called when
+    the connection is back) ends the streak.
+    """
+
+    def __init__(self, max_interval_s: float = 60.0, clock=time.monotonic):
+        self._max = max_interval_s
+        self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self._next_at: float | None = None
+        self._interval = 1.0
+        self._suppressed = 0
+
+    def filter(self, text: str) -> str | None:
+        now = self._clock()
+        if self._next_at is not None and now < self._next_at:
+            self._suppressed += 1
+            return None
+        if self._suppressed:
+            text = f"{text} (and {self._suppressed} similar lines suppressed)"
+        self._suppressed = 0
+        self._next_at = now + self._interval
+        self._interval = min(self._interval * 2, self._max)
+        return text

@@ -24,19 +24,24 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.source import KafkaSource, RecordBatch, SourceRecord
+from tgnstream.ingest.source import KafkaSource, LogGapError, LogReset, RecordBatch, SourceRecord
 
 try:
     import fcntl
 except ImportError:  # not POSIX
     fcntl = None
 
-__all__ = ["Prefetcher", "FetchedBatch"]
+__all__ = ["Prefetcher", "FetchedBatch", "FatalIngestError"]
 
 log = logging.getLogger(__name__)
 
 # Room for a few micro-batches of JSON events (~60 KB per 1,000) in the pipe.
 _PIPE_BYTES = 1 << 20
+
+
+class FatalIngestError(RuntimeError):
+    """Ingest cannot continue without an operator (e.g. a log gap under policy ``fail``):
+    restarting the fetch process would not help."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class FetchedBatch:
     timestamps_ms: np.ndarray
     next_offsets: dict[int, int]
     highwater: dict[int, int | None]
+    connected: bool = True
+    resets: tuple[LogReset, ...] = ()
 
     @property
     def num_records(self) -> int:
@@ -76,6 +83,11 @@ class FetchedBatch:
         )
 
 
+def _take_resets(source: KafkaSource) -> tuple[LogReset, ...]:
+    resets, source.resets = tuple(source.resets), []
+    return resets
+
+
 def _package(source: KafkaSource, batch: RecordBatch) -> FetchedBatch:
     cols = batch.records
     return FetchedBatch(
@@ -86,6 +98,8 @@ def _package(source: KafkaSource, batch: RecordBatch) -> FetchedBatch:
         timestamps_ms=cols.timestamps_ms,
         next_offsets=batch.next_offsets,
         highwater=source.highwaters(),
+        connected=source.connected(),
+        resets=_take_resets(source),
     )
 
 
@@ -113,6 +127,7 @@ def _widen(conn: Connection, nbytes: int) -> None:
 def _child(
     config: IngestConfig,
     start_offsets: dict[int, int],
+    topic_id: str | None,
     out: Connection,
     commands: mp.Queue,
     log_level: int,
@@ -125,8 +140,9 @@ def _child(
     _widen(out, _PIPE_BYTES)
     source = None
     try:
-        source = KafkaSource(config, start_offsets)
-        if not _send(out, ("ready", source.partitions, dict(source.next_offsets))):
+        source = KafkaSource(config, start_offsets, topic_id)
+        ready = ("ready", source.partitions, dict(source.next_offsets), source.topic_id, _take_resets(source))
+        if not _send(out, ready):
             return
         while True:
             if os.getppid() != parent_pid:
@@ -144,9 +160,14 @@ def _child(
                     except Exception as e:  # monitoring only: never fatal
                         log.warning("committing offsets to Kafka failed (lag monitoring only): %s", e)
             batch = source.next_batch()
-            item = ("idle", source.highwaters()) if batch is None else ("batch", _package(source, batch))
+            if batch is None:
+                item = ("idle", source.highwaters(), source.connected(), _take_resets(source))
+            else:
+                item = ("batch", _package(source, batch))
             if not _send(out, item):
                 break  # the server is gone
+    except LogGapError as e:  # the message says it all: no traceback
+        _send(out, ("fatal", str(e)))
     except BaseException as e:
         log.exception("fetch process failed")
         _send(out, ("error", f"{type(e).__name__}: {e}"))
@@ -162,7 +183,7 @@ class Prefetcher:
     back-pressure on Kafka). ``partitions``/``start_offsets`` are known after ``start()``.
     """
 
-    def __init__(self, config: IngestConfig, start_offsets: dict[int, int]):
+    def __init__(self, config: IngestConfig, start_offsets: dict[int, int], topic_id: str | None = None):
         ctx = mp.get_context("spawn")  # never fork a process that holds torch/grpc threads
         self._out, self._writer = ctx.Pipe(duplex=False)
         self._commands: mp.Queue = ctx.Queue()
@@ -171,6 +192,7 @@ class Prefetcher:
             args=(
                 config,
                 dict(start_offsets),
+                topic_id,
                 self._writer,
                 self._commands,
                 logging.getLogger().level,
@@ -181,7 +203,12 @@ class Prefetcher:
         )
         self.partitions: list[int] = []
         self.start_offsets: dict[int, int] = {}
+        self.topic_id: str | None = None
+        # Per partition, the last log end seen (kept while the broker is unreachable: lag is
+        # then measured against the last known end, not reported as 0).
         self.highwater: dict[int, int | None] = {}
+        self.connected = True
+        self.resets: list[LogReset] = []  # reported by the child, not yet handled by the loop
 
     def start(self, timeout: float = 60.0) -> None:
         self._proc.start()
@@ -198,10 +225,14 @@ class Prefetcher:
                 self.stop()
                 raise RuntimeError(f"the Kafka fetch process did not start within {timeout} s")
         kind, *rest = item
+        if kind == "fatal":
+            self.stop()
+            raise FatalIngestError(rest[0])
         if kind == "error":
             self.stop()
             raise RuntimeError(f"the Kafka fetch process failed to start: {rest[0]}")
-        self.partitions, self.start_offsets = rest
+        self.partitions, self.start_offsets, self.topic_id, resets = rest
+        self.resets.extend(resets)
 
     def _receive_starting(self, timeout: float) -> tuple | None:
         try:
@@ -228,14 +259,27 @@ class Prefetcher:
         item = self._receive(timeout)
         if item is None:
             return None
-        kind, payload = item
+        kind, *payload = item
+        if kind == "fatal":
+            raise FatalIngestError(payload[0])
         if kind == "error":
-            raise RuntimeError(f"Kafka fetch process: {payload}")
+            raise RuntimeError(f"Kafka fetch process: {payload[0]}")
         if kind == "idle":
-            self.highwater = payload
+            highwater, self.connected, resets = payload
+            self._saw(highwater, resets)
             return None
-        self.highwater = payload.highwater
-        return payload
+        batch: FetchedBatch = payload[0]
+        self.connected = batch.connected
+        self._saw(batch.highwater, batch.resets)
+        return batch
+
+    def _saw(self, highwater: dict[int, int | None], resets: tuple[LogReset, ...]) -> None:
+        for p, hw in highwater.items():
+            if hw is not None or p not in self.highwater:
+                self.highwater[p] = hw
+        for r in resets:  # a reset moves the position back: the old log end means nothing now
+            self.highwater[r.partition] = highwater.get(r.partition)
+        self.resets.extend(resets)
 
     def request_commit(self, offsets: dict[int, int]) -> None:
         self._commands.put(("commit", dict(offsets)))

@@ -42,6 +42,7 @@ from pydantic import StrictFloat, TypeAdapter
 from pydantic_core import from_json
 from typing_extensions import TypedDict
 
+from tgnstream.core.events import MAX_ABS_EVENT_TIME_S
 from tgnstream.core.idmap import MAX_ID_BYTES
 from tgnstream.rpc.v1.event_pb2 import Event
 
@@ -67,7 +68,7 @@ REASONS: tuple[str, ...] = (
     "invalid_protobuf",  # protobuf encoding: the bytes are not an Event message
 )
 _MAX_DETAIL = 300
-DEFAULT_MAX_ABS_TS_S = 1e11
+DEFAULT_MAX_ABS_TS_S = MAX_ABS_EVENT_TIME_S
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # A str id of at most this many characters cannot exceed MAX_ID_BYTES (<= 4 UTF-8 bytes/char),
 # so the screen only re-checks longer ones precisely.

@@ -9,9 +9,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.consumers import Columns, ConsumerClient, open_consumer
+from tgnstream.ingest.consumers import Columns, ConsumerClient, OffsetOutOfRange, open_consumer
 
-__all__ = ["KafkaSource", "RecordBatch", "SourceRecord"]
+__all__ = ["KafkaSource", "LogGapError", "LogReset", "RecordBatch", "SourceRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,20 @@ class SourceRecord:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
+
+
+class LogGapError(RuntimeError):
+    """The log no longer holds the records after the applied offsets (policy ``fail``)."""
+
+
+@dataclass(frozen=True)
+class LogReset:
+    """Policy ``reset`` moved ``partition`` from ``old`` to ``new`` (the log start): ``why``."""
+
+    partition: int
+    old: int
+    new: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,12 @@ class KafkaSource:
     reproducibility needs one partition (documented in the README).
     """
 
-    def __init__(self, config: IngestConfig, start_offsets: dict[int, int] | None = None):
+    def __init__(
+        self,
+        config: IngestConfig,
+        start_offsets: dict[int, int] | None = None,
+        expected_topic_id: str | None = None,
+    ):
         self.config = config
         k = config.kafka
         self.topic = k.topic
@@ -66,12 +85,97 @@ class KafkaSource:
         )
         self._buffer: deque = deque()  # the client's own record objects
         self._first_buffered_at: float | None = None
-        log.info("reading %s partitions %s from offsets %s", self.topic, self.partitions, self.next_offsets)
+        self.resets: list[LogReset] = []  # not yet reported (the fetch process ships them)
+        self._was_connected = True
+        self.topic_id = self._client.topic_id()
+        log.info(
+            "reading %s (id %s) partitions %s from offsets %s",
+            self.topic,
+            self.topic_id,
+            self.partitions,
+            self.next_offsets,
+        )
+        if expected_topic_id and self.topic_id and expected_topic_id != self.topic_id:
+            self._gap(
+                self.partitions,
+                f"the topic was recreated: its id is {self.topic_id}, the state was built from topic id "
+                f"{expected_topic_id}",
+            )
+        for p in self.partitions:
+            start = self._client.log_start(p)
+            if start is not None and self.next_offsets[p] < start:
+                self._gap(
+                    [p],
+                    f"records {self.next_offsets[p]}..{start - 1} were deleted (retention) before they "
+                    "were applied",
+                )
+
+    # ---------------------------------------------------------------------------- log gaps
+    def _gap(self, partitions: list[int], why: str) -> None:
+        """The log moved behind the applied position of ``partitions``: apply the policy."""
+        where = ", ".join(f"{self.topic}[{p}] at offset {self.next_offsets[p]}" for p in partitions)
+        if self.config.on_log_gap == "fail":
+            raise LogGapError(
+                f"{where}: {why}. Refusing to skip or re-read records silently. If the old log is "
+                "gone for good, start over with an empty snapshot directory, or set "
+                "ingest.on_log_gap = 'reset' to continue from the earliest offset with the current state"
+            )
+        for p in partitions:
+            start = self._client.log_start(p)
+            new = 0 if start is None else start
+            log.error(
+                "LOG GAP on %s[%d]: %s. Policy 'reset': continuing from offset %d (was %d) with the "
+                "current state",
+                self.topic,
+                p,
+                why,
+                new,
+                self.next_offsets[p],
+            )
+            self.resets.append(LogReset(p, self.next_offsets[p], new, why))
+            self.next_offsets[p] = new
+        # Buffered records are refetched from the (new) positions.
+        self._buffer.clear()
+        self._first_buffered_at = None
+        self._client.seek(dict(self.next_offsets))
+
+    def _check_log(self) -> bool:
+        """After a fetch: the log must still reach every position read so far; True when it
+        did not (and the policy moved the positions)."""
+        connected = self._client.connected()
+        if connected and not self._was_connected and self.topic_id is not None:
+            now = self._client.topic_id()  # the broker may have been replaced meanwhile
+            if now is not None and now != self.topic_id:
+                old, self.topic_id = self.topic_id, now
+                self._gap(self.partitions, f"the topic was recreated while unreachable (id {old} -> {now})")
+                return True
+        self._was_connected = connected
+        behind = []
+        for p in self.partitions:
+            hw = self._client.highwater(p)
+            if hw is not None and hw < self._client.position(p):
+                behind.append((p, hw))
+        if behind:
+            p, hw = behind[0]
+            self._gap(
+                [q for q, _ in behind],
+                f"the log now ends at offset {hw}, before the {self._client.position(p)} records already "
+                "read (topic recreated, or broker replaced empty)",
+            )
+            return True
+        return False
+
+    def connected(self) -> bool:
+        return self._client.connected()
 
     # ------------------------------------------------------------------------------ reading
     def _fetch(self, timeout_ms: int) -> None:
-        records = self._client.poll(timeout_ms)
-        if not records:
+        try:
+            records = self._client.poll(timeout_ms)
+        except OffsetOutOfRange as e:
+            self._gap([e.partition], f"the broker says the position is outside the log ({e.detail})")
+            return
+        if self._check_log() or not records:
             return
         if self._first_buffered_at is None:
             self._first_buffered_at = time.monotonic()

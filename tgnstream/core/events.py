@@ -6,7 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["EventBatch", "TemporalDataset"]
+__all__ = ["MAX_ABS_EVENT_TIME_S", "EventBatch", "TemporalDataset"]
+
+
+#: Largest |time| in seconds accepted anywhere (events and queries) by default: about year 5100
+#: in Unix seconds, so Unix times in milliseconds (or finer) are refused rather than applied.
+MAX_ABS_EVENT_TIME_S = 1e11
 
 
 @dataclass(frozen=True)
