@@ -13,6 +13,7 @@ import torch
 from tgnstream.core.engine import PreparedBatch
 from tgnstream.core.events import EventBatch
 from tgnstream.core.step import TemporalStep
+from tgnstream.health import Readiness
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher
 from tgnstream.ingest.prefetch import FetchedBatch, Prefetcher
@@ -44,12 +45,16 @@ class IngestLoop:
         self,
         config: IngestConfig,
         live: LiveEngine,
-        fetcher: Prefetcher,
+        fetcher: Prefetcher | None,
         decoder: RecordDecoder,
         dead_letters: DeadLetterPublisher | None,
         snapshots: SnapshotStore | None,
         snapshot_config: SnapshotConfig,
         metrics: ServerMetrics,
+        readiness: Readiness | None = None,
+        ready_max_lag_records: int = 5_000,
+        topic_id: str | None = None,
+        last_snapshot_wall: float | None = None,
     ):
         self.config = config
         self.live = live
@@ -60,6 +65,9 @@ class IngestLoop:
         self.snapshots = snapshots
         self.snapshot_config = snapshot_config
         self.metrics = metrics
+        self.readiness = readiness if readiness is not None else Readiness()
+        self.ready_max_lag_records = ready_max_lag_records
+        self.topic_id = topic_id  # the Kafka topic id the state was built from (None: unknown)
         self.quality = PrequentialQuality(config.quality)
         self.time_policy = TimePolicy(
             config.max_lateness_s, config.max_future_s, config.max_ahead_of_record_time_s
@@ -67,21 +75,34 @@ class IngestLoop:
         self._stop = threading.Event()
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
-        self._last_snapshot_wall: float | None = None
+        # Age is measured from the newest durable snapshot, or from process start without one.
+        self._last_snapshot_wall = time.time() if last_snapshot_wall is None else last_snapshot_wall
+        self._snapshot_failures = 0  # consecutive
+        self._snapshot_retry_at = 0.0  # time.monotonic() before which a failed snapshot is not retried
         self._quality_published_at = float("-inf")
         self.batches = 0
+        self.final_snapshot_ok: bool | None = None  # set when run() returns after stop()
 
     # ----------------------------------------------------------------------------- control
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def run(self) -> None:
-        """Loop until ``stop()``; a final snapshot is written on the way out."""
+        """Loop until ``stop()`` (then the final snapshot is written, its outcome in
+        ``final_snapshot_ok``, and returns) or a failure of the fetch side (raises: the owner
+        decides about restarts and calls ``final_snapshot`` itself). The fetcher is stopped
+        either way (after the final snapshot, so it still commits the group offsets)."""
+        if self.fetcher is None:
+            raise RuntimeError("IngestLoop.run needs a fetcher")
         log.info("ingest loop started")
         try:
             while not self._stop.is_set():
                 self.step()
-            self.snapshot()
+            self.final_snapshot_ok = self.final_snapshot()
         finally:
             self.fetcher.stop()
             log.info("ingest loop stopped")
@@ -89,14 +110,30 @@ class IngestLoop:
     def step(self) -> int:
         """Handle one micro-batch (or an idle poll); returns the number of records handled."""
         batch = self.fetcher.get(timeout=self.config.poll_timeout_ms / 1000)
+        self._handle_resets()
         if batch is not None:
             self._handle(batch)
         else:
             self._publish_state_metrics(force=True)  # idle: make the gauges current
+        self._update_connection()
         self._update_lag(batch)
         if self._snapshot_due():
             self.snapshot()
         return 0 if batch is None else batch.num_records
+
+    def _handle_resets(self) -> None:
+        """Positions the fetch side moved to the log start (policy on_log_gap=reset)."""
+        resets, self.fetcher.resets = self.fetcher.resets, []
+        if not resets:
+            return
+        with self.live.write():
+            for r in resets:
+                self.live.next_offsets[r.partition] = r.new
+        for r in resets:
+            self.metrics.ingest_log_resets.labels(self.topic, str(r.partition)).inc()
+        self._since_snapshot += 1  # the position changed: the next snapshot must record it
+        if self.fetcher.topic_id is not None:
+            self.topic_id = self.fetcher.topic_id
 
     # ------------------------------------------------------------------------------- batch
     def _handle(self, batch: FetchedBatch) -> None:
@@ -233,36 +270,64 @@ class IngestLoop:
             if mrr is not None:
                 m.online_mrr.set(mrr)
 
+    def _update_connection(self) -> None:
+        up = self.fetcher.connected
+        self.metrics.ingest_connected.set(1 if up else 0)
+        servers = self.config.kafka.bootstrap_servers
+        self.readiness.set("broker_unreachable", None if up else f"no connection to {servers}")
+
     def _update_lag(self, batch: FetchedBatch | None) -> None:
+        """Per partition: records between the applied position and the last log end seen (kept
+        while the broker is unreachable), and readiness from the largest lag."""
         m, topic = self.metrics, self.topic
         newest = batch.newest_timestamp_ms if batch is not None else {}
         applied = self.live.next_offsets
-        for p, hw in self.fetcher.highwater.items():
-            lag = max(0, hw - applied.get(p, 0)) if hw is not None else 0
+        unknown, worst = [], 0
+        for p in self.fetcher.partitions:
+            hw = self.fetcher.highwater.get(p)
+            if hw is None:
+                unknown.append(p)
+                continue
+            lag = max(0, hw - applied.get(p, 0))
+            worst = max(worst, lag)
             m.ingest_lag_records.labels(topic, str(p)).set(lag)
             if lag == 0:
                 m.ingest_lag_seconds.labels(topic, str(p)).set(0.0)
             elif p in newest and newest[p] is not None and newest[p] >= 0:
                 m.ingest_lag_seconds.labels(topic, str(p)).set(max(0.0, time.time() - newest[p] / 1000))
-        if self._last_snapshot_wall is not None:
-            m.snapshot_age.set(time.time() - self._last_snapshot_wall)
+        m.snapshot_age.set(time.time() - self._last_snapshot_wall)
+        if unknown:
+            detail = f"log end of partitions {unknown} not known yet"
+        elif worst > self.ready_max_lag_records:
+            detail = f"replaying a backlog: {worst} records behind (ready at <= {self.ready_max_lag_records})"
+        else:
+            detail = None
+        self.readiness.set("catching_up", detail)
 
     # --------------------------------------------------------------------------- snapshots
     def _snapshot_due(self) -> bool:
         if self.snapshots is None or self._since_snapshot == 0:
             return False
+        now = time.monotonic()
+        if now < self._snapshot_retry_at:
+            return False
         cfg = self.snapshot_config
-        return (
-            self._since_snapshot >= cfg.every_events
-            or time.monotonic() - self._last_snapshot_at >= cfg.every_seconds
-        )
+        return self._since_snapshot >= cfg.every_events or now - self._last_snapshot_at >= cfg.every_seconds
 
-    def snapshot(self) -> bool:
+    def final_snapshot(self) -> bool:
+        """The snapshot on the way out (call after ``run`` returned): True when the state on
+        disk reflects everything applied (written now, or nothing changed since the last)."""
+        if self.snapshots is None or self._since_snapshot == 0:
+            return True
+        return self.snapshot(final=True)
+
+    def snapshot(self, final: bool = False) -> bool:
         """Write a snapshot now (if anything changed since the last one); True on success.
 
         Dead letters are flushed first: a snapshot's offsets must never move past a bad record
-        whose dead letter is not yet durable. Failures are logged and retried at the next due
-        time; the loop keeps running.
+        whose dead letter is not yet durable. A failure is logged once per failure streak (with
+        the reason; the traceback at DEBUG), counted, and retried with exponential backoff
+        (``retry_initial_s`` doubling up to ``retry_max_s``); the loop keeps running.
         """
         if self.snapshots is None or self._since_snapshot == 0:
             return False
@@ -272,21 +337,43 @@ class IngestLoop:
                 self.dead_letters.flush(timeout=30)
             # This thread is the only writer, so reading without the lock sees a batch boundary.
             snap = self.snapshots.write(
-                self.live.engine, self.live.model_version, self.live.next_offsets, self.topic
+                self.live.engine, self.live.model_version, self.live.next_offsets, self.topic, self.topic_id
             )
-        except Exception:
-            log.exception("snapshot failed; will retry")
-            self.metrics.snapshots.labels("error").inc()
-            self._last_snapshot_at = time.monotonic()
+        except Exception as e:
+            self._snapshot_failed(e, final)
             return False
         self.metrics.snapshots.labels("ok").inc()
         self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
+        if self._snapshot_failures:
+            log.warning("snapshots work again after %d failed attempts", self._snapshot_failures)
+        self._snapshot_failures = 0
+        self._snapshot_retry_at = 0.0
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
         self._last_snapshot_wall = time.time()
-        self.fetcher.request_commit(snap.next_offsets)
+        if self.fetcher is not None:
+            self.fetcher.request_commit(snap.next_offsets)
         log.info("snapshot %s (%d events)", snap.path.name, snap.events_applied)
         return True
+
+    def _snapshot_failed(self, error: Exception, final: bool) -> None:
+        self.metrics.snapshots.labels("error").inc()
+        self._snapshot_failures += 1
+        cfg = self.snapshot_config
+        delay = min(cfg.retry_max_s, cfg.retry_initial_s * 2 ** (self._snapshot_failures - 1))
+        self._snapshot_retry_at = time.monotonic() + delay
+        log.debug("snapshot failure", exc_info=error)
+        if final:
+            log.error("final snapshot failed: %s: %s", type(error).__name__, error)
+        elif self._snapshot_failures == 1:
+            log.error(
+                "snapshot failed: %s: %s; retrying with backoff (%.0f s, doubling up to %.0f s); "
+                'tgnstream_snapshots_total{result="error"} counts the attempts',
+                type(error).__name__,
+                error,
+                delay,
+                cfg.retry_max_s,
+            )
 
 
 def _engine_bytes(engine: torch.nn.Module) -> int:

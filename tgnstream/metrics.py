@@ -76,6 +76,28 @@ class ServerMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.ingest_connected = Gauge(
+            "tgnstream_ingest_connected",
+            "1 while the Kafka consumer has a working broker connection, 0 while it cannot reach one",
+            registry=r,
+        )
+        self.ingest_restarts = Counter(
+            "tgnstream_ingest_restarts_total",
+            "Times the ingest side (fetch process + loop) failed and was restarted",
+            registry=r,
+        )
+        self.ingest_log_resets = Counter(
+            "tgnstream_ingest_log_resets_total",
+            "Times a partition's position was moved to the log start because the log moved behind "
+            "it (policy on_log_gap=reset)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "tgnstream_ready",
+            "1 when the process is ready (restored, ingest up, broker reachable, lag within bound)",
+            registry=r,
+        )
         self.ingest_watermark = Gauge(
             "tgnstream_ingest_watermark_seconds", "Latest event time applied (event clock)", registry=r
         )

@@ -11,24 +11,26 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
+from grpc_health.v1 import health_pb2
 from kafka import KafkaProducer
-from prometheus_client import start_http_server
 
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
+from tgnstream.health import HealthHttpServer, Readiness
 from tgnstream.ingest.config import KafkaConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.prefetch import Prefetcher
+from tgnstream.ingest.prefetch import FatalIngestError, Prefetcher
 from tgnstream.ingest.records import RecordDecoder
 from tgnstream.kafka_admin import create_topic
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
-from tgnstream.model_server.grpc_server import build_server, stop_server
+from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
 from tgnstream.serve_config import ModelSource, ServeConfig
 from tgnstream.snapshots import SnapshotStore
 from tgnstream.sysinfo import resolve_device
@@ -67,7 +69,17 @@ def _ensure_topic(kafka: KafkaConfig, name: str) -> None:
 
 
 class ServingProcess:
-    """One serving process: live engine + ingest thread + gRPC server + /metrics."""
+    """One serving process: live engine + supervised ingest thread + gRPC server + HTTP
+    ``/metrics``, ``/livez``, ``/readyz``.
+
+    Start-up order: the HTTP endpoints first (not ready: restoring), then the restore, then gRPC
+    (its LinkPrediction health NOT_SERVING until ready), then ingest. The ingest side is
+    supervised: a failure (the fetch process died, the broker was unreachable at start-up) is
+    retried with backoff while readiness says ``ingest_down``; after
+    ``health.ingest_max_failures`` consecutive failures, or at once for an error no restart can
+    fix (a log gap under ``on_log_gap=fail``), the process stops with a non-zero exit code.
+    ``done`` is set when the process should stop by itself.
+    """
 
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -77,16 +89,30 @@ class ServingProcess:
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
         device = resolve_device(cfg.device)
         self.metrics = ServerMetrics()
+        self.readiness = Readiness(self.metrics.ready)
+        self.readiness.set("restoring", "loading the newest snapshot or the initial model")
+        self.done = threading.Event()
+        self.exit_code = 0
+        self.ingest_error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._ingest_thread = threading.Thread(target=self._supervise_ingest, name="ingest", daemon=True)
+        self.http = HealthHttpServer(
+            cfg.metrics_host, cfg.metrics_port, self.metrics.registry, self.readiness, self._alive
+        )
+        self.metrics_port = self.http.port
+        self.http.start()
+
         self.store = SnapshotStore(cfg.snapshots.dir, cfg.snapshots.keep)
         topic = cfg.ingest.kafka.topic
         restored = self.store.restore_latest(device, topic=topic)
         if restored is not None:
             snap, engine = restored
-            version, offsets = snap.model_version, snap.next_offsets
+            version, offsets, topic_id = snap.model_version, snap.next_offsets, snap.topic_id
+            snapshot_wall: float | None = snap.created_at
             log.info("restored %s: %d events, offsets %s", snap.path.name, snap.events_applied, offsets)
         else:
             engine, version = initial_engine(cfg.model, device)
-            offsets = {}
+            offsets, topic_id, snapshot_wall = {}, None, None
             log.info(
                 "no snapshot in %s: starting %s from the beginning of %s", self.store.root, version, topic
             )
@@ -100,9 +126,6 @@ class ServingProcess:
         self.metrics.memory_nodes.set(len(engine.ids))
 
         kafka = cfg.ingest.kafka
-        self.fetcher = Prefetcher(cfg.ingest, offsets)
-        self.fetcher.start()
-        self.live.next_offsets = dict(self.fetcher.start_offsets)
         dead_letters = None
         if cfg.ingest.dlq_enabled:
             _ensure_topic(kafka, dlq_topic(topic))
@@ -118,33 +141,96 @@ class ServingProcess:
         self.loop = IngestLoop(
             cfg.ingest,
             self.live,
-            self.fetcher,
+            None,  # the supervisor starts (and restarts) the fetch process
             decoder,
             dead_letters,
             self.store,
             cfg.snapshots,
             self.metrics,
+            readiness=self.readiness,
+            ready_max_lag_records=cfg.health.ready_max_lag_records,
+            topic_id=topic_id,
+            last_snapshot_wall=snapshot_wall,
         )
         self.server, self.health, self.grpc_port = build_server(self.live, cfg.grpc, self.metrics)
-        self._ingest_thread = threading.Thread(target=self._ingest, name="ingest", daemon=True)
-        self._stopped = threading.Event()
-        self.ingest_error: BaseException | None = None
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.readiness.add_listener(self._on_readiness)
+        self.readiness.set("ingest_down", "the Kafka fetch process is starting")
+        self.readiness.set("restoring", None)
 
-    def _ingest(self) -> None:
-        try:
-            self.loop.run()
-        except BaseException as e:  # keep serving the last state, but say so loudly
-            self.ingest_error = e
-            log.exception("ingest loop died; serving the last applied state")
+    # ------------------------------------------------------------------------------ health
+    def _alive(self) -> bool:
+        return not self.done.is_set() or self._stopped.is_set()
 
+    def _on_readiness(self, ready: bool, reasons: dict[str, str]) -> None:
+        if self._stopped.is_set():
+            return  # shutting down: stop_server owns the health status now
+        status = health_pb2.HealthCheckResponse
+        self.health.set(SERVICE_NAME, status.SERVING if ready else status.NOT_SERVING)
+
+    # ------------------------------------------------------------------------------ ingest
+    def _start_fetcher(self) -> Prefetcher:
+        with self.live.read():
+            offsets = dict(self.live.next_offsets)
+        fetcher = Prefetcher(self.config.ingest, offsets, self.loop.topic_id)
+        fetcher.start()
+        with self.live.write():
+            # A fresh start learns where the log begins; a restored one keeps its offsets.
+            self.live.next_offsets = {**fetcher.start_offsets, **offsets}
+        if fetcher.topic_id is not None:
+            self.loop.topic_id = fetcher.topic_id
+        return fetcher
+
+    def _supervise_ingest(self) -> None:
+        hc = self.config.health
+        failures, delay = 0, hc.ingest_restart_initial_s
+        while not self._stopped.is_set():
+            started_at, applied_before = time.monotonic(), int(self.live.engine.events_applied)
+            try:
+                self.loop.fetcher = self._start_fetcher()
+                self.readiness.set("ingest_down", None)
+                self.loop.run()
+                return  # stopped on request
+            except FatalIngestError as e:
+                self._fail(e, f"ingest cannot continue: {e}")
+                return
+            except Exception as e:
+                if self._stopped.is_set():
+                    return
+                ran_well = time.monotonic() - started_at >= 60
+                if ran_well or int(self.live.engine.events_applied) > applied_before:
+                    failures, delay = 0, hc.ingest_restart_initial_s
+                failures += 1
+                self.metrics.ingest_restarts.inc()
+                self.readiness.set("ingest_down", f"{type(e).__name__}: {e}")
+                if failures >= hc.ingest_max_failures:
+                    self._fail(e, f"ingest failed {failures} times in a row, giving up: {e}")
+                    return
+                log.error(
+                    "ingest failed (%s: %s); restarting in %.1f s (failure %d of %d allowed)",
+                    type(e).__name__,
+                    e,
+                    delay,
+                    failures,
+                    hc.ingest_max_failures,
+                )
+                self._stopped.wait(delay)
+                delay = min(2 * delay, hc.ingest_restart_max_s)
+
+    def _fail(self, error: BaseException, message: str) -> None:
+        log.error("%s; stopping (exit code 1) so that a supervisor restarts the process", message)
+        self.ingest_error = error
+        self.exit_code = 1
+        self.readiness.set("ingest_down", message)
+        self.done.set()
+
+    # ----------------------------------------------------------------------------- control
     def start(self) -> None:
         cfg = self.config
-        http, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry=self.metrics.registry)
-        self.metrics_port = http.server_port
         self.server.start()
         self._ingest_thread.start()
         log.info(
-            "serving %s: gRPC on %s:%d, metrics on http://%s:%d/metrics",
+            "serving %s: gRPC on %s:%d, metrics and /livez, /readyz on http://%s:%d",
             self.live.model_version,
             cfg.grpc.host,
             self.grpc_port,
@@ -160,30 +246,40 @@ class ServingProcess:
             )
             os.replace(tmp, cfg.ready_file)
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stop ingest (final snapshot), then drain gRPC (health says NOT_SERVING first)."""
+    def stop(self, grace: float | None = None) -> int:
+        """Stop ingest, write the final snapshot, then drain gRPC (health says NOT_SERVING
+        first). Returns the exit code: non-zero when ingest failed for good or the final
+        snapshot could not be written."""
         if self._stopped.is_set():
-            return
+            return self.exit_code
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.loop.stop()
-        self._ingest_thread.join(timeout=60)
+        if self._ingest_thread.is_alive():
+            self._ingest_thread.join(timeout=60)
+        final_ok = self.loop.final_snapshot_ok
+        if final_ok is None:  # ingest was down: the loop did not get to write it
+            final_ok = self.loop.final_snapshot()
+        if not final_ok:
+            log.error("the final snapshot failed: events since the last snapshot will be re-read on restart")
+            self.exit_code = 1
         stop_server(self.server, self.health, self.config.grpc.shutdown_grace_s if grace is None else grace)
+        self.http.stop()
+        return self.exit_code
 
 
 def run_server(config: ServeConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    """Run until SIGTERM/SIGINT/SIGHUP (or a failure ingest cannot recover from); returns the
+    process exit code."""
     proc = ServingProcess(config)
-    done = threading.Event()
 
     def _on_signal(signum, _frame):
-        log.info("signal %d: shutting down", signum)
-        done.set()
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        proc.done.set()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     proc.start()
-    while not done.wait(0.5):
+    while not proc.done.wait(0.5):
         pass
-    proc.stop()
-    return 1 if proc.ingest_error is not None else 0
+    return proc.stop()

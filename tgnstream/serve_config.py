@@ -15,6 +15,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from tgnstream.health import HealthConfig
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.snapshots import SnapshotConfig
@@ -59,8 +60,11 @@ class ServeConfig(BaseSettings):
     ingest: IngestConfig = IngestConfig()
     grpc: GrpcConfig = GrpcConfig()
     snapshots: SnapshotConfig = SnapshotConfig()
+    health: HealthConfig = HealthConfig()
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port (0: any free port)")
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="HTTP port of /metrics, /livez and /readyz (0: any free port)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     gil_switch_interval_ms: float = Field(

@@ -1,7 +1,7 @@
 """Durable snapshots of the live state together with the Kafka offsets it reflects.
 
 Layout: ``DIR/snap-<events:012d>-<unix_ms>/`` holding ``state.pt`` (a checkpoint: config,
-weights, full node state and id map) and ``manifest.json`` (model version, topic, per-partition
+weights, full node state and id map) and ``manifest.json`` (model version, topic and its id, per-partition
 next offsets, event count, SHA-256 of ``state.pt``, and ``manifest_sha256``: the SHA-256 of the
 canonical JSON of all the other manifest fields). The manifest is written last, by temp file +
 fsync + rename, and the directory is fsynced: a snapshot without a manifest, whose manifest
@@ -53,6 +53,8 @@ class SnapshotConfig(BaseModel):
         60.0, gt=0, description="... or this long after the last one (if anything changed)"
     )
     keep: int = Field(3, ge=1, description="complete snapshots kept on disk")
+    retry_initial_s: float = Field(1.0, gt=0, description="wait after a failed snapshot before the next try")
+    retry_max_s: float = Field(60.0, gt=0, description="longest wait between tries (the wait doubles)")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Snapshot:
     events_applied: int
     created_at: float
     topic: str
+    topic_id: str | None = None  # the Kafka topic's unique id when known (a recreated topic differs)
 
     def load(self, device: torch.device | str = "cpu") -> MemoryEngine:
         """Rebuild the engine; raises ``ValueError`` when the manifest or ``state.pt`` fails its
@@ -146,7 +149,12 @@ class SnapshotStore:
             log.warning("%s", message)
 
     def write(
-        self, engine: MemoryEngine, model_version: str, next_offsets: dict[int, int], topic: str
+        self,
+        engine: MemoryEngine,
+        model_version: str,
+        next_offsets: dict[int, int],
+        topic: str,
+        topic_id: str | None = None,
     ) -> Snapshot:
         """Persist ``engine``'s state and the offsets it reflects. The caller must make sure the
         engine is not being written meanwhile (the ingest loop snapshots between batches).
@@ -163,6 +171,7 @@ class SnapshotStore:
                 "format": SNAPSHOT_FORMAT,
                 "model_version": model_version,
                 "topic": topic,
+                "topic_id": topic_id,
                 "next_offsets": {str(p): int(o) for p, o in sorted(next_offsets.items())},
                 "events_applied": events,
                 "created_at": created,
@@ -180,7 +189,7 @@ class SnapshotStore:
         except BaseException:
             _discard(path)
             raise
-        snap = Snapshot(path, model_version, dict(next_offsets), events, created, topic)
+        snap = Snapshot(path, model_version, dict(next_offsets), events, created, topic, topic_id)
         self.prune()
         return snap
 
@@ -201,6 +210,7 @@ class SnapshotStore:
                     int(m["events_applied"]),
                     float(m["created_at"]),
                     m.get("topic") or "",
+                    m.get("topic_id"),
                 )
             except _Rejected as e:
                 self._warn_once(path, str(e))

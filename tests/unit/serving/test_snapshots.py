@@ -106,6 +106,7 @@ def test_manifest_checksum_is_sha256_of_canonical_json_of_the_other_fields(tmp_p
         "format",
         "model_version",
         "topic",
+        "topic_id",
         "next_offsets",
         "events_applied",
         "created_at",
