@@ -97,6 +97,13 @@ class GrpcConfig(BaseModel):
         description="how long TopK may keep using candidate embeddings computed for an older state "
         "version (bounded staleness, for high ingest rates); 0: recomputed for every version (exact)",
     )
+    query_time_slack_s: float = Field(
+        86_400.0,
+        ge=0.0,
+        description="a query's explicit time must lie within [first applied event - this, watermark "
+        "+ this] (INVALID_ARGUMENT otherwise): the model was never meant to answer for times far "
+        "outside the stream it has seen",
+    )
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate chain; with tls_key_file enables TLS"
     )

@@ -7,7 +7,9 @@ Parsing needs no engine (so it runs before any lock is taken); checks that need 
 Rules (the contract):
 - ids (Score pairs' src and dst, TopK src and candidates, Embed nodes) must be non-empty strings
   of at most ``MAX_ID_BYTES`` (512) bytes of UTF-8, the limit ingest applies to the ids it
-  accepts; times, when set, finite (unset = the server's watermark);
+  accepts; times, when set, finite and within ±MAX_ABS_EVENT_TIME_S (unset = the server's
+  watermark), and (checked in ``queries.py``, against the state) within
+  [first event - query_time_slack_s, watermark + query_time_slack_s] once events exist;
 - Score: 1..max_pairs pairs; duplicate pairs are allowed (each is answered);
 - TopK: 1 <= k <= max_k; at most max_candidates candidates, all distinct (a duplicate would
   take two of the k places); an empty list means "every destination";
@@ -20,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tgnstream.core.events import MAX_ABS_EVENT_TIME_S
 from tgnstream.core.idmap import MAX_ID_BYTES
 from tgnstream.live import StateStamp
 from tgnstream.model_server.config import GrpcConfig
@@ -55,6 +58,7 @@ class ScoreQuery:
     src: list[str]
     dst: list[str]
     time: float | None
+    time_slack_s: float | None = None  # None: the time is not checked against the state
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,14 @@ class TopKQuery:
     exclude_seen: bool
     time: float | None
     strict: bool
+    time_slack_s: float | None = None
 
 
 @dataclass(frozen=True)
 class EmbedQuery:
     nodes: list[str]
     time: float | None
+    time_slack_s: float | None = None
 
 
 def _time(request) -> float | None:
@@ -81,6 +87,10 @@ def _time(request) -> float | None:
     t = float(request.time)
     if not math.isfinite(t):
         raise RequestError(f"time must be a finite number of seconds, got {t}")
+    if abs(t) > MAX_ABS_EVENT_TIME_S:
+        raise RequestError(
+            f"time {t!r} is beyond ±{MAX_ABS_EVENT_TIME_S:g} s: times are in seconds (milliseconds?)"
+        )
     return t
 
 
@@ -119,7 +129,7 @@ def parse_score(request: pb.ScoreRequest, config: GrpcConfig) -> ScoreQuery:
     dst = [p.dst for p in request.pairs]
     _check_ids(src, "pairs[{}].src")
     _check_ids(dst, "pairs[{}].dst")
-    return ScoreQuery(src, dst, _time(request))
+    return ScoreQuery(src, dst, _time(request), config.query_time_slack_s)
 
 
 def parse_topk(request: pb.TopKRequest, config: GrpcConfig) -> TopKQuery:
@@ -149,6 +159,7 @@ def parse_topk(request: pb.TopKRequest, config: GrpcConfig) -> TopKQuery:
         exclude_seen=bool(request.exclude_seen),
         time=_time(request),
         strict=bool(request.strict) or config.strict_candidates,
+        time_slack_s=config.query_time_slack_s,
     )
 
 
@@ -160,7 +171,7 @@ def parse_embed(request: pb.EmbedRequest, config: GrpcConfig) -> EmbedQuery:
         raise RequestError(f"too many nodes: {n} > max_embed_nodes {config.max_embed_nodes}")
     nodes = list(request.nodes)
     _check_ids(nodes, "nodes[{}]")
-    return EmbedQuery(nodes, _time(request))
+    return EmbedQuery(nodes, _time(request), config.query_time_slack_s)
 
 
 def stamp_to_proto(stamp: StateStamp) -> pb.StateStamp:

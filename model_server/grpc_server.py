@@ -136,7 +136,7 @@ def build_server(
         ],
         maximum_concurrent_rpcs=config.hard_limit_rpcs,
     )
-    servicer = servicer if servicer is not None else LinkPredictionServicer(live, config)
+    servicer = servicer if servicer is not None else LinkPredictionServicer(live, config, metrics=metrics)
     pb_grpc.add_LinkPredictionServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -45,6 +45,7 @@ __all__ = [
     "CandidateCache",
     "CacheWarmer",
     "CandidateEmbeddings",
+    "NonFiniteResult",
     "ScoreResult",
     "TopKResult",
     "EmbedResult",
@@ -106,7 +107,41 @@ class ModelInfoResult:
     next_offsets: dict[int, int]
 
 
+class NonFiniteResult(RuntimeError):
+    """The model produced a NaN/inf for this request (damaged weights or state): the reply is
+    refused (INTERNAL), never sent as OK. ``where``: score, topk or embed."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(message)
+        self.where = where
+
+
 # ----------------------------------------------------------------------------------- helpers
+def check_time(engine: MemoryEngine, t: float | None, slack: float | None) -> None:
+    """``RequestError`` unless ``t`` (None: the default time) lies within
+    [first event - slack, watermark + slack]; before any event every time is allowed (there is
+    nothing to be inconsistent with, and every node answers as cold start)."""
+    if t is None or slack is None:
+        return
+    first, wm = float(engine.first_event_time), float(engine.watermark)
+    if wm == float("-inf"):
+        return
+    if not first - slack <= t <= wm + slack:
+        raise RequestError(
+            f"time {t!r} is outside the span this state can answer for: [{first - slack!r}, "
+            f"{wm + slack!r}] (first event {first!r} and watermark {wm!r}, each +- "
+            f"query_time_slack_s={slack:g})"
+        )
+
+
+def _finite_or_raise(values: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteResult(
+            where,
+            f"the model produced a non-finite {where} result (NaN/inf in its weights or state); not returned",
+        )
+
+
 def state_time(engine: MemoryEngine) -> float:
     """The watermark (latest applied event time), or 0.0 before any event."""
     wm = float(engine.watermark)
@@ -301,7 +336,16 @@ def score_batch(live: LiveEngine, qs: list[ScoreQuery]) -> list[ScoreResult | Ba
         for q in qs:
             starts.append(starts[-1] + 2 * len(q.src))
         wm = state_time(engine)
-        for t, members in _group_by_time([wm if q.time is None else q.time for q in qs]).items():
+        valid = []
+        for i, q in enumerate(qs):
+            try:
+                check_time(engine, q.time, q.time_slack_s)
+                valid.append(i)
+            except RequestError as exc:  # this query is refused; the others are answered
+                out[i] = exc
+        times = [wm if qs[i].time is None else qs[i].time for i in valid]
+        for t, positions in _group_by_time(times).items():
+            members = [valid[m] for m in positions]
             try:
                 src = torch.cat([idx[starts[i] : starts[i] + len(qs[i].src)] for i in members])
                 dst = torch.cat([idx[starts[i] + len(qs[i].src) : starts[i + 1]] for i in members])
@@ -313,10 +357,14 @@ def score_batch(live: LiveEngine, qs: list[ScoreQuery]) -> list[ScoreResult | Ba
             at = 0
             for i in members:
                 b, s0 = len(qs[i].src), starts[i]
-                out[i] = ScoreResult(
-                    probs[at : at + b], unknown[s0 : s0 + b], unknown[s0 + b : s0 + 2 * b], stamp
-                )
+                mine = probs[at : at + b]
                 at += b
+                try:
+                    _finite_or_raise(mine, "score")
+                except NonFiniteResult as exc:
+                    out[i] = exc
+                    continue
+                out[i] = ScoreResult(mine, unknown[s0 : s0 + b], unknown[s0 + b : s0 + 2 * b], stamp)
     return out
 
 
@@ -344,9 +392,16 @@ def top_k_batch(
         _ensure_eval(engine)
         stamp = live.stamp()
         wm = state_time(engine)
-        shared = [i for i, q in enumerate(qs) if q.candidates is None]
+        refused = set()
         for i, q in enumerate(qs):
-            if q.candidates is not None:
+            try:
+                check_time(engine, q.time, q.time_slack_s)
+            except RequestError as exc:
+                out[i] = exc
+                refused.add(i)
+        shared = [i for i, q in enumerate(qs) if q.candidates is None and i not in refused]
+        for i, q in enumerate(qs):
+            if q.candidates is not None and i not in refused:
                 try:
                     out[i] = _top_k_explicit(live, engine, q, cache, stamp)
                 except Exception as exc:
@@ -398,6 +453,7 @@ def _top_k_shared(
     if qn == 0:
         return [TopKResult([], [], [], bool(u), stamp) for u in src_unknown.tolist()]
     logits = _rank(engine, src, t, cand, z_c)  # [P, Q]
+    _finite_or_raise(logits, "topk")
     # A node is never its own destination. Candidates are known destinations, so an unknown
     # src (the cold slot, which has no events) never matches one.
     drop = cand.unsqueeze(0) == src.unsqueeze(1)
@@ -438,6 +494,7 @@ def _top_k_explicit(
     z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine))
     qn = cand.numel()
     logits = _rank(engine, src, t, cand, z_c)[0]  # [Q]
+    _finite_or_raise(logits, "topk")
 
     # A node is never its own destination. An unknown src shares the cold slot with unknown
     # candidates, so for it only the same string counts as "itself".
@@ -463,8 +520,10 @@ def embed(live: LiveEngine, q: EmbedQuery) -> EmbedResult:
         _ensure_eval(engine)
         stamp = live.stamp()
         idx, unknown = live.resolve(q.nodes)
+        check_time(engine, q.time, q.time_slack_s)
         t = state_time(engine) if q.time is None else q.time
         z = engine.embed(idx, _full(idx.numel(), t, idx.device))
+    _finite_or_raise(z, "embed")
     return EmbedResult(q.nodes, z.float().cpu(), unknown, int(z.shape[1]), stamp)
 
 

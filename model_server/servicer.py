@@ -1,7 +1,9 @@
 """``tgnstream.rpc.v1.LinkPrediction``: a thin adapter from protobuf to ``queries``.
 
-Errors: ``RequestError`` -> INVALID_ARGUMENT with its message; anything else -> INTERNAL with a
-short message (the traceback goes to the log) and the server keeps serving.
+Errors: ``RequestError`` -> INVALID_ARGUMENT with its message; a NaN/inf result
+(``NonFiniteResult``) -> INTERNAL, counted in ``tgnstream_nonfinite_total``, never sent as OK;
+anything else -> INTERNAL with a short message (the traceback goes to the log) and the server
+keeps serving.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TypeVar
 import grpc
 
 from tgnstream.live import LiveEngine
+from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server import convert, queries
 from tgnstream.model_server.coalesce import Coalescer
 from tgnstream.model_server.config import GrpcConfig
@@ -42,9 +45,17 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
     candidates, stopped by ``close``) rebuilds it after every applied batch.
     """
 
-    def __init__(self, live: LiveEngine, config: GrpcConfig, cache: queries.CandidateCache | None = None):
+    def __init__(
+        self,
+        live: LiveEngine,
+        config: GrpcConfig,
+        cache: queries.CandidateCache | None = None,
+        metrics: ServerMetrics | None = None,
+    ):
         self._live = live
         self._config = config
+        self._metrics = metrics
+        self._nonfinite_logged = 0
         self.cache = (
             cache if cache is not None else queries.CandidateCache(config.topk_cache_max_age_ms / 1000)
         )
@@ -100,11 +111,27 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
             return compute()
         except RequestError as exc:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except queries.NonFiniteResult as exc:
+            code, details = grpc.StatusCode.INTERNAL, str(exc)
+            self._count_nonfinite(exc, method)
         except Exception as exc:  # the server must outlive any bug in one request
             log.exception("%s failed", method)
             code, details = grpc.StatusCode.INTERNAL, f"internal error in {method} ({type(exc).__name__})"
         context.abort(code, details)  # raises
         raise AssertionError("unreachable")
+
+    def _count_nonfinite(self, exc: queries.NonFiniteResult, method: str) -> None:
+        if self._metrics is not None:
+            self._metrics.nonfinite.labels(exc.where).inc()
+        # Every occurrence is counted; the log gets the first and then every 1,000th.
+        if self._nonfinite_logged % 1000 == 0:
+            log.error(
+                "%s: %s (occurrence %d; tgnstream_nonfinite_total counts all)",
+                method,
+                exc,
+                self._nonfinite_logged + 1,
+            )
+        self._nonfinite_logged += 1
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         return self._answer(
