@@ -9,7 +9,7 @@ OUT ?= runs/wikipedia
 EPOCHS ?= 5
 TRAIN_ARGS ?= --pair-features
 
-.PHONY: install train test test-all bench lint clean
+.PHONY: install train test test-faults test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ train: install
 ## Default test suite: fast unit + integration tests (no slow/gpu markers).
 test: install
 	$(PY) -m pytest -q
+
+## Fault-injection suite: hostile input, broker loss, dead ingest, full disk... (README, "Faults").
+test-faults: install
+	$(PY) -m pytest -q -m faults tests/faults
 
 test-all: install
 	$(PY) -m pytest -q -m ""

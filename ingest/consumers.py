@@ -28,6 +28,7 @@ __all__ = [
     "OffsetOutOfRange",
     "open_consumer",
     "resolve_client",
+    "throttle_kafka_python_logs",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,11 @@ class ConnectionLogThrottle:
     the connection is back) ends the streak.
     """
 
-    def __init__(self, max_interval_s: float = 60.0, clock=time.monotonic):
+    def __init__(self, max_interval_s: float = 60.0, quiet_reset_s: float = 120.0, clock=time.monotonic):
         self._max = max_interval_s
+        self._quiet_reset = quiet_reset_s
         self._clock = clock
+        self._last_seen = float("-inf")
         self.reset()
 
     def reset(self) -> None:
@@ -144,6 +147,9 @@ class ConnectionLogThrottle:
 
     def filter(self, text: str) -> str | None:
         now = self._clock()
+        if now - self._last_seen > self._quiet_reset:  # a long quiet spell ends the streak too
+            self.reset()
+        self._last_seen = now
         if self._next_at is not None and now < self._next_at:
             self._suppressed += 1
             return None
@@ -153,3 +159,33 @@ class ConnectionLogThrottle:
         self._next_at = now + self._interval
         self._interval = min(self._interval * 2, self._max)
         return text
+
+
+# kafka-python's lines for one failed (re)connection attempt.
+_KAFKA_PYTHON_FAILURES = ("ECONNREFUSED", "Connection failed", "Connection lost", "Metadata refresh: failed")
+
+
+class _KafkaPythonThrottle(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = ConnectionLogThrottle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not any(f in text for f in _KAFKA_PYTHON_FAILURES):
+            return True
+        kept = self._throttle.filter(text)
+        if kept is None:
+            return False
+        record.msg, record.args = kept, None
+        return True
+
+
+def throttle_kafka_python_logs() -> None:
+    """Rate-limit kafka-python's connection-failure lines (its producers and admin clients
+    retry every few hundred milliseconds while a broker is down, three lines a try) on the
+    handlers of the root logger; idempotent."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, _KafkaPythonThrottle) for f in handler.filters):
+            handler.addFilter(_KafkaPythonThrottle())

@@ -111,6 +111,8 @@ class IngestLoop:
         """Handle one micro-batch (or an idle poll); returns the number of records handled."""
         batch = self.fetcher.get(timeout=self.config.poll_timeout_ms / 1000)
         self._handle_resets()
+        if self.fetcher.topic_id is not None:
+            self.topic_id = self.fetcher.topic_id
         if batch is not None:
             self._handle(batch)
         else:
@@ -132,8 +134,6 @@ class IngestLoop:
         for r in resets:
             self.metrics.ingest_log_resets.labels(self.topic, str(r.partition)).inc()
         self._since_snapshot += 1  # the position changed: the next snapshot must record it
-        if self.fetcher.topic_id is not None:
-            self.topic_id = self.fetcher.topic_id
 
     # ------------------------------------------------------------------------------- batch
     def _handle(self, batch: FetchedBatch) -> None:

@@ -62,6 +62,7 @@ class FetchedBatch:
     highwater: dict[int, int | None]
     connected: bool = True
     resets: tuple[LogReset, ...] = ()
+    topic_id: str | None = None  # of the log the offsets refer to (changes with a reset)
 
     @property
     def num_records(self) -> int:
@@ -100,6 +101,7 @@ def _package(source: KafkaSource, batch: RecordBatch) -> FetchedBatch:
         highwater=source.highwaters(),
         connected=source.connected(),
         resets=_take_resets(source),
+        topic_id=source.topic_id,
     )
 
 
@@ -161,7 +163,13 @@ def _child(
                         log.warning("committing offsets to Kafka failed (lag monitoring only): %s", e)
             batch = source.next_batch()
             if batch is None:
-                item = ("idle", source.highwaters(), source.connected(), _take_resets(source))
+                item = (
+                    "idle",
+                    source.highwaters(),
+                    source.connected(),
+                    _take_resets(source),
+                    source.topic_id,
+                )
             else:
                 item = ("batch", _package(source, batch))
             if not _send(out, item):
@@ -265,15 +273,19 @@ class Prefetcher:
         if kind == "error":
             raise RuntimeError(f"Kafka fetch process: {payload[0]}")
         if kind == "idle":
-            highwater, self.connected, resets = payload
-            self._saw(highwater, resets)
+            highwater, self.connected, resets, topic_id = payload
+            self._saw(highwater, resets, topic_id)
             return None
         batch: FetchedBatch = payload[0]
         self.connected = batch.connected
-        self._saw(batch.highwater, batch.resets)
+        self._saw(batch.highwater, batch.resets, batch.topic_id)
         return batch
 
-    def _saw(self, highwater: dict[int, int | None], resets: tuple[LogReset, ...]) -> None:
+    def _saw(
+        self, highwater: dict[int, int | None], resets: tuple[LogReset, ...], topic_id: str | None
+    ) -> None:
+        if topic_id is not None:
+            self.topic_id = topic_id
         for p, hw in highwater.items():
             if hw is not None or p not in self.highwater:
                 self.highwater[p] = hw

@@ -87,6 +87,8 @@ class KafkaSource:
         self._first_buffered_at: float | None = None
         self.resets: list[LogReset] = []  # not yet reported (the fetch process ships them)
         self._was_connected = True
+        self._adopt_topic_id = False  # after a reset to a log whose id was not known yet
+        self._adopt_tried_at = float("-inf")
         self.topic_id = self._client.topic_id()
         log.info(
             "reading %s (id %s) partitions %s from offsets %s",
@@ -134,6 +136,10 @@ class KafkaSource:
             )
             self.resets.append(LogReset(p, self.next_offsets[p], new, why))
             self.next_offsets[p] = new
+        # The log the positions now refer to: adopt its id (unknown now, e.g. the topic is not
+        # recreated yet: adopt the first id seen later without calling that another gap).
+        self.topic_id = self._client.topic_id()
+        self._adopt_topic_id = self.topic_id is None
         # Buffered records are refetched from the (new) positions.
         self._buffer.clear()
         self._first_buffered_at = None
@@ -143,9 +149,14 @@ class KafkaSource:
         """After a fetch: the log must still reach every position read so far; True when it
         did not (and the policy moved the positions)."""
         connected = self._client.connected()
-        if connected and not self._was_connected and self.topic_id is not None:
+        adopt = self._adopt_topic_id and time.monotonic() - self._adopt_tried_at >= 1.0
+        if connected and self.topic_id is not None and not self._was_connected or adopt:
             now = self._client.topic_id()  # the broker may have been replaced meanwhile
-            if now is not None and now != self.topic_id:
+            self._adopt_tried_at = time.monotonic()
+            if adopt:
+                self.topic_id = now
+                self._adopt_topic_id = now is None
+            elif now is not None and now != self.topic_id:
                 old, self.topic_id = self.topic_id, now
                 self._gap(self.partitions, f"the topic was recreated while unreachable (id {old} -> {now})")
                 return True

@@ -126,6 +126,8 @@ class ServerMetrics:
         self.snapshots = Counter(
             "tgnstream_snapshots_total", "Snapshot attempts by result (ok/error)", ["result"], registry=r
         )
+        for result in ("ok", "error"):
+            self.snapshots.labels(result)
         # --- live quality (prequential: scored before the events are applied)
         self.online_ap = Gauge(
             "tgnstream_online_ap", "Rolling average precision of the served model on live events", registry=r

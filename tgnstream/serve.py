@@ -23,6 +23,7 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.health import HealthHttpServer, Readiness
 from tgnstream.ingest.config import KafkaConfig
+from tgnstream.ingest.consumers import throttle_kafka_python_logs
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.ingest.prefetch import FatalIngestError, Prefetcher
@@ -188,6 +189,8 @@ class ServingProcess:
             started_at, applied_before = time.monotonic(), int(self.live.engine.events_applied)
             try:
                 self.loop.fetcher = self._start_fetcher()
+                # Until the first fetch reports the log end, the lag is unknown: not ready yet.
+                self.readiness.set("catching_up", "log end not known yet")
                 self.readiness.set("ingest_down", None)
                 self.loop.run()
                 return  # stopped on request
@@ -271,6 +274,7 @@ class ServingProcess:
 def run_server(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT/SIGHUP (or a failure ingest cannot recover from); returns the
     process exit code."""
+    throttle_kafka_python_logs()  # the dead-letter producer's reconnect attempts, while a broker is down
     proc = ServingProcess(config)
 
     def _on_signal(signum, _frame):

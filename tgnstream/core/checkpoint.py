@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,20 @@ def save_checkpoint(
         "meta": meta or {},
         "optimizer": optimizer_state,
     }
+    # Serialised in memory first: a failing write (disk full, quota) then raises the OSError
+    # that says so, instead of torch's opaque "unexpected pos" from inside its zip writer.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -1,0 +1,82 @@
+"""Health that tells the truth: liveness vs readiness, a dead ingest side, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tgnstream.snapshots import SnapshotStore
+
+from .conftest import LINK_PREDICTION, NOT_SERVING, SERVING, produce, server_config, stream, wait_for
+
+pytestmark = pytest.mark.faults
+
+
+def test_a_killed_fetch_process_is_restarted_and_shown_in_health_and_metrics(broker, servers, tmp_path):
+    """SIGKILL of the Kafka fetch process: the server restarts it with backoff, says so in the
+    log and tgnstream_ingest_restarts_total, and goes on applying new events exactly once.
+    (Before: it answered from frozen state with health SERVING and frozen gauges.)"""
+    produce(broker.bootstrap, stream(2000))
+    server = servers(server_config(tmp_path, broker.bootstrap)).start()
+    server.wait_offset(2000)
+    server.wait_ready()
+    os.kill(server.fetch_process(), signal.SIGKILL)
+    wait_for(lambda: server.metric("tgnstream_ingest_restarts_total") == 1, 30, "one restart counted")
+    produce(broker.bootstrap, stream(1000, start_ts=2000.0, offset=2000))
+    info = server.wait_offset(3000)
+    assert info.events_applied == 3000
+    server.wait_ready()
+    assert server.health(LINK_PREDICTION) == SERVING
+    assert "ingest failed (RuntimeError: the Kafka fetch process died" in server.log()
+
+
+def test_ingest_that_cannot_recover_makes_the_process_exit_non_zero(broker, servers, tmp_path):
+    """With health.ingest_max_failures = 1, one death of the fetch process is final: the server
+    writes its final snapshot and exits 1, so that its supervisor restarts it."""
+    produce(broker.bootstrap, stream(2000))
+    config = server_config(tmp_path, broker.bootstrap, health={"ingest_max_failures": 1})
+    server = servers(config).start()
+    server.wait_offset(2000)
+    os.kill(server.fetch_process(), signal.SIGKILL)
+    assert server.wait_exit(60) == 1
+    assert "giving up" in server.log()
+    snap = SnapshotStore(tmp_path / "snapshots").restore_latest()[0]
+    assert snap.next_offsets == {0: 2000}
+
+
+def test_not_ready_while_replaying_a_backlog_then_ready(broker, servers, tmp_path):
+    """A backlog larger than ready_max_lag_records: /readyz is 503 (catching_up) and the
+    LinkPrediction health NOT_SERVING until the server has caught up; /livez is 200 throughout.
+    (Before: SERVING while replaying.)"""
+    produce(broker.bootstrap, stream(60_000))
+    config = server_config(tmp_path, broker.bootstrap, health={"ready_max_lag_records": 1000})
+    server = servers(config).start()
+    seen, grpc_seen = set(), set()
+    while True:
+        status, body = server.http("/readyz")
+        grpc_seen.add(server.health(LINK_PREDICTION))
+        assert server.http("/livez")[0] == 200
+        if status == 200:
+            break
+        seen.update(json.loads(body)["reasons"])
+        time.sleep(0.02)
+    assert "catching_up" in seen and NOT_SERVING in grpc_seen, (seen, grpc_seen)
+    assert server.info().next_offsets[0] >= 59_000
+    assert server.health(LINK_PREDICTION) == SERVING
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_gracefully_with_a_final_snapshot(broker, servers, tmp_path, sig):
+    """SIGHUP (like SIGTERM and SIGINT) stops the server with a final snapshot of every applied
+    event and exit code 0. (Before: SIGHUP killed it without a snapshot.)"""
+    produce(broker.bootstrap, stream(3000))
+    server = servers(server_config(tmp_path, broker.bootstrap)).start()
+    server.wait_offset(3000)
+    server.signal(sig)
+    assert server.wait_exit(60) == 0
+    snap = SnapshotStore(tmp_path / "snapshots").restore_latest()[0]
+    assert snap.next_offsets == {0: 3000} and snap.events_applied == 3000
