@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from tgnstream.broker import free_port
 
-__all__ = ["consume_records", "free_port"]
+__all__ = ["child_pids", "consume_records", "free_port", "serve_config_dict"]
 
 
 def consume_records(
@@ -46,3 +47,48 @@ def consume_records(
         return records[:count]
     finally:
         consumer.close()
+
+
+def serve_config_dict(
+    tmp: Path, bootstrap: str, topic: str, model: dict, batch_max_wait_ms: float = 200, **overrides
+) -> dict:
+    """A ``tgnstream serve`` config for tests: ports picked by the OS, snapshots and the ready
+    file under ``tmp``, one torch thread. ``overrides``: per section, merged one level deep
+    (nested dicts such as ``ingest.kafka`` are merged too); other values replace."""
+    cfg: dict[str, Any] = {
+        "model": dict(model),
+        "ingest": {
+            "kafka": {"bootstrap_servers": bootstrap, "topic": topic},
+            "batch_max_events": 500,
+            "batch_max_wait_ms": batch_max_wait_ms,
+        },
+        "grpc": {"port": 0},
+        "snapshots": {"dir": str(tmp / "snapshots"), "every_events": 5000, "every_seconds": 3600, "keep": 3},
+        "metrics_port": 0,
+        "torch_threads": 1,
+        "ready_file": str(tmp / "ready.json"),
+    }
+    for section, values in overrides.items():
+        if not isinstance(values, dict):
+            cfg[section] = values
+            continue
+        target = cfg.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key] = {**target[key], **value}
+            else:
+                target[key] = value
+    return cfg
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux ``/proc``)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out

@@ -30,6 +30,7 @@ from tgnstream.broker import EmbeddedBroker, free_port
 from tgnstream.kafka_admin import create_topic
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.testing import child_pids, serve_config_dict
 
 SMALL_MODEL = {"preset": "tgn", "memory_dim": 32, "seed": 0, "pair_features": True}
 TOPIC = "events"
@@ -86,29 +87,7 @@ def stream(n: int, start_ts: float = 0.0, offset: int = 0) -> list[bytes]:
 
 # ------------------------------------------------------------------------------------ server
 def server_config(tmp: Path, bootstrap: str, **sections) -> dict:
-    cfg = {
-        "model": dict(SMALL_MODEL),
-        "ingest": {
-            "kafka": {"bootstrap_servers": bootstrap, "topic": TOPIC},
-            "batch_max_events": 500,
-            "batch_max_wait_ms": 100,
-        },
-        "grpc": {"port": 0},
-        "snapshots": {"dir": str(tmp / "snapshots"), "every_events": 5000, "every_seconds": 3600, "keep": 3},
-        "metrics_port": 0,
-        "torch_threads": 1,
-        "ready_file": str(tmp / "ready.json"),
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
-            for k, v in values.items():
-                if isinstance(v, dict) and isinstance(cfg[section].get(k), dict):
-                    cfg[section][k] = {**cfg[section][k], **v}
-                else:
-                    cfg[section][k] = v
-        else:
-            cfg[section] = values
-    return cfg
+    return serve_config_dict(tmp, bootstrap, TOPIC, SMALL_MODEL, batch_max_wait_ms=100, **sections)
 
 
 class Server:
@@ -214,15 +193,7 @@ class Server:
         return None
 
     def children(self) -> list[int]:
-        out = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                        out.append(int(entry.name))
-                except (OSError, IndexError, ValueError):
-                    continue
-        return out
+        return child_pids(self.proc.pid)
 
     def fetch_process(self) -> int:
         for pid in self.children():

@@ -21,6 +21,7 @@ from tgnstream.core.events import EventBatch
 from tgnstream.core.loaders import load_dataset
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.testing import child_pids, serve_config_dict
 
 SMALL_MODEL = {"preset": "tgn", "memory_dim": 32, "seed": 0, "pair_features": True}
 
@@ -79,25 +80,7 @@ def reference_engine(data_path: Path, limit: int, batch: int, model: dict = SMAL
 
 
 def serve_config(tmp: Path, bootstrap: str, topic: str, **overrides) -> dict:
-    cfg = {
-        "model": dict(SMALL_MODEL),
-        "ingest": {
-            "kafka": {"bootstrap_servers": bootstrap, "topic": topic},
-            "batch_max_events": 500,
-            "batch_max_wait_ms": 200,
-        },
-        "grpc": {"port": 0},
-        "snapshots": {"dir": str(tmp / "snapshots"), "every_events": 5000, "every_seconds": 3600, "keep": 3},
-        "metrics_port": 0,
-        "torch_threads": 1,
-        "ready_file": str(tmp / "ready.json"),
-    }
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            cfg.setdefault(section, {}).update(values)
-        else:
-            cfg[section] = values
-    return cfg
+    return serve_config_dict(tmp, bootstrap, topic, SMALL_MODEL, **overrides)
 
 
 class ServerProcess:
@@ -144,15 +127,7 @@ class ServerProcess:
             time.sleep(0.02)
 
     def _children(self) -> list[int]:
-        out = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                        out.append(int(entry.name))
-                except (OSError, IndexError, ValueError):
-                    continue
-        return out
+        return child_pids(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL the server; its Kafka fetch process must then exit by itself (no orphans)."""
