@@ -86,11 +86,17 @@ class IngestConfig(BaseModel):
     batch_max_events: int = Field(
         1000,
         ge=1,
-        description="a micro-batch closes at this many records; it closes earlier only when the "
-        "consumer has caught up with the log end and batch_max_wait_ms passed (so replaying a "
-        "backlog always gives the same batch boundaries)",
+        description="batch size in log records: a batch closes (is applied to memory) after exactly "
+        "this many records counted from the snapshot's offsets, so its boundaries depend on the log "
+        "alone. The records of the batch being filled are visible to queries at once as batch "
+        "context (with one partition the state is then a pure function of the log prefix)",
     )
-    batch_max_wait_ms: float = Field(50.0, gt=0)
+    batch_max_wait_ms: float = Field(
+        50.0,
+        gt=0,
+        description="when caught up, records are handed to the open batch after at most this long "
+        "(freshness; batch boundaries do not depend on it)",
+    )
     poll_timeout_ms: int = Field(100, gt=0)
     encoding: Literal["json", "protobuf"] = "json"
     max_record_bytes: int = Field(65_536, gt=0)

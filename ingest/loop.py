@@ -14,6 +14,7 @@ from tgnstream.core.engine import PreparedBatch
 from tgnstream.core.events import EventBatch
 from tgnstream.core.step import TemporalStep
 from tgnstream.health import Readiness
+from tgnstream.ingest.batcher import OpenBatchBuilder
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher
 from tgnstream.ingest.prefetch import FetchedBatch, Prefetcher
@@ -21,7 +22,7 @@ from tgnstream.ingest.quality import PrequentialQuality
 from tgnstream.ingest.records import DecodedBatch, RecordDecoder
 from tgnstream.ingest.source import SourceRecord
 from tgnstream.ingest.time_policy import TimePolicy
-from tgnstream.live import LiveEngine
+from tgnstream.live import LiveEngine, OpenBatch
 from tgnstream.metrics import ServerMetrics
 from tgnstream.snapshots import SnapshotConfig, SnapshotStore
 
@@ -82,6 +83,8 @@ class IngestLoop:
         self._quality_published_at = float("-inf")
         self.batches = 0
         self.final_snapshot_ok: bool | None = None  # set when run() returns after stop()
+        self.open = OpenBatchBuilder(config.batch_max_events, live.engine.config.edge_dim)
+        self._running_watermark = float(live.engine.watermark)  # of the accepted events so far
 
     # ----------------------------------------------------------------------------- control
     def stop(self) -> None:
@@ -128,6 +131,9 @@ class IngestLoop:
         resets, self.fetcher.resets = self.fetcher.resets, []
         if not resets:
             return
+        if self.open.records:
+            log.warning("log gap: the open batch (%d records of the old log) is discarded", self.open.records)
+            self.discard_open()
         with self.live.write():
             for r in resets:
                 self.live.next_offsets[r.partition] = r.new
@@ -136,49 +142,114 @@ class IngestLoop:
         self._since_snapshot += 1  # the position changed: the next snapshot must record it
 
     # ------------------------------------------------------------------------------- batch
-    def _handle(self, batch: FetchedBatch) -> None:
-        started = time.perf_counter()
-        decoded = self.decoder.decode(batch.values)
+    def discard_open(self) -> None:
+        """Forget the open batch (its records are re-read from the applied offsets: after an
+        ingest restart, or when a log gap moved the position)."""
+        self.open.clear()
+        with self.live.write() as engine:
+            self.live.open = None
+            self._running_watermark = float(engine.watermark)
+
+    def _handle(self, fetched: FetchedBatch) -> None:
+        """Cut a fetched chunk at the batch boundaries: each piece is screened, its ids
+        registered and added to the open batch; a full batch is applied."""
+        decoded = self.decoder.decode(fetched.values)
         for rej in decoded.rejected:
-            self._dead_letter(batch.record(rej.position), rej.reason, rej.detail)
-        keep = self._apply_time_policy(batch, decoded)
-        events = self._register(decoded, keep)
+            self._dead_letter(fetched.record(rej.position), rej.reason, rej.detail)
+        n, at = fetched.num_records, 0
+        while at < n:
+            end = at + min(self.open.room, n - at)
+            lo, hi = np.searchsorted(decoded.positions, [at, end])
+            self._add(fetched, decoded, int(lo), int(hi), at, end)
+            at = end
+            if self.open.full:
+                self._close()
+        self._publish_open()
+        self._publish_state_metrics()
+
+    def _add(self, fetched: FetchedBatch, decoded: DecodedBatch, lo: int, hi: int, at: int, end: int) -> None:
+        """Records ``[at, end)`` of the chunk (their valid events: ``decoded[lo:hi]``) join the
+        open batch: event times screened against the running watermark, ids registered in log
+        order (src before dst), so ids and decisions do not depend on how records arrived."""
+        parts, offs = fetched.partitions[at:end], fetched.offsets[at:end]
+        next_offsets = {int(p): int(offs[parts == p][-1]) + 1 for p in np.unique(parts)}
+        positions = decoded.positions[lo:hi]
+        ts = decoded.ts[lo:hi]
+        keep, rejected = self.time_policy.screen(
+            ts, fetched.timestamps_ms[positions] / 1000.0, self._running_watermark
+        )
+        for r in rejected:
+            self._dead_letter(fetched.record(int(positions[r.index])), r.reason, r.detail)
+        src = dst = torch.zeros(0, dtype=torch.long)
+        if keep.size:
+            self._running_watermark = max(self._running_watermark, float(ts[keep].max()))
+            names: list[str] = [""] * (2 * keep.size)
+            rows = (keep + lo).tolist()
+            names[0::2] = [decoded.src[i] for i in rows]
+            names[1::2] = [decoded.dst[i] for i in rows]
+            with self.live.write() as engine:
+                dense, _ = engine.ids.lookup(names, create=True)
+                engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids
+            dense = dense.view(-1, 2)
+            src, dst = dense[:, 0].contiguous(), dense[:, 1].contiguous()
+        self.open.add(
+            end - at,
+            next_offsets,
+            src,
+            dst,
+            ts[keep],
+            decoded.features[lo:hi][keep],
+            [fetched.record(int(positions[i])) for i in keep.tolist()],
+        )
+        if keep.size and self.quality.due():
+            # Prequential: the new events are scored before they count anywhere, each seeing the
+            # applied state and the open batch's events before it (training's batch semantics).
+            events, order = self.open.events(self.live.engine.device)
+            where = np.empty_like(order)
+            where[order] = np.arange(order.size)
+            pick = torch.from_numpy(np.sort(where[order.size - keep.size :]))
+            sample = pick[torch.randperm(pick.numel(), generator=self.quality.generator)]
+            sample = sample[: self.quality.config.events_per_batch].sort().values
+            self.metrics.online_scored.inc(self.quality.observe(self.live, events, sample))
+
+    def _publish_open(self) -> None:
+        """Show the open batch to queries (batch context) and its position to GetModelInfo."""
+        events, _ = self.open.events(self.live.engine.device)
+        with self.live.write():
+            self.live.open = OpenBatch(events, dict(self.open.next_offsets)) if self.open.records else None
+
+    def _close(self) -> int:
+        """Apply the full open batch (time-ordered) and advance the applied offsets, in one
+        write-locked step; returns the number of events applied."""
+        started = time.perf_counter()
+        events, order = self.open.events(self.live.engine.device)
+        sources = [self.open.sources[i] for i in order.tolist()]
         prepared = None
-        if events is not None:
-            self.metrics.online_scored.inc(self.quality.observe(self.live, events))
-            prepared = self._prepare(batch, decoded, keep, events)
+        if len(events):
+            prepared = self._prepare(events, sources)
+        applied = 0
         with self.live.write() as engine:
             if prepared is not None:
                 events = prepared.batch
                 late = int((events.t < engine.watermark).sum())
                 TemporalStep(engine).commit_live(prepared)
-                self.metrics.ingest_events.labels("applied").inc(len(events))
+                applied = len(events)
+                self.metrics.ingest_events.labels("applied").inc(applied)
                 if late:
                     self.metrics.ingest_events.labels("late_clamped").inc(late)
-            self.live.next_offsets = dict(batch.next_offsets)
-        self._since_snapshot += batch.num_records
+            self.live.next_offsets = {**self.live.next_offsets, **self.open.next_offsets}
+            self.live.open = None
+        self._since_snapshot += self.open.records
         self.batches += 1
-        m = self.metrics
-        m.ingest_batch_seconds.observe(time.perf_counter() - started)
-        m.ingest_batch_events.observe(0 if events is None else len(events))
-        self._publish_state_metrics()
+        self.open.clear()
+        self.metrics.ingest_batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.ingest_batch_events.observe(applied)
+        return applied
 
-    def _apply_time_policy(self, batch: FetchedBatch, decoded: DecodedBatch) -> np.ndarray:
-        """Indices (into ``decoded``) of events to apply; the others become dead letters."""
-        record_time_s = batch.timestamps_ms[decoded.positions] / 1000.0
-        watermark = float(self.live.engine.watermark)  # only this thread writes it
-        keep, rejected = self.time_policy.screen(decoded.ts, record_time_s, watermark)
-        for r in rejected:
-            self._dead_letter(batch.record(int(decoded.positions[r.index])), r.reason, r.detail)
-        return keep
-
-    def _prepare(
-        self, batch: FetchedBatch, decoded: DecodedBatch, keep: np.ndarray, events: EventBatch
-    ) -> PreparedBatch | None:
+    def _prepare(self, events: EventBatch, sources: list[SourceRecord]) -> PreparedBatch | None:
         """The serving apply's heavy phase (messages, memory updater) under the shared lock, so
         queries go on. Last line of defence: events whose update would write a non-finite row
         (a damaged model; validated input cannot cause it) are dead-lettered, never applied."""
-        rows = keep[np.argsort(decoded.ts[keep], kind="stable")]  # decoded index of each event
         for _ in range(2):
             with self.live.read() as engine:
                 prepared = TemporalStep(engine).prepare_live(events)
@@ -189,43 +260,17 @@ class IngestLoop:
             self.metrics.nonfinite.labels("ingest").inc(int(hit.sum()))
             for i in torch.nonzero(hit).squeeze(1).tolist():
                 self._dead_letter(
-                    batch.record(int(decoded.positions[rows[i]])),
+                    sources[i],
                     "non_finite_state",
                     "applying this event would write a non-finite memory row (the model is damaged)",
                 )
             if bool(hit.all()):
                 return None
             kept = torch.nonzero(~hit).squeeze(1)
-            rows = rows[kept.numpy()]
+            sources = [sources[i] for i in kept.tolist()]
             events = events.select(kept.to(events.device))
         log.error("ingest: a batch still gave non-finite memory after dropping its events; skipped")
         return None
-
-    def _register(self, decoded: DecodedBatch, keep: np.ndarray) -> EventBatch | None:
-        """Map external ids to dense ids (new ids get slots: they read as cold start until their
-        events are applied) and build a time-ordered batch; None when nothing is left."""
-        if keep.size == 0:
-            return None
-        order = keep[np.argsort(decoded.ts[keep], kind="stable")]
-        # Ids are registered in event order, src before dst (what an offline replay does).
-        names: list[str] = [""] * (2 * order.size)
-        if order.size == len(decoded.src) and bool((np.diff(order) > 0).all()):
-            names[0::2], names[1::2] = decoded.src, decoded.dst  # the usual case: nothing moved
-        else:
-            picked = order.tolist()
-            names[0::2] = [decoded.src[i] for i in picked]
-            names[1::2] = [decoded.dst[i] for i in picked]
-        with self.live.write() as engine:
-            dense, _ = engine.ids.lookup(names, create=True)
-            engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids
-        dense = dense.view(-1, 2)
-        device = self.live.engine.device
-        return EventBatch(
-            dense[:, 0].contiguous(),
-            dense[:, 1].contiguous(),
-            torch.from_numpy(np.ascontiguousarray(decoded.ts[order], dtype=np.float64)),
-            torch.from_numpy(np.ascontiguousarray(decoded.features[order], dtype=np.float32)),
-        ).to(device)
 
     def _dead_letter(self, record: SourceRecord, reason: str, detail: str) -> None:
         self.metrics.ingest_events.labels("dlq").inc()
@@ -255,7 +300,7 @@ class IngestLoop:
     def _publish_state_metrics(self, force: bool = False) -> None:
         m = self.metrics
         engine = self.live.engine
-        m.events_applied.set(int(engine.events_applied))
+        m.events_applied.set(self.live.stamp().events_applied)  # what answers reflect
         m.memory_nodes.set(len(engine.ids))
         if np.isfinite(float(engine.watermark)):
             m.ingest_watermark.set(float(engine.watermark))
@@ -281,7 +326,7 @@ class IngestLoop:
         while the broker is unreachable), and readiness from the largest lag."""
         m, topic = self.metrics, self.topic
         newest = batch.newest_timestamp_ms if batch is not None else {}
-        applied = self.live.next_offsets
+        applied = self.live.visible_offsets  # records read into answers (the open batch included)
         unknown, worst = [], 0
         for p in self.fetcher.partitions:
             hw = self.fetcher.highwater.get(p)

@@ -37,6 +37,16 @@ class PrequentialQuality:
     def __len__(self) -> int:
         return len(self._rr)
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The sampler's random generator (seeded by ``config.seed``)."""
+        return self._gen
+
+    def due(self) -> bool:
+        """Whether the next ``observe`` would score (enabled, and the interval has passed)."""
+        cfg = self.config
+        return cfg.enabled and (time.monotonic() - self._last_at) * 1000 >= cfg.min_interval_ms
+
     def observe(
         self,
         live: LiveEngine,
@@ -50,10 +60,9 @@ class PrequentialQuality:
         the random sample (tests).
         """
         cfg = self.config
-        now = time.monotonic()
-        if not cfg.enabled or len(batch) == 0 or (now - self._last_at) * 1000 < cfg.min_interval_ms:
+        if len(batch) == 0 or not self.due():
             return 0
-        self._last_at = now
+        self._last_at = time.monotonic()
         with live.read() as engine:
             pool = engine.destinations()
             if pool.numel() < 2:

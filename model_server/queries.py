@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.events import EventBatch
 from tgnstream.core.modules import encode_pair_features
 from tgnstream.core.pair_stats import ranking_stats
 from tgnstream.live import LiveEngine, StateStamp
@@ -143,9 +144,16 @@ def _finite_or_raise(values: torch.Tensor, where: str) -> None:
 
 
 def state_time(engine: MemoryEngine) -> float:
-    """The watermark (latest applied event time), or 0.0 before any event."""
+    """The applied state's watermark (latest applied event time), or 0.0 before any event:
+    the time candidate embeddings are computed at."""
     wm = float(engine.watermark)
     return wm if wm != float("-inf") else 0.0
+
+
+def query_time(stamp: StateStamp) -> float:
+    """The default time of a query: the latest event time it reflects (open batch included),
+    or 0.0 before any event."""
+    return stamp.watermark if stamp.watermark != float("-inf") else 0.0
 
 
 def model_name(engine: MemoryEngine) -> str:
@@ -335,7 +343,8 @@ def score_batch(live: LiveEngine, qs: list[ScoreQuery]) -> list[ScoreResult | Ba
         starts = [0]
         for q in qs:
             starts.append(starts[-1] + 2 * len(q.src))
-        wm = state_time(engine)
+        wm = query_time(stamp)
+        context = live.context
         valid = []
         for i, q in enumerate(qs):
             try:
@@ -349,7 +358,7 @@ def score_batch(live: LiveEngine, qs: list[ScoreQuery]) -> list[ScoreResult | Ba
             try:
                 src = torch.cat([idx[starts[i] : starts[i] + len(qs[i].src)] for i in members])
                 dst = torch.cat([idx[starts[i] + len(qs[i].src) : starts[i + 1]] for i in members])
-                probs = engine.score(src, dst, _full(src.numel(), t, src.device)).float().cpu()
+                probs = engine.score(src, dst, _full(src.numel(), t, src.device), context).float().cpu()
             except Exception as exc:  # this group fails; the others are still answered
                 for i in members:
                     out[i] = exc
@@ -391,7 +400,7 @@ def top_k_batch(
     with live.read() as engine:
         _ensure_eval(engine)
         stamp = live.stamp()
-        wm = state_time(engine)
+        wm = query_time(stamp)
         refused = set()
         for i, q in enumerate(qs):
             try:
@@ -424,15 +433,21 @@ def top_k(live: LiveEngine, q: TopKQuery, cache: CandidateCache) -> TopKResult:
 
 
 def _rank(
-    engine: MemoryEngine, src: torch.Tensor, t: float, cand: torch.Tensor, z_c: torch.Tensor
+    engine: MemoryEngine,
+    src: torch.Tensor,
+    t: float,
+    cand: torch.Tensor,
+    z_c: torch.Tensor,
+    context: EventBatch | None,
 ) -> torch.Tensor:
     """Logits ``[P, Q]`` of sources ``src [P]`` at ``t`` against candidates ``cand [Q]`` whose
     embeddings ``z_c [Q, d]`` are given; pair features (if any) at ``t``."""
     t_src = _full(src.numel(), t, src.device)
-    z_s = engine.embed(src, t_src)
+    z_s = engine.embed(src, t_src, context)
     pair = None
     if engine.config.pair_features:
-        stats = ranking_stats(engine.history, engine.neighbors, src, cand)
+        visible = None if context is None else torch.full_like(src, len(context))
+        stats = ranking_stats(engine.history, engine.neighbors, src, cand, context, visible)
         pair = encode_pair_features(stats, t_src.unsqueeze(1))
     return engine.model.decoder.rank(z_s, z_c, pair)
 
@@ -452,7 +467,7 @@ def _top_k_shared(
     qn = cand.numel()
     if qn == 0:
         return [TopKResult([], [], [], bool(u), stamp) for u in src_unknown.tolist()]
-    logits = _rank(engine, src, t, cand, z_c)  # [P, Q]
+    logits = _rank(engine, src, t, cand, z_c, live.context)  # [P, Q]
     _finite_or_raise(logits, "topk")
     # A node is never its own destination. Candidates are known destinations, so an unknown
     # src (the cold slot, which has no events) never matches one.
@@ -484,7 +499,7 @@ def _top_k_explicit(
     """One query with its own candidate list."""
     src, src_unknown = live.resolve([q.src])
     src_unk = bool(src_unknown[0])
-    t = state_time(engine) if q.time is None else q.time
+    t = query_time(stamp) if q.time is None else q.time
     cand, cand_unknown = live.resolve(q.candidates)
     if q.strict and bool(cand_unknown.any()):
         bad = [c for c, u in zip(q.candidates, cand_unknown.tolist()) if u]
@@ -493,7 +508,7 @@ def _top_k_explicit(
     cached = cache.peek(cache.key(live, engine), exact=True)
     z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine))
     qn = cand.numel()
-    logits = _rank(engine, src, t, cand, z_c)[0]  # [Q]
+    logits = _rank(engine, src, t, cand, z_c, live.context)[0]  # [Q]
     _finite_or_raise(logits, "topk")
 
     # A node is never its own destination. An unknown src shares the cold slot with unknown
@@ -521,8 +536,8 @@ def embed(live: LiveEngine, q: EmbedQuery) -> EmbedResult:
         stamp = live.stamp()
         idx, unknown = live.resolve(q.nodes)
         check_time(engine, q.time, q.time_slack_s)
-        t = state_time(engine) if q.time is None else q.time
-        z = engine.embed(idx, _full(idx.numel(), t, idx.device))
+        t = query_time(stamp) if q.time is None else q.time
+        z = engine.embed(idx, _full(idx.numel(), t, idx.device), live.context)
     _finite_or_raise(z, "embed")
     return EmbedResult(q.nodes, z.float().cpu(), unknown, int(z.shape[1]), stamp)
 
@@ -535,5 +550,5 @@ def model_info(live: LiveEngine) -> ModelInfoResult:
             model=model_name(engine),
             embedding_dim=embedding_dim(engine),
             device=str(engine.device),
-            next_offsets=dict(live.next_offsets),
+            next_offsets=live.visible_offsets,
         )

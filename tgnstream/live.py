@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.events import EventBatch
 
-__all__ = ["LiveEngine", "ReadWriteLock", "StateStamp"]
+__all__ = ["LiveEngine", "OpenBatch", "ReadWriteLock", "StateStamp"]
 
 
 class ReadWriteLock:
@@ -63,11 +64,29 @@ class ReadWriteLock:
 
 @dataclass(frozen=True)
 class StateStamp:
-    """What a reply was computed from."""
+    """What a reply was computed from: ``events_applied`` counts every event the answer reflects
+    (applied batches plus the open batch's events, which queries see as batch context);
+    ``watermark`` is the latest of their times."""
 
     model_version: str
     events_applied: int
     watermark: float
+
+
+@dataclass(frozen=True)
+class OpenBatch:
+    """The events of the batch being filled: visible to queries as batch context (the way
+    training shows a batch's earlier events to a query), applied to memory when it closes.
+
+    events: time-ordered (stable) ``EventBatch`` of dense ids; ``next_offsets``: per partition,
+    the next offset after the last record read into it.
+    """
+
+    events: EventBatch
+    next_offsets: dict[int, int]
+
+    def __len__(self) -> int:
+        return len(self.events)
 
 
 class LiveEngine:
@@ -85,7 +104,10 @@ class LiveEngine:
     def __init__(self, engine: MemoryEngine, model_version: str, next_offsets: dict[int, int] | None = None):
         self.engine = engine
         self.model_version = model_version
+        # The position the applied state reflects (what a snapshot stores); the open batch's
+        # records are after it and are re-read after a restart.
         self.next_offsets: dict[int, int] = dict(next_offsets or {})
+        self.open: OpenBatch | None = None
         self._lock = ReadWriteLock()
         self.reserve_cold_slot()
 
@@ -117,7 +139,25 @@ class LiveEngine:
         idx = idx.masked_fill(unknown, self.cold_slot)
         return idx.to(self.engine.device), unknown
 
+    @property
+    def context(self) -> EventBatch | None:
+        """The open batch's events (queries' batch context), or None. Call under a lock."""
+        return None if self.open is None or not len(self.open) else self.open.events
+
+    @property
+    def visible_offsets(self) -> dict[int, int]:
+        """Per partition, the next offset after every record the answers reflect (applied or in
+        the open batch). Call under a lock."""
+        if self.open is None:
+            return dict(self.next_offsets)
+        return {**self.next_offsets, **self.open.next_offsets}
+
     def stamp(self) -> StateStamp:
         """Call under ``read()`` or ``write()``."""
         e = self.engine
-        return StateStamp(self.model_version, int(e.events_applied), float(e.watermark))
+        events, watermark = int(e.events_applied), float(e.watermark)
+        ctx = self.context
+        if ctx is not None:
+            events += len(ctx)
+            watermark = max(watermark, float(ctx.t[-1]))
+        return StateStamp(self.model_version, events, watermark)

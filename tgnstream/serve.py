@@ -171,6 +171,7 @@ class ServingProcess:
 
     # ------------------------------------------------------------------------------ ingest
     def _start_fetcher(self) -> Prefetcher:
+        self.loop.discard_open()  # its records are read again from the applied offsets
         with self.live.read():
             offsets = dict(self.live.next_offsets)
         fetcher = Prefetcher(self.config.ingest, offsets, self.loop.topic_id)

@@ -389,9 +389,12 @@ class MemoryEngine(nn.Module):
         return logits[:b], logits[b:], fresh
 
     @torch.no_grad()
-    def score(self, src: torch.Tensor, dst: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Link probabilities ``[B]`` for ``src [B], dst [B]`` at times ``t [B]`` (float64)."""
-        return torch.sigmoid(self.logits(src, dst, t)[0])
+    def score(
+        self, src: torch.Tensor, dst: torch.Tensor, t: torch.Tensor, context: EventBatch | None = None
+    ) -> torch.Tensor:
+        """Link probabilities ``[B]`` for ``src [B], dst [B]`` at times ``t [B]`` (float64).
+        ``context``: a not-yet-applied batch every query sees whole (serving's open batch)."""
+        return torch.sigmoid(self.logits(src, dst, t, context, _sees_all(context, src.numel()))[0])
 
     @torch.no_grad()
     def rank_logits(
@@ -454,10 +457,10 @@ class MemoryEngine(nn.Module):
         return candidates[top.indices[keep]], torch.sigmoid(top.values[keep])
 
     @torch.no_grad()
-    def embed(self, nodes: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Node embeddings ``[M, d_emb]`` at times ``t [M]``."""
+    def embed(self, nodes: torch.Tensor, t: torch.Tensor, context: EventBatch | None = None) -> torch.Tensor:
+        """Node embeddings ``[M, d_emb]`` at times ``t [M]`` (``context`` as in ``score``)."""
         self._check_ids(nodes)
-        return self.embed_with(nodes, t)[0]
+        return self.embed_with(nodes, t, context, _sees_all(context, nodes.numel()))[0]
 
     def destinations(self) -> torch.Tensor:
         """Sorted ids ``[D]`` of every node that has been the destination of an applied event."""
@@ -642,3 +645,10 @@ class MemoryEngine(nn.Module):
         mem.mail_ts[nodes] = prepared.mail_ts
         mem.has_mail[nodes] = False
         self.record(prepared.batch)
+
+
+def _sees_all(context: EventBatch | None, n: int) -> torch.Tensor | None:
+    """``visible`` for ``n`` queries that all come after every event of ``context``."""
+    if context is None or not len(context):
+        return None
+    return torch.full((n,), len(context), dtype=torch.long, device=context.src.device)

@@ -1,0 +1,94 @@
+"""Fixed-size batches from a stream of fetched chunks: the batch boundaries are a function of
+the log alone (every ``size`` records, counted from where the state's offsets start), never of
+arrival timing, so the state after a prefix of the log is the same however it was delivered.
+
+The batch being filled is *open*: its valid events are kept (dense ids registered, time
+screened) and shown to queries as batch context until the batch closes and is applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tgnstream.core.events import EventBatch
+from tgnstream.ingest.source import SourceRecord
+
+__all__ = ["OpenBatchBuilder"]
+
+
+@dataclass
+class OpenBatchBuilder:
+    """Accumulates the open batch. ``records``: log records counted into it (valid or not);
+    per valid event (in log order): ``src``/``dst`` dense ids, ``ts``, ``feats``, and the Kafka
+    record it came from (for dead letters at apply time)."""
+
+    size: int
+    edge_dim: int
+    records: int = 0
+    next_offsets: dict[int, int] = field(default_factory=dict)
+    _src: list[torch.Tensor] = field(default_factory=list)
+    _dst: list[torch.Tensor] = field(default_factory=list)
+    _ts: list[np.ndarray] = field(default_factory=list)
+    _feats: list[np.ndarray] = field(default_factory=list)
+    sources: list[SourceRecord] = field(default_factory=list)
+
+    @property
+    def room(self) -> int:
+        """Records that still fit before the batch closes."""
+        return self.size - self.records
+
+    @property
+    def full(self) -> bool:
+        return self.records >= self.size
+
+    def add(
+        self,
+        records: int,
+        next_offsets: dict[int, int],
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        ts: np.ndarray,
+        feats: np.ndarray,
+        sources: list[SourceRecord],
+    ) -> None:
+        """Count ``records`` log records in (up to ``room``) with their valid events."""
+        if records > self.room:
+            raise ValueError(f"{records} records do not fit in the open batch ({self.room} left)")
+        self.records += records
+        self.next_offsets.update(next_offsets)
+        if ts.size:
+            self._src.append(src)
+            self._dst.append(dst)
+            self._ts.append(ts)
+            self._feats.append(feats)
+            self.sources.extend(sources)
+
+    def events(self, device: torch.device) -> tuple[EventBatch, np.ndarray]:
+        """The open events in time order (stable: ties keep log order) and, for each, its
+        index in log order (into ``sources``)."""
+        if not self._ts:
+            empty = EventBatch(
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.float64),
+                torch.zeros(0, self.edge_dim),
+            )
+            return empty.to(device), np.zeros(0, dtype=np.int64)
+        ts = np.concatenate(self._ts)
+        order = np.argsort(ts, kind="stable")
+        idx = torch.from_numpy(order)
+        batch = EventBatch(
+            torch.cat(self._src)[idx].contiguous(),
+            torch.cat(self._dst)[idx].contiguous(),
+            torch.from_numpy(np.ascontiguousarray(ts[order])),
+            torch.from_numpy(np.ascontiguousarray(np.concatenate(self._feats)[order], dtype=np.float32)),
+        )
+        return batch.to(device), order
+
+    def clear(self) -> None:
+        self.records = 0
+        self.next_offsets = {}
+        self._src, self._dst, self._ts, self._feats, self.sources = [], [], [], [], []
