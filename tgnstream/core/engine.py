@@ -207,12 +207,20 @@ class MemoryEngine(nn.Module):
         """Attention inputs where each query's neighbours are the K most recent of its table row
         and the context events it may see (sorted by (node, event); two binary searches a query)."""
         k = self.neighbors.k
-        cs, cd = context.src, context.dst
+        cs = context.src
         b = cs.numel()
-        index = KeyedBatch(torch.cat([cs, cd]), b)
-        s_partner = torch.cat([cd, cs])[index.order]
-        s_t = context.t.repeat(2)[index.order]
-        s_feats = context.feats.repeat(2, 1)[index.order]
+
+        def by_node():  # once per context batch, however many queries use it
+            index = KeyedBatch(torch.cat([cs, context.dst]), b)
+            order = index.order
+            return (
+                index,
+                torch.cat([context.dst, cs])[order],
+                context.t.repeat(2)[order],
+                context.feats.repeat(2, 1)[order],
+            )
+
+        index, s_partner, s_t, s_feats = context.derived("neighbor_index", by_node)
         start, seen = index.lookup(nodes, visible)
         # One embedding per (node, batch events it sees); 2b + 1 > any count (self-loops count twice).
         key, inv = torch.unique(nodes * (2 * b + 1) + seen, return_inverse=True)

@@ -29,6 +29,17 @@ class EventBatch:
     dst: torch.Tensor
     t: torch.Tensor
     feats: torch.Tensor
+    # Indices derived from the batch, built once however many queries use it as context (a
+    # serving open batch is shared by every query until it closes). The tensors are never
+    # modified in place, so what is derived from them stays valid.
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, name: str, build):
+        """``build()`` computed once per batch and name."""
+        value = self._derived.get(name)
+        if value is None:
+            value = self._derived[name] = build()
+        return value
 
     def __post_init__(self) -> None:
         n = self.src.shape[0]

@@ -73,15 +73,34 @@ def _history(history: EdgeHistory, u: torch.Tensor, v: torch.Tensor):
 
 
 def _latest_before(
-    keys: torch.Tensor, times: torch.Tensor, num_events: int, q_keys: torch.Tensor, q_visible: torch.Tensor
+    index: KeyedBatch, sorted_times: torch.Tensor, q_keys: torch.Tensor, q_visible: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query: how many batch entries share its key among events ``< q_visible``, and the time
-    of the newest of them (-inf if none). ``keys``/``times`` as ``KeyedBatch`` takes them; the
+    of the newest of them (-inf if none). ``sorted_times``: entry times in ``index.order``; the
     batch is in time order, so the newest is the last."""
-    index = KeyedBatch(keys, num_events)
     start, count = index.lookup(q_keys, q_visible)
-    newest = times[index.order][(start + count - 1).clamp(min=0)]
+    newest = sorted_times[(start + count - 1).clamp(min=0)]
     return count, torch.where(count > 0, newest, torch.full_like(newest, _NEG_INF))
+
+
+def _pair_index(context: EventBatch) -> tuple[KeyedBatch, torch.Tensor]:
+    """The context's events keyed by pair, and their times in index order (built once)."""
+
+    def build():
+        index = KeyedBatch(pair_keys(context.src, context.dst), context.src.numel())
+        return index, context.t[index.order]
+
+    return context.derived("pair_index", build)
+
+
+def _endpoint_index(context: EventBatch) -> tuple[KeyedBatch, torch.Tensor]:
+    """The context's events keyed by each endpoint, and their times in index order (built once)."""
+
+    def build():
+        index = KeyedBatch(torch.cat([context.src, context.dst]), context.src.numel())
+        return index, context.t.repeat(2)[index.order]
+
+    return context.derived("endpoint_index", build)
 
 
 def pairwise_stats(
@@ -103,13 +122,11 @@ def pairwise_stats(
     latest_u, latest_v = latest[:n], latest[n:]
     common = _common(nb[:n], nb[n:])
     if context is not None and len(context):
-        cs, cd, ct = context.src, context.dst, context.t
-        b = cs.numel()
-        in_pair, pair_last = _latest_before(pair_keys(cs, cd), ct, b, pair_keys(u, v), visible)
+        in_pair, pair_last = _latest_before(*_pair_index(context), pair_keys(u, v), visible)
         count = count + in_pair
         last = torch.maximum(last, pair_last)
         # Both endpoints' latest in-batch interaction in one search: [u; v] against [src; dst].
-        _, touch = _latest_before(torch.cat([cs, cd]), ct.repeat(2), b, uv, visible.repeat(2))
+        _, touch = _latest_before(*_endpoint_index(context), uv, visible.repeat(2))
         latest_u = torch.maximum(latest_u, touch[:n])
         latest_v = torch.maximum(latest_v, touch[n:])
     return PairStats(count, last, latest_u, latest_v, common)
@@ -153,6 +170,13 @@ def ranking_stats(
         flat = (rows * q_n + col)[ok]
         count = count.reshape(-1).index_add(0, flat, torch.ones_like(flat)).view(p_n, q_n)
         last = last.reshape(-1).scatter_reduce(0, flat, ct[idx][ok], reduce="amax").view(p_n, q_n)
+        if bool((visible == b).all()):  # every source sees the whole batch (serving): [Q]
+            whole = torch.full((q_n,), _NEG_INF, dtype=ct.dtype, device=ct.device)
+            for ends in (cs, cd):
+                c, ok2 = column(ends)
+                whole = whole.scatter_reduce(0, c[ok2], ct[ok2], reduce="amax")
+            latest_v = torch.maximum(latest_v, whole.unsqueeze(0))
+            return PairStats(count, last, latest_u, latest_v, _common(neighbors.ids[u], neighbors.ids[v]))
         # Latest time of each candidate among context events 0..i, for every i: [B, Q].
         running = torch.full((b, q_n), _NEG_INF, dtype=ct.dtype, device=ct.device)
         for ends in (cs, cd):

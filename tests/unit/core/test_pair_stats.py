@@ -26,8 +26,9 @@ def naive(past: list[tuple[int, int, float]], u: int, v: int) -> tuple[int, floa
     return count, last, lu, lv
 
 
+@pytest.mark.parametrize("sees", ["earlier", "whole"])  # training's prefix / serving's open batch
 @pytest.mark.parametrize("batch_size", [1, 9, 40])
-def test_stats_include_exactly_the_earlier_events(batch_size):
+def test_stats_include_exactly_the_earlier_events(batch_size, sees):
     g = torch.Generator().manual_seed(batch_size)
     n, nodes = 160, 8
     stream = EventBatch(
@@ -43,12 +44,12 @@ def test_stats_include_exactly_the_earlier_events(batch_size):
     for i in range(0, n, batch_size):
         batch = stream.slice(i, i + batch_size)
         b = len(batch)
-        visible = torch.arange(b)
+        visible = torch.arange(b) if sees == "earlier" else torch.full((b,), b)
         neg = torch.randint(nodes, (b,), generator=g)
         pw = pairwise_stats(engine.history, engine.neighbors, batch.src, neg, batch, visible)
         rk = ranking_stats(engine.history, engine.neighbors, batch.src, cands, batch, visible)
         for k in range(b):
-            past = events[: i + k]
+            past = events[: i + int(visible[k])]
             u = int(batch.src[k])
             want = naive(past, u, int(neg[k]))
             got = (int(pw.count[k]), float(pw.last[k]), float(pw.latest_u[k]), float(pw.latest_v[k]))
