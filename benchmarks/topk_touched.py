@@ -55,10 +55,10 @@ def main() -> int:
             "touched_or_neighbour_touched": int(near.sum()),
         }
         rows.append(row)
+        near_n, n = row["touched_or_neighbour_touched"], row["candidates"]
         print(
-            f"batch at {i}: {row['candidates']} candidates, touched {row['touched']} "
-            f"({row['touched'] / row['candidates']:.0%}), touched or 1-hop {row['touched_or_neighbour_touched']} "
-            f"({row['touched_or_neighbour_touched'] / row['candidates']:.0%})"
+            f"batch at {i}: {n} candidates, touched {row['touched']} ({row['touched'] / n:.0%}), "
+            f"touched or 1-hop {near_n} ({near_n / n:.0%})"
         )
         engine.apply_events(batch)
         engine.fold_pending()
