@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tgnstream.core.events import EventBatch
+from tgnstream.ingest.prefetch import FetchedBatch
 from tgnstream.ingest.source import SourceRecord
 
 __all__ = ["OpenBatchBuilder"]
@@ -22,8 +23,9 @@ __all__ = ["OpenBatchBuilder"]
 @dataclass
 class OpenBatchBuilder:
     """Accumulates the open batch. ``records``: log records counted into it (valid or not);
-    per valid event (in log order): ``src``/``dst`` dense ids, ``ts``, ``feats``, and the Kafka
-    record it came from (for dead letters at apply time)."""
+    per valid event (in log order): ``src``/``dst`` dense ids, ``ts``, ``feats``, and where its
+    Kafka record is (chunk and position: ``source(i)`` rebuilds it, for dead letters at apply
+    time, without a Python object per event on the way)."""
 
     size: int
     edge_dim: int
@@ -33,7 +35,7 @@ class OpenBatchBuilder:
     _dst: list[torch.Tensor] = field(default_factory=list)
     _ts: list[np.ndarray] = field(default_factory=list)
     _feats: list[np.ndarray] = field(default_factory=list)
-    sources: list[SourceRecord] = field(default_factory=list)
+    _chunks: list[tuple[FetchedBatch, np.ndarray]] = field(default_factory=list)
 
     @property
     def room(self) -> int:
@@ -52,9 +54,11 @@ class OpenBatchBuilder:
         dst: torch.Tensor,
         ts: np.ndarray,
         feats: np.ndarray,
-        sources: list[SourceRecord],
+        chunk: FetchedBatch,
+        positions: np.ndarray,
     ) -> None:
-        """Count ``records`` log records in (up to ``room``) with their valid events."""
+        """Count ``records`` log records in (up to ``room``) with their valid events, which
+        come from ``chunk`` at ``positions``."""
         if records > self.room:
             raise ValueError(f"{records} records do not fit in the open batch ({self.room} left)")
         self.records += records
@@ -64,7 +68,7 @@ class OpenBatchBuilder:
             self._dst.append(dst)
             self._ts.append(ts)
             self._feats.append(feats)
-            self.sources.extend(sources)
+            self._chunks.append((chunk, positions))
 
     def events(self, device: torch.device) -> tuple[EventBatch, np.ndarray]:
         """The open events in time order (stable: ties keep log order) and, for each, its
@@ -88,7 +92,15 @@ class OpenBatchBuilder:
         )
         return batch.to(device), order
 
+    def source(self, i: int) -> SourceRecord:
+        """The Kafka record of the ``i``-th open event (log order)."""
+        for chunk, positions in self._chunks:
+            if i < positions.size:
+                return chunk.record(int(positions[i]))
+            i -= positions.size
+        raise IndexError(i)
+
     def clear(self) -> None:
         self.records = 0
         self.next_offsets = {}
-        self._src, self._dst, self._ts, self._feats, self.sources = [], [], [], [], []
+        self._src, self._dst, self._ts, self._feats, self._chunks = [], [], [], [], []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -199,7 +200,8 @@ class IngestLoop:
             dst,
             ts[keep],
             decoded.features[lo:hi][keep],
-            [fetched.record(int(positions[i])) for i in keep.tolist()],
+            fetched,
+            positions[keep],
         )
         if keep.size and self.quality.due():
             # Prequential: the new events are scored before they count anywhere, each seeing the
@@ -223,10 +225,9 @@ class IngestLoop:
         write-locked step; returns the number of events applied."""
         started = time.perf_counter()
         events, order = self.open.events(self.live.engine.device)
-        sources = [self.open.sources[i] for i in order.tolist()]
         prepared = None
         if len(events):
-            prepared = self._prepare(events, sources)
+            prepared = self._prepare(events, lambda row: self.open.source(int(order[row])))
         applied = 0
         with self.live.write() as engine:
             if prepared is not None:
@@ -246,10 +247,11 @@ class IngestLoop:
         self.metrics.ingest_batch_events.observe(applied)
         return applied
 
-    def _prepare(self, events: EventBatch, sources: list[SourceRecord]) -> PreparedBatch | None:
+    def _prepare(self, events: EventBatch, source: Callable[[int], SourceRecord]) -> PreparedBatch | None:
         """The serving apply's heavy phase (messages, memory updater) under the shared lock, so
         queries go on. Last line of defence: events whose update would write a non-finite row
         (a damaged model; validated input cannot cause it) are dead-lettered, never applied."""
+        rows = list(range(len(events)))  # each event's row in the batch ``source`` knows
         for _ in range(2):
             with self.live.read() as engine:
                 prepared = TemporalStep(engine).prepare_live(events)
@@ -260,14 +262,14 @@ class IngestLoop:
             self.metrics.nonfinite.labels("ingest").inc(int(hit.sum()))
             for i in torch.nonzero(hit).squeeze(1).tolist():
                 self._dead_letter(
-                    sources[i],
+                    source(rows[i]),
                     "non_finite_state",
                     "applying this event would write a non-finite memory row (the model is damaged)",
                 )
             if bool(hit.all()):
                 return None
             kept = torch.nonzero(~hit).squeeze(1)
-            sources = [sources[i] for i in kept.tolist()]
+            rows = [rows[i] for i in kept.tolist()]
             events = events.select(kept.to(events.device))
         log.error("ingest: a batch still gave non-finite memory after dropping its events; skipped")
         return None

@@ -126,3 +126,39 @@ def test_every_reply_matches_the_offline_answer_for_its_stamp():
         assert probs == _offline(events, n, pairs, t_query), f"reply at {n} events is not that state's answer"
     with live.read():
         assert live.stamp().events_applied == TOTAL and live.next_offsets == {0: TOTAL // BATCH * BATCH}
+
+
+class _Letters:
+    def __init__(self):
+        self.sent = []
+
+    def publish(self, **kw):
+        self.sent.append((kw["offset"], kw["reason"]))
+
+    def flush(self, timeout=None):
+        pass
+
+
+def test_events_that_would_write_non_finite_memory_are_dead_lettered_not_applied():
+    """A damaged model (a NaN weight in the memory updater): every event of a closing batch is
+    dead-lettered as non_finite_state with its own Kafka offset, and the memory stays finite."""
+    engine = _engine()
+    with torch.no_grad():
+        engine.model.updater.bias_hh.fill_(float("nan"))
+    live = LiveEngine(engine, "v", {})
+    letters = _Letters()
+    config = IngestConfig(batch_max_events=BATCH, quality={"enabled": False})
+    loop = IngestLoop(
+        config, live, _Fetcher(), RecordDecoder(), letters, None, SnapshotConfig(), ServerMetrics()
+    )
+    events = _stream()[:BATCH]
+    values = [encode_event(s, d, t) for s, d, t in events]
+    loop._handle(
+        FetchedBatch(
+            values, [None] * BATCH, np.zeros(BATCH, np.int32), np.arange(100, 100 + BATCH),
+            np.full(BATCH, -1), {0: 100 + BATCH}, {0: 100 + BATCH},
+        )
+    )  # fmt: skip
+    assert sorted(letters.sent) == [(100 + i, "non_finite_state") for i in range(BATCH)]
+    assert int(engine.events_applied) == 0 and torch.isfinite(engine.memory.memory).all()
+    assert live.next_offsets == {0: 100 + BATCH}  # the position moves on: nothing is retried forever
