@@ -36,6 +36,9 @@ class OpenBatchBuilder:
     _ts: list[np.ndarray] = field(default_factory=list)
     _feats: list[np.ndarray] = field(default_factory=list)
     _chunks: list[tuple[FetchedBatch, np.ndarray]] = field(default_factory=list)
+    # events() of the current content: asked for by the quality sample, the publication to
+    # queries and the close of one chunk; built once per change.
+    _built: tuple[EventBatch, np.ndarray] | None = None
 
     @property
     def room(self) -> int:
@@ -64,6 +67,7 @@ class OpenBatchBuilder:
         self.records += records
         self.next_offsets.update(next_offsets)
         if ts.size:
+            self._built = None
             self._src.append(src)
             self._dst.append(dst)
             self._ts.append(ts)
@@ -72,7 +76,12 @@ class OpenBatchBuilder:
 
     def events(self, device: torch.device) -> tuple[EventBatch, np.ndarray]:
         """The open events in time order (stable: ties keep log order) and, for each, its
-        index in log order (into ``sources``)."""
+        index in log order (what ``source`` takes)."""
+        if self._built is None or self._built[0].src.device != torch.device(device):
+            self._built = self._build(device)
+        return self._built
+
+    def _build(self, device: torch.device) -> tuple[EventBatch, np.ndarray]:
         if not self._ts:
             empty = EventBatch(
                 torch.zeros(0, dtype=torch.long),
@@ -104,3 +113,4 @@ class OpenBatchBuilder:
         self.records = 0
         self.next_offsets = {}
         self._src, self._dst, self._ts, self._feats, self._chunks = [], [], [], [], []
+        self._built = None

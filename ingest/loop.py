@@ -91,10 +91,6 @@ class IngestLoop:
     def stop(self) -> None:
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def run(self) -> None:
         """Loop until ``stop()`` (then the final snapshot is written, its outcome in
         ``final_snapshot_ok``, and returns) or a failure of the fetch side (raises: the owner
@@ -207,12 +203,10 @@ class IngestLoop:
             # Prequential: the new events are scored before they count anywhere, each seeing the
             # applied state and the open batch's events before it (training's batch semantics).
             events, order = self.open.events(self.live.engine.device)
-            where = np.empty_like(order)
+            where = np.empty_like(order)  # time-ordered position of each event, in log order
             where[order] = np.arange(order.size)
-            pick = torch.from_numpy(np.sort(where[order.size - keep.size :]))
-            sample = pick[torch.randperm(pick.numel(), generator=self.quality.generator)]
-            sample = sample[: self.quality.config.events_per_batch].sort().values
-            self.metrics.online_scored.inc(self.quality.observe(self.live, events, sample))
+            new = torch.from_numpy(np.sort(where[order.size - keep.size :]))
+            self.metrics.online_scored.inc(self.quality.observe(self.live, events, among=new))
 
     def _publish_open(self) -> None:
         """Show the open batch to queries (batch context) and its position to GetModelInfo."""

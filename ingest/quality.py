@@ -37,11 +37,6 @@ class PrequentialQuality:
     def __len__(self) -> int:
         return len(self._rr)
 
-    @property
-    def generator(self) -> torch.Generator:
-        """The sampler's random generator (seeded by ``config.seed``)."""
-        return self._gen
-
     def due(self) -> bool:
         """Whether the next ``observe`` would score (enabled, and the interval has passed)."""
         cfg = self.config
@@ -53,16 +48,21 @@ class PrequentialQuality:
         batch: EventBatch,
         pick: torch.Tensor | None = None,
         negatives: torch.Tensor | None = None,
+        among: torch.Tensor | None = None,
     ) -> int:
         """Score a sample of ``batch`` (dense ids, not yet applied); returns how many were scored.
 
-        ``pick`` (sorted event positions) and ``negatives`` (``[M]`` destination ids) override
-        the random sample (tests).
+        ``among`` (sorted event positions): sample only these (the events that just arrived in
+        an open batch; the others were scored when they arrived). ``pick`` (sorted event
+        positions) and ``negatives`` (``[M]`` destination ids) override the random sample (tests).
         """
         cfg = self.config
         if len(batch) == 0 or not self.due():
             return 0
         self._last_at = time.monotonic()
+        if pick is None and among is not None:
+            pick = among[torch.randperm(among.numel(), generator=self._gen)]
+            pick = pick[: cfg.events_per_batch].sort().values
         with live.read() as engine:
             pool = engine.destinations()
             if pool.numel() < 2:

@@ -150,7 +150,8 @@ class KafkaSource:
         did not (and the policy moved the positions)."""
         connected = self._client.connected()
         adopt = self._adopt_topic_id and time.monotonic() - self._adopt_tried_at >= 1.0
-        if connected and self.topic_id is not None and not self._was_connected or adopt:
+        reconnected = connected and not self._was_connected and self.topic_id is not None
+        if reconnected or adopt:
             now = self._client.topic_id()  # the broker may have been replaced meanwhile
             self._adopt_tried_at = time.monotonic()
             if adopt:
