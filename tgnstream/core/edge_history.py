@@ -9,6 +9,8 @@ from tgnstream.core.buffers import ResizableBufferModule
 __all__ = ["EdgeHistory", "pair_keys"]
 
 _SHIFT = 32
+# Pads the unused tail of ``keys``: sorts after every real key and never equals one.
+_EMPTY = torch.iinfo(torch.int64).max
 
 
 def pair_keys(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -21,46 +23,64 @@ def pair_keys(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class EdgeHistory(ResizableBufferModule):
     """Count and last time of every undirected node pair seen so far.
 
-    Buffers (P = distinct pairs seen):
-        keys: ``[P]`` int64 sorted pair keys (see ``pair_keys``).
-        counts: ``[P]`` int64 number of events on the pair.
-        last_t: ``[P]`` float64 time of the newest event on the pair.
+    Buffers (C = capacity >= P = distinct pairs seen):
+        keys: ``[C]`` int64 pair keys (see ``pair_keys``), sorted; slots ``P..C-1`` hold a
+            sentinel that sorts last, so a binary search over the whole buffer is exact.
+        counts: ``[C]`` int64 number of events on the pair.
+        last_t: ``[C]`` float64 time of the newest event on the pair.
+        size: ``[]`` int64, P.
 
-    Lookups are a binary search; inserting a batch with new pairs is one O(P) merge, which
-    keeps the table exact and dense without a hash map.
+    Lookups are a binary search; inserting a batch with new pairs is one O(P) merge written in
+    place, so the buffers are reallocated only when they fill up (doubling), never per batch:
+    readers in other processes can keep mapping them. State dicts hold the ``P`` live entries.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", capacity: int = 0):
         super().__init__()
-        self.register_buffer("keys", torch.zeros(0, dtype=torch.long, device=device))
-        self.register_buffer("counts", torch.zeros(0, dtype=torch.long, device=device))
-        self.register_buffer("last_t", torch.zeros(0, dtype=torch.float64, device=device))
+        self.register_buffer("keys", torch.full((capacity,), _EMPTY, dtype=torch.long, device=device))
+        self.register_buffer("counts", torch.zeros(capacity, dtype=torch.long, device=device))
+        self.register_buffer("last_t", torch.zeros(capacity, dtype=torch.float64, device=device))
+        self.register_buffer("size", torch.zeros((), dtype=torch.long, device=device))
 
     def __len__(self) -> int:
+        return int(self.size)
+
+    @property
+    def capacity(self) -> int:
         return int(self.keys.numel())
 
     def reset(self) -> None:
+        self.keys.fill_(_EMPTY)
+        self.counts.zero_()
+        self.last_t.zero_()
+        self.size.zero_()
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` pairs (a reallocation: the one explicit growth event)."""
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
         dev = self.keys.device
-        self.keys = torch.zeros(0, dtype=torch.long, device=dev)
-        self.counts = torch.zeros(0, dtype=torch.long, device=dev)
-        self.last_t = torch.zeros(0, dtype=torch.float64, device=dev)
+        self.keys = torch.cat([self.keys, torch.full((extra,), _EMPTY, dtype=torch.long, device=dev)])
+        self.counts = torch.cat([self.counts, torch.zeros(extra, dtype=torch.long, device=dev)])
+        self.last_t = torch.cat([self.last_t, torch.zeros(extra, dtype=torch.float64, device=dev)])
 
     def _find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.searchsorted(self.keys, keys)
         if self.keys.numel() == 0:
-            return pos, torch.zeros_like(keys, dtype=torch.bool)
-        clamped = pos.clamp(max=self.keys.numel() - 1)
-        found = self.keys[clamped] == keys
-        return clamped, found
+            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
+        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
+        return pos, self.keys[pos] == keys
 
     def lookup(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Counts ``int64`` and last times ``float64`` (NaN if never seen) for pairs of any shape."""
         keys = pair_keys(u, v)
         flat = keys.reshape(-1)
         pos, found = self._find(flat)
-        counts = torch.where(found, self.counts[pos] if self.keys.numel() else torch.zeros_like(flat), 0)
         nan = torch.full(flat.shape, float("nan"), dtype=torch.float64, device=flat.device)
-        last = torch.where(found, self.last_t[pos], nan) if self.keys.numel() else nan
+        if self.keys.numel() == 0:
+            return torch.zeros_like(keys), nan.reshape(keys.shape)
+        counts = torch.where(found, self.counts[pos], 0)
+        last = torch.where(found, self.last_t[pos], nan)
         return counts.reshape(keys.shape), last.reshape(keys.shape)
 
     @torch.no_grad()
@@ -84,12 +104,29 @@ class EdgeHistory(ResizableBufferModule):
     def _merge(self, keys: torch.Tensor, counts: torch.Tensor, last_t: torch.Tensor) -> None:
         # Both inputs are sorted and disjoint: each element's final slot is its own index plus
         # the number of elements of the other array that sort before it.
-        old_slot = torch.arange(self.keys.numel(), device=keys.device) + torch.searchsorted(keys, self.keys)
-        new_slot = torch.arange(keys.numel(), device=keys.device) + torch.searchsorted(self.keys, keys)
-        total = self.keys.numel() + keys.numel()
-        out_k = torch.empty(total, dtype=torch.long, device=keys.device)
-        out_c = torch.empty(total, dtype=torch.long, device=keys.device)
-        out_t = torch.empty(total, dtype=torch.float64, device=keys.device)
-        out_k[old_slot], out_c[old_slot], out_t[old_slot] = self.keys, self.counts, self.last_t
-        out_k[new_slot], out_c[new_slot], out_t[new_slot] = keys, counts, last_t
-        self.keys, self.counts, self.last_t = out_k, out_c, out_t
+        p = len(self)
+        total = p + keys.numel()
+        if total > self.capacity:
+            self.reserve(max(total, 2 * self.capacity, 1024))
+        old_k, old_c, old_t = self.keys[:p].clone(), self.counts[:p].clone(), self.last_t[:p].clone()
+        old_slot = torch.arange(p, device=keys.device) + torch.searchsorted(keys, old_k)
+        new_slot = torch.arange(keys.numel(), device=keys.device) + torch.searchsorted(old_k, keys)
+        self.keys[old_slot], self.counts[old_slot], self.last_t[old_slot] = old_k, old_c, old_t
+        self.keys[new_slot], self.counts[new_slot], self.last_t[new_slot] = keys, counts, last_t
+        self.size.fill_(total)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        p = len(self)
+        for name in ("keys", "counts", "last_t"):  # the live entries only, as compact copies
+            destination[prefix + name] = destination[prefix + name][:p].clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        keys = state_dict.get(prefix + "keys")
+        if keys is not None and prefix + "size" not in state_dict:
+            state_dict[prefix + "size"] = torch.tensor(keys.numel(), dtype=torch.long)  # older states
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        p = len(self)
+        if self.keys.numel() != p:
+            raise ValueError(f"{prefix}keys holds {self.keys.numel()} pairs, {prefix}size says {p}")
+        self.reserve(max(2 * p, 1024))

@@ -134,7 +134,9 @@ def test_edge_history_matches_naive():
                 assert float(lt[j]) == last[key]
             else:
                 assert torch.isnan(lt[j])
-    assert torch.all(engine.history.keys[1:] > engine.history.keys[:-1]), "keys stay sorted and unique"
+    live = engine.history.keys[: len(engine.history)]
+    assert len(engine.history) == len(counts)
+    assert torch.all(live[1:] > live[:-1]), "keys stay sorted and unique"
 
 
 def test_capacity_grows_and_keeps_state():
