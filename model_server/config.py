@@ -21,6 +21,14 @@ class GrpcConfig(BaseModel):
 
     host: str = Field("127.0.0.1", min_length=1, description="interface to bind; 0.0.0.0 / :: for all")
     port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one (tests)")
+    readers: int | None = Field(
+        None,
+        ge=0,
+        description="reader processes answering gRPC on the same port (SO_REUSEPORT) from the state "
+        "in shared memory, while the serving process only ingests; None: one per core; 0: the "
+        "serving process answers itself (one process, one interpreter lock for ingest and queries)",
+    )
+    reader_torch_threads: int = Field(1, ge=1, description="torch intra-op threads of each reader process")
     max_workers: int = Field(
         32,
         ge=RESERVED_WORKERS + 1,

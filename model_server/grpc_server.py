@@ -30,6 +30,7 @@ from tgnstream.model_server.interceptors import (
 )
 from tgnstream.model_server.servicer import SERVICE_NAME, LinkPredictionServicer
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.shared_state import SharedLiveView
 
 __all__ = ["build_server", "stop_server", "SERVICE_NAME", "HEALTH_SERVICE"]
 
@@ -100,10 +101,11 @@ def _credentials(config: GrpcConfig) -> grpc.ServerCredentials:
 
 
 def build_server(
-    live: LiveEngine,
+    live: LiveEngine | SharedLiveView,
     config: GrpcConfig,
     metrics: ServerMetrics,
     servicer: LinkPredictionServicer | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
     """A bound, not yet started server; returns ``(server, health, port)`` (the real port when
     ``config.port`` is 0). Health says SERVING for "" and LinkPrediction: the caller hands over
@@ -111,6 +113,8 @@ def build_server(
 
     ``servicer``: pass one to keep a handle on it (its ``cache`` can be warmed after each
     applied batch; its coalescers count batches); default: a new one over ``live``.
+    ``reuse_port``: share the port with the other reader processes (SO_REUSEPORT); the serving
+    process checks beforehand that no other server holds it.
 
     Raises:
         ValueError: TLS files unreadable or invalid (the message says what is wrong);
@@ -131,8 +135,9 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
-            # One port per process: fail loudly rather than share it with a stale server.
-            ("grpc.so_reuseport", 0),
+            # One port per process (fail loudly rather than share it with a stale server),
+            # except for reader processes, which share it on purpose.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
         maximum_concurrent_rpcs=config.hard_limit_rpcs,
     )

@@ -253,8 +253,12 @@ class CandidateCache:
             fut.set_exception(exc)
             raise
         with self._lock:
-            self._entry = entry
-            self.builds += 1
+            # A reader process's view computes optimistically: an entry computed while the
+            # writer changed the state is returned (the caller's attempt is discarded and
+            # retried) but never kept.
+            if live.still_valid():
+                self._entry = entry
+                self.builds += 1
             del self._building[key]
         fut.set_result(entry)
         return entry
@@ -262,8 +266,12 @@ class CandidateCache:
     def warm(self, live: LiveEngine) -> None:
         """Compute the entry for the live state now (e.g. right after a batch is applied), so
         the next TopK does not pay for it."""
-        with live.read() as engine:
-            self.get(live, engine, use=False)
+
+        def build() -> None:
+            with live.read() as engine:
+                self.get(live, engine, use=False)
+
+        live.consistent(build)
 
 
 class CacheWarmer(threading.Thread):

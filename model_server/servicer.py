@@ -79,7 +79,7 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
 
     def _gated(self, fn: Callable[..., R], *args) -> R:
         with self._compute:
-            return fn(*args)
+            return self._live.consistent(lambda: fn(*args))
 
     def close(self) -> None:
         """Stop the cache warmer thread (if started)."""
@@ -157,6 +157,9 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
         )
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        live = self._live
         return self._answer(
-            context, "GetModelInfo", lambda: convert.model_info_reply(queries.model_info(self._live))
+            context,
+            "GetModelInfo",
+            lambda: convert.model_info_reply(live.consistent(lambda: queries.model_info(live))),
         )

@@ -8,9 +8,10 @@ both.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -18,6 +19,8 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 
 __all__ = ["LiveEngine", "OpenBatch", "ReadWriteLock", "StateStamp"]
+
+R = TypeVar("R")
 
 
 class ReadWriteLock:
@@ -103,6 +106,9 @@ class LiveEngine:
 
     def __init__(self, engine: MemoryEngine, model_version: str, next_offsets: dict[int, int] | None = None):
         self.engine = engine
+        # A StateBoard when reader processes answer from shared memory (see shared_state.py):
+        # every write section is then published to them.
+        self.board = None
         self.model_version = model_version
         # The position the applied state reflects (what a snapshot stores); the open batch's
         # records are after it and are re-read after a restart.
@@ -119,10 +125,24 @@ class LiveEngine:
     @contextmanager
     def write(self) -> Iterator[MemoryEngine]:
         with self._lock.write():
+            board = self.board
+            if board is not None:
+                board.begin()
             try:
                 yield self.engine
             finally:
                 self.reserve_cold_slot()
+                if board is not None:
+                    board.end(self.context, self.visible_offsets)
+
+    def consistent(self, fn: Callable[[], R]) -> R:
+        """``fn()`` (a query that takes ``read()`` itself): the same call a reader process's view
+        makes with its sequence protocol."""
+        return fn()
+
+    def still_valid(self) -> bool:
+        """Always true here: readers hold the lock while they compute."""
+        return True
 
     def reserve_cold_slot(self) -> None:
         self.engine.ensure_capacity(len(self.engine.ids) + 1)

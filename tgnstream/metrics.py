@@ -7,9 +7,13 @@ ids in labels; gRPC uses the conventional ``grpc_server_*`` names (py-grpc-prome
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import threading
 
-__all__ = ["ServerMetrics", "INGEST_RESULTS", "NONFINITE_WHERE"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+
+__all__ = ["ServerMetrics", "INGEST_RESULTS", "NONFINITE_WHERE", "reader_families", "ReaderMetrics"]
 
 # Every value the ``result`` label of tgnstream_ingest_events_total takes.
 INGEST_RESULTS = ("applied", "late_clamped", "dlq")
@@ -163,3 +167,72 @@ class ServerMetrics:
         self.grpc_inflight = Gauge(
             "tgnstream_grpc_inflight_requests", "RPCs being handled right now", registry=r
         )
+        # --- reader processes (sequence-lock reads of the shared state)
+        self.reader_retries = Counter(
+            "tgnstream_reader_retries_total",
+            "Answers computed again because the writer changed the state while they were computed",
+            registry=r,
+        )
+        self.reader_fallbacks = Counter(
+            "tgnstream_reader_fallbacks_total",
+            "Answers computed under the commit lock (the writer waited) after repeated retries",
+            registry=r,
+        )
+        self.reader_restarts = Counter(
+            "tgnstream_reader_restarts_total", "Reader processes that died and were restarted", registry=r
+        )
+        self.readers_alive = Gauge("tgnstream_readers_alive", "Reader processes running", registry=r)
+
+
+# Families a reader process owns (the request side); the serving process exports them per reader.
+_READER_PREFIXES = (
+    "grpc_server_",
+    "tgnstream_grpc_",
+    "tgnstream_reader_retries",
+    "tgnstream_reader_fallbacks",
+)
+_READER_NONFINITE = "tgnstream_nonfinite"
+
+
+def reader_families(registry: CollectorRegistry) -> list[Metric]:
+    """The request-side families of a reader's registry (picklable, sent to the serving process)."""
+    out = []
+    for fam in registry.collect():
+        if fam.name.startswith(_READER_PREFIXES):
+            out.append(fam)
+        elif fam.name == _READER_NONFINITE:
+            fam.samples = [s for s in fam.samples if s.labels.get("where") != "ingest"]
+            out.append(fam)
+    return out
+
+
+class ReaderMetrics:
+    """A collector that merges the serving process's own families with the latest ones each
+    reader sent, adding a ``reader`` label to theirs (one family per name, as the exposition
+    format requires). Register it on a fresh registry together with nothing else."""
+
+    def __init__(self, own: CollectorRegistry):
+        self._own = own
+        self._lock = threading.Lock()
+        self._readers: dict[int, list[Metric]] = {}
+
+    def update(self, index: int, families: list[Metric]) -> None:
+        with self._lock:
+            self._readers[index] = families
+
+    def collect(self):
+        with self._lock:
+            readers = dict(self._readers)
+        merged: dict[str, Metric] = {}
+        for fam in self._own.collect():
+            merged[fam.name] = fam
+        for index in sorted(readers):
+            for fam in readers[index]:
+                target = merged.get(fam.name)
+                if target is None:
+                    target = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                target.samples.extend(
+                    Sample(s.name, {**s.labels, "reader": str(index)}, s.value, s.timestamp, s.exemplar)
+                    for s in fam.samples
+                )
+        yield from merged.values()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from grpc_health.v1 import health_pb2
 from kafka import KafkaProducer
+from prometheus_client import CollectorRegistry
 
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.config import ModelConfig
@@ -30,8 +31,9 @@ from tgnstream.ingest.prefetch import FatalIngestError, Prefetcher
 from tgnstream.ingest.records import RecordDecoder
 from tgnstream.kafka_admin import create_topic
 from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
+from tgnstream.metrics import ReaderMetrics, ServerMetrics
 from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
+from tgnstream.reader_pool import ReaderPool
 from tgnstream.serve_config import ModelSource, ServeConfig
 from tgnstream.snapshots import SnapshotStore
 from tgnstream.sysinfo import resolve_device
@@ -90,6 +92,10 @@ class ServingProcess:
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
         device = resolve_device(cfg.device)
         self.metrics = ServerMetrics()
+        # /metrics: this process's series plus those its reader processes send (reader label).
+        self.exported = ReaderMetrics(self.metrics.registry)
+        exposition = CollectorRegistry(auto_describe=True)
+        exposition.register(self.exported)
         self.readiness = Readiness(self.metrics.ready)
         self.readiness.set("restoring", "loading the newest snapshot or the initial model")
         self.done = threading.Event()
@@ -98,7 +104,7 @@ class ServingProcess:
         self._stopped = threading.Event()
         self._ingest_thread = threading.Thread(target=self._supervise_ingest, name="ingest", daemon=True)
         self.http = HealthHttpServer(
-            cfg.metrics_host, cfg.metrics_port, self.metrics.registry, self.readiness, self._alive
+            cfg.metrics_host, cfg.metrics_port, exposition, self.readiness, self._alive
         )
         self.metrics_port = self.http.port
         self.http.start()
@@ -153,8 +159,27 @@ class ServingProcess:
             topic_id=topic_id,
             last_snapshot_wall=snapshot_wall,
         )
-        self.server, self.health, self.grpc_port = build_server(self.live, cfg.grpc, self.metrics)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        readers = cfg.grpc.readers if cfg.grpc.readers is not None else (os.cpu_count() or 1)
+        self.pool: ReaderPool | None = None
+        self.server = self.health = None
+        if readers > 0:
+            self.pool = ReaderPool(
+                self.live,
+                cfg.grpc,
+                readers,
+                self.metrics,
+                self.readiness,
+                collector=self.exported,
+                open_capacity=cfg.ingest.batch_max_events,
+                node_capacity=cfg.node_capacity,
+                pair_capacity=cfg.pair_capacity or cfg.node_capacity,
+                torch_threads=cfg.grpc.reader_torch_threads,
+                log_level=cfg.log_level,
+            )
+            self.grpc_port = self.pool.port
+        else:
+            self.server, self.health, self.grpc_port = build_server(self.live, cfg.grpc, self.metrics)
+            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.readiness.add_listener(self._on_readiness)
         self.readiness.set("ingest_down", "the Kafka fetch process is starting")
         self.readiness.set("restoring", None)
@@ -166,6 +191,9 @@ class ServingProcess:
     def _on_readiness(self, ready: bool, reasons: dict[str, str]) -> None:
         if self._stopped.is_set():
             return  # shutting down: stop_server owns the health status now
+        if self.pool is not None:
+            self.pool.set_ready(ready)
+            return
         status = health_pb2.HealthCheckResponse
         self.health.set(SERVICE_NAME, status.SERVING if ready else status.NOT_SERVING)
 
@@ -231,13 +259,17 @@ class ServingProcess:
     # ----------------------------------------------------------------------------- control
     def start(self) -> None:
         cfg = self.config
-        self.server.start()
+        if self.pool is not None:
+            self.pool.start()
+        else:
+            self.server.start()
         self._ingest_thread.start()
         log.info(
-            "serving %s: gRPC on %s:%d, metrics and /livez, /readyz on http://%s:%d",
+            "serving %s: gRPC on %s:%d (%s), metrics and /livez, /readyz on http://%s:%d",
             self.live.model_version,
             cfg.grpc.host,
             self.grpc_port,
+            f"{self.pool.count} reader processes" if self.pool is not None else "in this process",
             cfg.metrics_host,
             self.metrics_port,
         )
@@ -257,7 +289,10 @@ class ServingProcess:
         if self._stopped.is_set():
             return self.exit_code
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
+        if self.pool is not None:
+            self.pool.set_ready(False)
+        else:
+            self.health.enter_graceful_shutdown()
         self.loop.stop()
         if self._ingest_thread.is_alive():
             self._ingest_thread.join(timeout=60)
@@ -267,7 +302,11 @@ class ServingProcess:
         if not final_ok:
             log.error("the final snapshot failed: events since the last snapshot will be re-read on restart")
             self.exit_code = 1
-        stop_server(self.server, self.health, self.config.grpc.shutdown_grace_s if grace is None else grace)
+        grace = self.config.grpc.shutdown_grace_s if grace is None else grace
+        if self.pool is not None:
+            self.pool.stop(grace)
+        else:
+            stop_server(self.server, self.health, grace)
         self.http.stop()
         return self.exit_code
 

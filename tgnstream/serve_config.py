@@ -65,6 +65,17 @@ class ServeConfig(BaseSettings):
     metrics_port: int = Field(
         9100, ge=0, le=65535, description="HTTP port of /metrics, /livez and /readyz (0: any free port)"
     )
+    node_capacity: int = Field(
+        0,
+        ge=0,
+        description="with reader processes: node slots allocated up front in shared memory (0: twice "
+        "the nodes known at start, at least 1,024); past it the state doubles, a rare pause readers follow",
+    )
+    pair_capacity: int = Field(
+        0,
+        ge=0,
+        description="with reader processes: pair-history entries allocated up front (0: as node_capacity)",
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     gil_switch_interval_ms: float = Field(

@@ -62,7 +62,7 @@ def serve_config_dict(
             "batch_max_events": 500,
             "batch_max_wait_ms": batch_max_wait_ms,
         },
-        "grpc": {"port": 0},
+        "grpc": {"port": 0, "readers": 0},  # in-process answers unless a test asks for readers
         "snapshots": {"dir": str(tmp / "snapshots"), "every_events": 5000, "every_seconds": 3600, "keep": 3},
         "metrics_port": 0,
         "torch_threads": 1,

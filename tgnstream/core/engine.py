@@ -101,6 +101,8 @@ class MemoryEngine(nn.Module):
         self.register_buffer("watermark", torch.full((), float("-inf"), dtype=torch.float64))
         # Earliest applied event time: with the watermark, the span of times a query may ask about.
         self.register_buffer("first_event_time", torch.full((), float("inf"), dtype=torch.float64))
+        # Set on a reader's view of shared state: its buffers belong to the writer.
+        self.frozen_capacity = False
         self.to(device)
 
     # ----------------------------------------------------------------------------- state
@@ -116,6 +118,11 @@ class MemoryEngine(nn.Module):
         """Make room for ids ``< num_nodes`` (doubling, so growth is amortised O(1))."""
         if num_nodes <= self.capacity:
             return
+        if self.frozen_capacity:
+            raise RuntimeError(
+                f"ids up to {num_nodes - 1} need more than the {self.capacity} node slots of a read-only "
+                "view of shared state (only the writer grows state)"
+            )
         new_cap = max(num_nodes, 2 * self.capacity)
         self.memory.grow(new_cap)
         self.neighbors.grow(new_cap)

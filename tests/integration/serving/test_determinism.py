@@ -26,8 +26,8 @@ pytestmark = pytest.mark.kafka
 N, BATCH = 3250, 500  # ends with an open batch of 250 events
 
 
-def _start(tmp: Path, bootstrap: str, topic: str) -> ServingProcess:
-    cfg = serve_config(tmp, bootstrap, topic, ingest={"batch_max_wait_ms": 20})
+def _start(tmp: Path, bootstrap: str, topic: str, readers: int = 0) -> ServingProcess:
+    cfg = serve_config(tmp, bootstrap, topic, ingest={"batch_max_wait_ms": 20}, grpc={"readers": readers})
     proc = ServingProcess(ServeConfig(**cfg))
     proc.start()
     return proc
@@ -149,13 +149,14 @@ def test_backlog_trickle_restart_and_offline_replay_agree_bit_for_bit(
 
 
 def test_two_replicas_answer_identically(kafka_bootstrap, kafka_topic, wikipedia_csv, tmp_path):
-    """Two servers on one topic, started at different moments while events flow in: at the same
+    """Two servers on one topic, started at different moments while events flow in, one answering
+    in its own process and one from two reader processes over shared memory: at the same
     events_applied they give the same answers and hold the same state."""
     records = event_values(wikipedia_csv, 2600)
     produce(kafka_bootstrap, kafka_topic, records[:900])
     first = _start(tmp_path / "a", kafka_bootstrap, kafka_topic)
     produce(kafka_bootstrap, kafka_topic, records[900:1800])
-    second = _start(tmp_path / "b", kafka_bootstrap, kafka_topic)
+    second = _start(tmp_path / "b", kafka_bootstrap, kafka_topic, readers=2)
     for i in range(1800, 2600, 100):
         produce(kafka_bootstrap, kafka_topic, records[i : i + 100])
         time.sleep(0.05)

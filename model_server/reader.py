@@ -1,0 +1,77 @@
+"""A reader process: answers gRPC from the writer's state in shared memory.
+
+Started by the serving process (``tgnstream.serve``) once per ``grpc.readers``, with the
+``torch.multiprocessing`` spawn method. Every reader binds the same port with SO_REUSEPORT, so
+the kernel spreads connections over them; each has its own interpreter (no lock shared with
+ingest or with the other readers), its own admission control, auth and health service, and
+sends its metrics to the serving process every ``metrics_interval_s`` (exported there with a
+``reader`` label). It stops when the serving process asks (or dies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from grpc_health.v1 import health_pb2
+
+from tgnstream.metrics import ServerMetrics, reader_families
+from tgnstream.model_server.config import GrpcConfig
+from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
+from tgnstream.shared_state import Layout, SharedHandles, SharedLiveView
+
+__all__ = ["run_reader"]
+
+log = logging.getLogger(__name__)
+
+
+def run_reader(
+    index: int,
+    handles: SharedHandles,
+    layout: Layout,
+    layout_queue,
+    metrics_queue,
+    config: GrpcConfig,
+    port: int,
+    torch_threads: int,
+    parent_pid: int,
+    log_level: str = "INFO",
+    metrics_interval_s: float = 1.0,
+) -> None:
+    """Process entry point (spawned): serve until the writer sets ``stopping`` or exits."""
+    fmt = f"%(asctime)s reader-{index} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=log_level, format=fmt)
+    torch.set_num_threads(torch_threads)
+    view = SharedLiveView(handles, layout, layout_queue)
+    metrics = ServerMetrics()
+    cfg = config.model_copy(update={"port": port})
+    server, health, bound = build_server(view, cfg, metrics, reuse_port=True)
+    health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.start()
+    metrics_queue.put((index, "bound"))
+    log.info("reader %d (pid %d) answering on port %d", index, os.getpid(), bound)
+    status = health_pb2.HealthCheckResponse
+    was_ready = None
+    next_metrics = 0.0
+    counted = [0, 0]  # retries, fallbacks already added to the counters
+    try:
+        while not view.stopping and os.getppid() == parent_pid:
+            ready = view.ready
+            if ready != was_ready:
+                health.set(SERVICE_NAME, status.SERVING if ready else status.NOT_SERVING)
+                was_ready = ready
+            now = time.monotonic()
+            if now >= next_metrics:
+                retries, fallbacks = view.retries, view.fallbacks
+                metrics.reader_retries.inc(retries - counted[0])
+                metrics.reader_fallbacks.inc(fallbacks - counted[1])
+                counted = [retries, fallbacks]
+                metrics_queue.put((index, reader_families(metrics.registry)))
+                next_metrics = now + metrics_interval_s
+            time.sleep(0.05)
+    finally:
+        stop_server(server, health, cfg.shutdown_grace_s)
+        metrics_queue.put((index, reader_families(metrics.registry)))
+        log.info("reader %d stopped", index)
