@@ -35,7 +35,6 @@ from tgnstream.broker import EmbeddedBroker
 from tgnstream.core.loaders import load_dataset
 from tgnstream.kafka_admin import create_topic
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
-from tgnstream.serve_config import ServeConfig
 from tgnstream.sysinfo import hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,15 +120,15 @@ def run_h2load(
     body_file, log_file = work / f"{method}.body", work / f"{method}.log"
     body_file.write_bytes(body)
     log_file.unlink(missing_ok=True)
-    per_client = max(rate / clients, 0.1)
+    # rate 0: closed loop (as fast as the server answers, 4 streams per connection): throughput.
+    pacing = ["-m", "4"] if rate <= 0 else ["-m", "64", "--rps", f"{max(rate / clients, 0.1):g}"]
     cmd = [
         h2load,
         f"http://127.0.0.1:{port}/{SERVICE}/{method}",
         "-d", str(body_file),
         "-H", "content-type: application/grpc",
         "-H", "te: trailers",
-        "-c", str(clients), "-m", "64", "-t", "1",
-        "--rps", f"{per_client:g}",
+        "-c", str(clients), "-t", "1", *pacing,
         "-D", f"{seconds:g}",
         "--log-file", str(log_file),
     ]  # fmt: skip
@@ -148,6 +147,107 @@ def run_h2load(
     return {"sent": int(done.group(2)) if done else len(lat), "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
 
 
+def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, work: Path) -> list[dict]:
+    """One server (``readers`` reader processes; 0: answers in its own process) on a topic of its
+    own: warm-up, then every (RPC, rate) under the live feed."""
+    work.mkdir(parents=True)
+    topic = f"live-r{readers}"
+    rows = []
+    create_topic(bootstrap, topic, 1)
+    ctx = mp.get_context("spawn")
+    stop, fed = ctx.Event(), ctx.Value("q", 0)
+    # The warm-up: --warm events as fast as the producer goes.
+    warm = ctx.Process(target=_warm, args=(bootstrap, topic, str(args.data), args.warm))
+    warm.start()
+    warm.join()
+    model = (
+        {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"preset": "tgn", "pair_features": True}
+    )
+    cfg = {
+        "model": model,
+        "ingest": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic}},
+        "grpc": {"port": 0, "readers": readers},
+        "snapshots": {"dir": str(work / "snapshots"), "every_events": 10**9, "every_seconds": 10**6},
+        "metrics_port": 0,
+        "torch_threads": 1,
+        "device": args.device,
+        "ready_file": str(work / "ready.json"),
+        "health": {"ready_max_lag_records": 10**9},
+    }
+    (work / "serve.json").write_text(json.dumps(cfg))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(work / "serve.json")],
+        stdout=open(work / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    feeder = None
+    try:
+        while not (work / "ready.json").exists():
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited; see {work / 'server.log'}")
+            time.sleep(0.05)
+        ports = json.loads((work / "ready.json").read_text())
+        mport = ports["metrics_port"]
+        while _value(_metrics(mport), "tgnstream_events_applied") < args.warm:
+            time.sleep(0.1)
+        feeder = ctx.Process(
+            target=_feed,
+            args=(bootstrap, topic, str(args.data), args.warm, args.ingest_rate, stop, fed),
+            daemon=True,
+        )
+        feeder.start()
+        time.sleep(3.0)  # the feed at its rate, the server caught up with it
+        for kind in args.rpcs.split(","):
+            method, body = bodies[kind]
+            for rate in _rates(args.rates):
+                before = _metrics(mport)
+                fed0, t0 = fed.value, time.perf_counter()
+                r = run_h2load(
+                    h2load, ports["grpc_port"], method, body, rate, args.duration, args.clients, work
+                )
+                elapsed = time.perf_counter() - t0
+                after = _metrics(mport)
+                codes = {
+                    c: _codes(after, method).get(c, 0) - _codes(before, method).get(c, 0)
+                    for c in _codes(after, method)
+                }
+                handled = sum(codes.values())
+                # Events the answers reflect (the open batch included), not only closed batches.
+                applied = _value(after, "tgnstream_events_applied") - _value(
+                    before, "tgnstream_events_applied"
+                )
+                ok, shed = codes.get("OK", 0), codes.get("RESOURCE_EXHAUSTED", 0)
+                row = {
+                    "readers": readers,
+                    "rpc": kind,
+                    "target_rps": rate,
+                    **r,
+                    "handled": handled,
+                    "ok": ok,
+                    "shed_share": shed / handled if handled else None,
+                    "error_share": (handled - ok - shed) / handled if handled else None,
+                    "ingest_kept": applied / max(1, fed.value - fed0),
+                    "achieved_rps": ok / elapsed,
+                    "seconds": elapsed,
+                }
+                rows.append(row)
+                print(
+                    f"readers {readers}  {kind:9s} @ {_rate_name(rate):>4s} req/s "
+                    f"({row['achieved_rps']:6.0f} ok/s): p50 {_ms(row['p50_ms'])} ms  "
+                    f"p99 {_ms(row['p99_ms'])} ms  shed {100 * (row['shed_share'] or 0):5.1f}%  "
+                    f"errors {100 * (row['error_share'] or 0):4.1f}%  "
+                    f"ingest kept {row['ingest_kept']:.3f}",
+                    flush=True,
+                )
+    finally:
+        stop.set()
+        if feeder is not None:
+            feeder.join(20)
+        server.terminate()
+        server.wait(60)
+    return rows
+
+
 # ---------------------------------------------------------------------------------- main
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,10 +257,18 @@ def main() -> int:
     )
     p.add_argument("--warm", type=int, default=60_000, help="events applied before the feed starts")
     p.add_argument("--ingest-rate", type=float, default=10_000, help="live feed, events/s")
-    p.add_argument("--rates", default="50,200,500", help="request rates (req/s)")
+    p.add_argument(
+        "--rates", default="50,200,500", help="request rates (req/s); 'max': closed loop, reports throughput"
+    )
     p.add_argument("--rpcs", default="info,score1,score100,topk10")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per (RPC, rate)")
     p.add_argument("--clients", type=int, default=4, help="h2load connections")
+    p.add_argument(
+        "--readers",
+        default="0,2",
+        help="comma list of grpc.readers values, one server each (0: answers in the serving process)",
+    )
+    p.add_argument("--device", default="cpu", help="the server's device (cpu, cuda)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_h2load.json")
     args = p.parse_args()
     h2load = ensure_h2load()
@@ -184,99 +292,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-h2load-"))
     rows = []
     with EmbeddedBroker() as broker:
-        create_topic(broker.bootstrap, "live", 1)
-        ctx = mp.get_context("spawn")
-        stop, fed = ctx.Event(), ctx.Value("q", 0)
-        # The warm-up: --warm events as fast as the producer goes.
-        warm = ctx.Process(target=_warm, args=(broker.bootstrap, str(args.data), args.warm))
-        warm.start()
-        warm.join()
-        model = (
-            {"checkpoint": str(args.checkpoint)}
-            if args.checkpoint
-            else {"preset": "tgn", "pair_features": True}
-        )
-        cfg = {
-            "model": model,
-            "ingest": {"kafka": {"bootstrap_servers": broker.bootstrap, "topic": "live"}},
-            "grpc": {"port": 0},
-            "snapshots": {"dir": str(work / "snapshots"), "every_events": 10**9, "every_seconds": 10**6},
-            "metrics_port": 0,
-            "torch_threads": 1,
-            "ready_file": str(work / "ready.json"),
-        }
-        if "health" in ServeConfig.model_fields:  # (absent in versions before it existed)
-            cfg["health"] = {"ready_max_lag_records": 10**9}
-        (work / "serve.json").write_text(json.dumps(cfg))
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(work / "serve.json")],
-            stdout=open(work / "server.log", "wb"),
-            stderr=subprocess.STDOUT,
-        )
-        feeder = None
-        try:
-            while not (work / "ready.json").exists():
-                if server.poll() is not None:
-                    raise RuntimeError(f"server exited; see {work / 'server.log'}")
-                time.sleep(0.05)
-            ports = json.loads((work / "ready.json").read_text())
-            mport = ports["metrics_port"]
-            while _value(_metrics(mport), "tgnstream_events_applied") < args.warm:
-                time.sleep(0.1)
-            feeder = ctx.Process(
-                target=_feed,
-                args=(broker.bootstrap, "live", str(args.data), args.warm, args.ingest_rate, stop, fed),
-                daemon=True,
-            )
-            feeder.start()
-            time.sleep(3.0)  # the feed at its rate, the server caught up with it
-            for kind in args.rpcs.split(","):
-                method, body = bodies[kind]
-                for rate in [float(r) for r in args.rates.split(",")]:
-                    before = _metrics(mport)
-                    fed0, t0 = fed.value, time.perf_counter()
-                    r = run_h2load(
-                        h2load, ports["grpc_port"], method, body, rate, args.duration, args.clients, work
-                    )
-                    elapsed = time.perf_counter() - t0
-                    after = _metrics(mport)
-                    codes = {
-                        c: _codes(after, method).get(c, 0) - _codes(before, method).get(c, 0)
-                        for c in _codes(after, method)
-                    }
-                    handled = sum(codes.values())
-                    # Events the answers reflect (the open batch included), not only closed batches.
-                    applied = _value(after, "tgnstream_events_applied") - _value(
-                        before, "tgnstream_events_applied"
-                    )
-                    row = {
-                        "rpc": kind,
-                        "target_rps": rate,
-                        **r,
-                        "handled": handled,
-                        "ok": codes.get("OK", 0),
-                        "shed_share": codes.get("RESOURCE_EXHAUSTED", 0) / handled if handled else None,
-                        "error_share": (handled - codes.get("OK", 0) - codes.get("RESOURCE_EXHAUSTED", 0))
-                        / handled
-                        if handled
-                        else None,
-                        "ingest_kept": applied / max(1, fed.value - fed0),
-                        "seconds": elapsed,
-                    }
-                    rows.append(row)
-                    print(
-                        f"{kind:9s} @ {rate:4.0f} req/s: p50 {_ms(row['p50_ms'])} ms  "
-                        f"p99 {_ms(row['p99_ms'])} ms  shed {100 * (row['shed_share'] or 0):5.1f}%  "
-                        f"errors {100 * (row['error_share'] or 0):4.1f}%  "
-                        f"ingest kept {row['ingest_kept']:.3f}",
-                        flush=True,
-                    )
-        finally:
-            stop.set()
-            if feeder is not None:
-                feeder.join(20)
-            server.terminate()
-            server.wait(60)
+        for readers in [int(x) for x in args.readers.split(",")]:
+            rows += _run_server(args, broker.bootstrap, readers, bodies, h2load, work / f"r{readers}")
     result = {
         "hardware": hardware_info(),
         "command": " ".join(sys.argv),
@@ -284,35 +301,52 @@ def main() -> int:
         "warm": args.warm,
         "duration_s": args.duration,
         "clients": args.clients,
+        "readers": args.readers,
+        "device": args.device,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {args.out}")
-    _table(rows, [float(r) for r in args.rates.split(",")])
+    _table(rows, _rates(args.rates))
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _rates(text: str) -> list[float]:
+    """``50,200,max`` -> [50.0, 200.0, 0.0] (0: closed loop)."""
+    return [0.0 if r.strip() == "max" else float(r) for r in text.split(",")]
+
+
+def _rate_name(rate: float) -> str:
+    return "max" if rate <= 0 else f"{rate:.0f}"
 
 
 def _ms(x: float | None) -> str:
     return "    -" if x is None else f"{x:7.2f}"
 
 
-def _warm(bootstrap: str, data_path: str, n: int) -> None:
+def _warm(bootstrap: str, topic: str, data_path: str, n: int) -> None:
     from confluent_kafka import Producer
 
     data = load_dataset(data_path, limit=n)
     names, ev = data.raw_ids, data.events
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all"})
     for s, d, t in zip(ev.src.tolist(), ev.dst.tolist(), ev.t.tolist()):
-        producer.produce("live", value=json.dumps({"src": names[s], "dst": names[d], "ts": t}).encode())
+        producer.produce(topic, value=json.dumps({"src": names[s], "dst": names[d], "ts": t}).encode())
         producer.poll(0)
     producer.flush(60)
 
 
 def _table(rows: list[dict], rates: list[float]) -> None:
+    for readers in dict.fromkeys(r.get("readers", 0) for r in rows):
+        print(f"\nreaders = {readers}" + (" (answers in the serving process)" if readers == 0 else ""))
+        _table_one([r for r in rows if r.get("readers", 0) == readers], rates)
+
+
+def _table_one(rows: list[dict], rates: list[float]) -> None:
     kinds = list(dict.fromkeys(r["rpc"] for r in rows))
-    print("\n| RPC | " + " | ".join(f"{r:.0f} req/s" for r in rates) + " |")
+    print("\n| RPC | " + " | ".join(f"{_rate_name(r)} req/s" for r in rates) + " |")
     print("|---|" + "---|" * len(rates))
     for kind in kinds:
         cells = []
@@ -322,6 +356,8 @@ def _table(rows: list[dict], rates: list[float]) -> None:
                 cells.append("-")
                 continue
             cell = f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}"
+            if r["target_rps"] <= 0:
+                cell += f" ({r['achieved_rps']:.0f} req/s)"
             if r["shed_share"]:
                 cell += f", {100 * r['shed_share']:.0f}% shed"
             cells.append(cell)

@@ -554,7 +554,7 @@ def model_info(live: LiveEngine) -> ModelInfoResult:
     with live.read() as engine:
         return ModelInfoResult(
             stamp=live.stamp(),
-            num_nodes=len(engine.ids),
+            num_nodes=live.cold_slot,  # the ids the answers know (see LiveEngine.visible_ids)
             model=model_name(engine),
             embedding_dim=embedding_dim(engine),
             device=str(engine.device),

@@ -99,9 +99,13 @@ class LiveEngine:
     the state only inside ``with live.write() as engine``, and updates ``next_offsets`` (the
     per-partition next offset to apply) inside the same critical section.
 
-    Node slot ``len(engine.ids)`` (the next id to be assigned) has, by construction, no events:
-    readers map every unknown external id to it, which is exactly cold-start state. The writer
-    keeps that slot allocated (``reserve_cold_slot``) so readers never grow buffers.
+    Ids are registered (under ``write()``) before their events join the open batch; they become
+    visible to queries when the open batch that holds their events is published, or closed
+    (assigning ``open``): ``visible_ids`` counts them, so that an answer depends on the events it
+    reflects only, never on how far the writer got with the next chunk. Node slot
+    ``visible_ids`` has no visible events: readers map every unknown (or not yet visible)
+    external id to it, which is exactly cold-start state. The writer keeps slot ``len(ids)``
+    allocated (``reserve_cold_slot``) so readers never grow buffers.
     """
 
     def __init__(self, engine: MemoryEngine, model_version: str, next_offsets: dict[int, int] | None = None):
@@ -113,7 +117,8 @@ class LiveEngine:
         # The position the applied state reflects (what a snapshot stores); the open batch's
         # records are after it and are re-read after a restart.
         self.next_offsets: dict[int, int] = dict(next_offsets or {})
-        self.open: OpenBatch | None = None
+        self._open: OpenBatch | None = None
+        self.visible_ids = len(engine.ids)
         self._lock = ReadWriteLock()
         self.reserve_cold_slot()
 
@@ -133,7 +138,7 @@ class LiveEngine:
             finally:
                 self.reserve_cold_slot()
                 if board is not None:
-                    board.end(self.context, self.visible_offsets)
+                    board.end(self.context, self.visible_offsets, self.visible_ids)
 
     def consistent(self, fn: Callable[[], R]) -> R:
         """``fn()`` (a query that takes ``read()`` itself): the same call a reader process's view
@@ -148,14 +153,25 @@ class LiveEngine:
         self.engine.ensure_capacity(len(self.engine.ids) + 1)
 
     @property
+    def open(self) -> OpenBatch | None:
+        return self._open
+
+    @open.setter
+    def open(self, batch: OpenBatch | None) -> None:
+        """Publish (or clear, at a close) the open batch; every id registered so far is then
+        either in an applied batch or in this one: visible. Call under ``write()``."""
+        self._open = batch
+        self.visible_ids = len(self.engine.ids)
+
+    @property
     def cold_slot(self) -> int:
-        return len(self.engine.ids)
+        return self.visible_ids
 
     def resolve(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense indices ``[n]`` (on the engine's device) of external ids, unknown ones mapped to
         the cold-start slot, and a ``[n]`` bool mask of the unknown ones. Call under ``read()``."""
         idx, _ = self.engine.ids.lookup(ids, create=False)
-        unknown = idx < 0
+        unknown = (idx < 0) | (idx >= self.visible_ids)
         idx = idx.masked_fill(unknown, self.cold_slot)
         return idx.to(self.engine.device), unknown
 

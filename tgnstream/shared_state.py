@@ -53,7 +53,7 @@ MAX_PARTITIONS = 1024
 _VERSION_BYTES = 256
 
 # Header slots (int64).
-SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN = range(7)
+SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN, VISIBLE_IDS = range(8)
 _OFFSETS = 16
 _HEADER_LEN = _OFFSETS + MAX_PARTITIONS
 
@@ -192,7 +192,7 @@ class StateBoard:
         self.handles.lock.acquire()
         self.handles.header[SEQ] += 1
 
-    def end(self, open_events: EventBatch | None, visible_offsets: dict[int, int]) -> None:
+    def end(self, open_events: EventBatch | None, visible_offsets: dict[int, int], visible_ids: int) -> None:
         """Publish the change and let readers in again (the sequence number becomes even)."""
         try:
             h, e = self.handles, self.engine
@@ -213,6 +213,7 @@ class StateBoard:
                 h.open_feats[:n] = open_events.feats
             h.header[OPEN_COUNT] = n
             h.header[N_IDS] = len(e.ids)
+            h.header[VISIBLE_IDS] = visible_ids
             for p, off in visible_offsets.items():
                 if not 0 <= p < MAX_PARTITIONS:
                     raise ValueError(
@@ -365,14 +366,13 @@ class SharedLiveView:
 
     @property
     def cold_slot(self) -> int:
-        return len(self.engine.ids)
+        return int(self.handles.header[VISIBLE_IDS])
 
     def resolve(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         idx, _ = self.engine.ids.lookup(ids, create=False)
-        unknown = idx < 0
-        # The id count of this attempt's state (the local index may already know later ids).
-        cold = int(self.handles.header[N_IDS])
-        unknown |= idx >= cold
+        # The ids visible in this attempt's state (the local index may know later ones).
+        cold = self.cold_slot
+        unknown = (idx < 0) | (idx >= cold)
         idx = idx.masked_fill(unknown, cold)
         return idx.to(self.engine.device), unknown
 
