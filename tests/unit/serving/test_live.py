@@ -67,6 +67,7 @@ def test_unknown_ids_map_to_an_empty_slot_that_scores_like_a_brand_new_node():
                 torch.zeros(2, 0),
             )
         )
+        live.open = None  # publishes: the ids registered above are now visible to queries
     assert engine.capacity >= len(engine.ids) + 1, "the cold slot is always allocated"
     with live.read() as e:
         idx, unknown = live.resolve(["a", "zzz", "c", "yyy"])
