@@ -197,6 +197,9 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
         )
         feeder.start()
         time.sleep(3.0)  # the feed at its rate, the server caught up with it
+        for kind in args.rpcs.split(","):  # first forward passes (lazy init in every reader): not measured
+            method, body = bodies[kind]
+            run_h2load(h2load, ports["grpc_port"], method, body, 50, 2, args.clients, work)
         for kind in args.rpcs.split(","):
             method, body = bodies[kind]
             for rate in _rates(args.rates):
