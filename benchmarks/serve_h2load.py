@@ -120,8 +120,9 @@ def run_h2load(
     body_file, log_file = work / f"{method}.body", work / f"{method}.log"
     body_file.write_bytes(body)
     log_file.unlink(missing_ok=True)
-    # rate 0: closed loop (as fast as the server answers, 4 streams per connection): throughput.
-    pacing = ["-m", "4"] if rate <= 0 else ["-m", "64", "--rps", f"{max(rate / clients, 0.1):g}"]
+    # rate 0: closed loop, one request in flight per connection (more than the server admits
+    # turns the loop into a storm of fast RESOURCE_EXHAUSTED replies): throughput.
+    pacing = ["-m", "1"] if rate <= 0 else ["-m", "64", "--rps", f"{max(rate / clients, 0.1):g}"]
     cmd = [
         h2load,
         f"http://127.0.0.1:{port}/{SERVICE}/{method}",

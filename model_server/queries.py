@@ -206,7 +206,10 @@ class CandidateCache:
         self._lock = threading.Lock()
         self._entry: CandidateEmbeddings | None = None
         self._building: dict[tuple, Future] = {}
-        self.builds = 0  # computations done (tests; a metric candidate)
+        self.builds = 0  # entries computed here
+        self.shared_hits = 0  # entries copied from another reader process (candidate_store)
+        # With reader processes: how long to wait for another reader's entry before building.
+        self.shared_wait_s = 0.25
         self.last_used = float("-inf")  # time.monotonic() of the last get() (the warmer's cue)
 
     @staticmethod
@@ -242,11 +245,7 @@ class CandidateCache:
         if not owner:
             return fut.result()
         try:
-            t = state_time(engine)
-            nodes = engine.destinations()
-            with torch.no_grad():
-                z = engine.embed(nodes, _full(nodes.numel(), t, nodes.device))
-            entry = CandidateEmbeddings(key, t, nodes, z, time.monotonic())
+            entry = self._build(live, engine, key)
         except BaseException as exc:
             with self._lock:
                 del self._building[key]
@@ -258,10 +257,41 @@ class CandidateCache:
             # retried) but never kept.
             if live.still_valid():
                 self._entry = entry
-                self.builds += 1
             del self._building[key]
         fut.set_result(entry)
         return entry
+
+    def _build(self, live: LiveEngine, engine: MemoryEngine, key: tuple) -> CandidateEmbeddings:
+        """Compute the entry, or, with reader processes, take the one another reader built for
+        this state (only one builds it: the store's build lock)."""
+        store = live.candidate_store
+        events = int(engine.events_applied)
+        if store is not None:
+            got = store.load(live.generation, events)
+            building = got is None and store.lock.acquire(block=False)
+            if got is None and not building:  # another reader is building this state's entry
+                got = store.wait(live.generation, events, self.shared_wait_s)
+            if got is not None:
+                t, nodes, z = got
+                self.shared_hits += 1
+                return CandidateEmbeddings(key, t, nodes, z, time.monotonic())
+        else:
+            building = False
+        try:
+            t = state_time(engine)
+            nodes = engine.destinations()
+            with torch.no_grad():
+                if nodes.numel():
+                    z = engine.embed(nodes, _full(nodes.numel(), t, nodes.device))
+                else:  # no destination yet: an empty ranking, not an error
+                    z = torch.zeros(0, embedding_dim(engine), device=nodes.device)
+            if building and live.still_valid():
+                store.publish(live.generation, events, t, nodes, z)
+        finally:
+            if building:
+                store.lock.release()
+        self.builds += 1
+        return CandidateEmbeddings(key, t, nodes, z, time.monotonic())
 
     def warm(self, live: LiveEngine) -> None:
         """Compute the entry for the live state now (e.g. right after a batch is applied), so

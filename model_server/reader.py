@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from tgnstream.metrics import ServerMetrics, reader_families
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
+from tgnstream.model_server.servicer import LinkPredictionServicer
 from tgnstream.shared_state import Layout, SharedHandles, SharedLiveView
 
 __all__ = ["run_reader"]
@@ -47,7 +48,8 @@ def run_reader(
     view = SharedLiveView(handles, layout, layout_queue)
     metrics = ServerMetrics()
     cfg = config.model_copy(update={"port": port})
-    server, health, bound = build_server(view, cfg, metrics, reuse_port=True)
+    servicer = LinkPredictionServicer(view, cfg, metrics=metrics)
+    server, health, bound = build_server(view, cfg, metrics, servicer=servicer, reuse_port=True)
     health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     metrics_queue.put((index, "bound"))
@@ -55,7 +57,7 @@ def run_reader(
     status = health_pb2.HealthCheckResponse
     was_ready = None
     next_metrics = 0.0
-    counted = [0, 0]  # retries, fallbacks already added to the counters
+    counted = [0, 0, 0, 0]  # retries, fallbacks, cache builds, cache copies already counted
     try:
         while not view.stopping and os.getppid() == parent_pid:
             ready = view.ready
@@ -64,10 +66,12 @@ def run_reader(
                 was_ready = ready
             now = time.monotonic()
             if now >= next_metrics:
-                retries, fallbacks = view.retries, view.fallbacks
-                metrics.reader_retries.inc(retries - counted[0])
-                metrics.reader_fallbacks.inc(fallbacks - counted[1])
-                counted = [retries, fallbacks]
+                now_counts = [view.retries, view.fallbacks, servicer.cache.builds, servicer.cache.shared_hits]
+                metrics.reader_retries.inc(now_counts[0] - counted[0])
+                metrics.reader_fallbacks.inc(now_counts[1] - counted[1])
+                metrics.topk_cache_entries.labels("computed").inc(now_counts[2] - counted[2])
+                metrics.topk_cache_entries.labels("shared").inc(now_counts[3] - counted[3])
+                counted = now_counts
                 metrics_queue.put((index, reader_families(metrics.registry)))
                 next_metrics = now + metrics_interval_s
             time.sleep(0.05)

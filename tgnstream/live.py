@@ -113,6 +113,9 @@ class LiveEngine:
         # A StateBoard when reader processes answer from shared memory (see shared_state.py):
         # every write section is then published to them.
         self.board = None
+        # Reader processes share TopK candidate embeddings through it; none in one process.
+        self.candidate_store = None
+        self.generation = 0
         self.model_version = model_version
         # The position the applied state reflects (what a snapshot stores); the open batch's
         # records are after it and are re-read after a restart.

@@ -178,6 +178,13 @@ class ServerMetrics:
             "Answers computed under the commit lock (the writer waited) after repeated retries",
             registry=r,
         )
+        self.topk_cache_entries = Counter(
+            "tgnstream_topk_cache_entries_total",
+            "TopK candidate-embedding entries a reader process obtained, by source: computed "
+            "(by this reader) or shared (copied from the reader that computed it)",
+            ["source"],
+            registry=r,
+        )
         self.reader_restarts = Counter(
             "tgnstream_reader_restarts_total", "Reader processes that died and were restarted", registry=r
         )
@@ -190,6 +197,7 @@ _READER_PREFIXES = (
     "tgnstream_grpc_",
     "tgnstream_reader_retries",
     "tgnstream_reader_fallbacks",
+    "tgnstream_topk_cache_entries",
 )
 _READER_NONFINITE = "tgnstream_nonfinite"
 

@@ -42,7 +42,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.live import StateStamp
 
-__all__ = ["StateBoard", "SharedHandles", "SharedLiveView", "Layout", "MAX_PARTITIONS"]
+__all__ = ["StateBoard", "SharedHandles", "SharedLiveView", "SharedCandidates", "Layout", "MAX_PARTITIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ MAX_PARTITIONS = 1024
 _VERSION_BYTES = 256
 
 # Header slots (int64).
-SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN, VISIBLE_IDS = range(8)
+SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN, VISIBLE_IDS, GENERATION = range(9)
 _OFFSETS = 16
 _HEADER_LEN = _OFFSETS + MAX_PARTITIONS
 
@@ -67,6 +67,75 @@ class Layout:
     tensors: dict[str, torch.Tensor]
     id_blob: torch.Tensor
     id_offsets: torch.Tensor
+
+
+class SharedCandidates:
+    """One TopK candidate-embedding entry that every reader process can use: the first reader to
+    need a state's candidate embeddings builds them (the build lock makes it the only one) and
+    publishes them here; the others copy them instead of computing the same ~1,000 embeddings.
+
+    Buffers: ``meta [4]`` int64 (sequence number, model generation and events applied of the
+    entry's state, candidate count), ``time [1]`` float64 (the time they were embedded at),
+    ``nodes [C]`` int64, ``z [C, d]`` float32. An entry larger than ``C`` is not shared (each
+    reader then builds its own, as without this store).
+    """
+
+    def __init__(self, capacity: int, dim: int, device: torch.device, context):
+        self.meta = torch.zeros(4, dtype=torch.long).share_memory_()
+        self.meta[1] = -1
+        self.time = torch.zeros(1, dtype=torch.float64).share_memory_()
+        self.nodes = _share(torch.zeros(capacity, dtype=torch.long, device=device))
+        self.z = _share(torch.zeros(capacity, dim, device=device))
+        self.lock = context.Lock()
+
+    def _sync(self) -> None:
+        if self.z.device.type == "cuda":
+            torch.cuda.synchronize(self.z.device)
+
+    def load(self, generation: int, events: int) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+        """``(time, nodes [D], z [D, d])`` (copies) of the entry for that state, or None."""
+        meta = self.meta
+        for _ in range(3):
+            seq = int(meta[0])
+            if seq % 2:
+                time.sleep(0)
+                continue
+            if int(meta[1]) != generation or int(meta[2]) != events:
+                return None
+            n = int(meta[3])
+            out = float(self.time[0]), self.nodes[:n].clone(), self.z[:n].clone()
+            self._sync()
+            if int(meta[0]) == seq:
+                return out
+        return None
+
+    def wait(self, generation: int, events: int, timeout_s: float):
+        """``load``, polling until another reader has published that entry (or ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = self.load(generation, events)
+            if got is not None or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.0005)
+
+    def publish(
+        self, generation: int, events: int, when: float, nodes: torch.Tensor, z: torch.Tensor
+    ) -> bool:
+        """Store an entry (call holding ``lock``); False when it does not fit."""
+        n = nodes.numel()
+        if n > self.nodes.numel():
+            return False
+        meta = self.meta
+        meta[0] += 1
+        try:
+            self.nodes[:n] = nodes
+            self.z[:n] = z
+            self.time[0] = when
+            meta[1], meta[2], meta[3] = generation, events, n
+            self._sync()
+        finally:
+            meta[0] += 1
+        return True
 
 
 @dataclass
@@ -85,6 +154,7 @@ class SharedHandles:
     lock: Any
     config: ModelConfig
     device: str
+    candidates: SharedCandidates | None = None
 
 
 def _share(t: torch.Tensor) -> torch.Tensor:
@@ -144,6 +214,13 @@ class StateBoard:
             lock=context.Lock(),
             config=engine.config,
             device=str(dev),
+        )
+        cfg = engine.config
+        self.handles.candidates = SharedCandidates(
+            engine.capacity,
+            cfg.embedding_dim if cfg.embedding == "attention" else cfg.memory_dim,
+            dev,
+            context,
         )
         self._context = context
         self._queues: list = []
@@ -227,6 +304,9 @@ class StateBoard:
             self.handles.lock.release()
 
     def set_model_version(self, version: str) -> None:
+        """Name the model the state belongs to (a new generation: cached results of the previous
+        model are never reused)."""
+        self.handles.header[GENERATION] += 1
         raw = version.encode("utf-8")[:_VERSION_BYTES]
         self.handles.version[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         self.handles.header[VERSION_LEN] = len(raw)
@@ -406,6 +486,15 @@ class SharedLiveView:
             events += len(ctx)
             watermark = max(watermark, float(ctx.t[-1]))
         return StateStamp(self.model_version, events, watermark)
+
+    @property
+    def candidate_store(self) -> SharedCandidates | None:
+        """The TopK candidate entry shared with the other readers (see ``SharedCandidates``)."""
+        return self.handles.candidates
+
+    @property
+    def generation(self) -> int:
+        return int(self.handles.header[GENERATION])
 
     @property
     def ready(self) -> bool:

@@ -30,7 +30,9 @@ from tgnstream.ingest.records import RecordDecoder
 from tgnstream.ingest.replay import encode_event
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
+from tgnstream.model_server import queries
 from tgnstream.model_server.config import GrpcConfig
+from tgnstream.model_server.convert import TopKQuery
 from tgnstream.reader_pool import ReaderPool
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
@@ -131,7 +133,24 @@ def test_reader_processes_answer_whole_states_only_while_the_writer_applies_and_
         except BaseException as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    topk_request = pb.TopKRequest(src="u1", k=5)
+    topk_seen: dict[int, tuple] = {}
+
+    def topk_client():
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{pool.port}") as ch:
+                stub = pb_grpc.LinkPredictionStub(ch)
+                stub.TopK(topk_request, timeout=60)
+                started.release()
+                while not done.is_set():
+                    r = stub.TopK(topk_request, timeout=30)
+                    got = ([x.id for x in r.results], [x.probability for x in r.results])
+                    n = r.state.events_applied
+                    assert topk_seen.setdefault(n, got) == got, f"two TopK answers for the state at {n}"
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=client) for _ in range(3)] + [threading.Thread(target=topk_client)]
     try:
         for th in threads:
             th.start()
@@ -162,6 +181,14 @@ def test_reader_processes_answer_whole_states_only_while_the_writer_applies_and_
             want_by_n = {n: _offline(events, n, PAIRS, t_query, device) for n in seen}
         finally:
             torch.set_num_threads(threads_before)
+        # TopK through the readers (shared candidate cache) = TopK in the writer's own process.
+        torch.set_num_threads(1)
+        try:
+            q = TopKQuery(src="u1", k=5, candidates=None, exclude_seen=False, time=None, strict=False)
+            here = queries.top_k(live, q, queries.CandidateCache())
+        finally:
+            torch.set_num_threads(threads_before)
+        assert TOTAL in topk_seen and topk_seen[TOTAL] == (here.ids, here.probabilities)
         for n, probs in seen.items():
             want = want_by_n[n]
             assert probs == want, f"reply at {n} events is not that state's answer"

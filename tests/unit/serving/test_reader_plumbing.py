@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tgnstream.metrics import ReaderMetrics, ServerMetrics, reader_families
@@ -58,3 +59,63 @@ def test_reader_series_are_merged_into_one_family_per_name_with_a_reader_label()
     assert 'tgnstream_ingest_events_total{reader="0"' not in text and "reader=" not in "".join(
         line for line in text.splitlines() if line.startswith("tgnstream_ingest_events_total")
     )
+
+
+def test_topk_candidates_are_computed_by_one_reader_and_copied_by_the_others():
+    """Two readers' views over one shared state: the first TopK of a state computes the
+    candidate embeddings and publishes them, the second reader copies them (same values); a
+    new batch is a new state, computed again."""
+    import torch.multiprocessing as tmp
+
+    from tgnstream.core.config import ModelConfig
+    from tgnstream.core.engine import MemoryEngine
+    from tgnstream.core.events import EventBatch
+    from tgnstream.live import LiveEngine
+    from tgnstream.model_server import queries
+    from tgnstream.model_server.convert import TopKQuery
+    from tgnstream.shared_state import SharedLiveView, StateBoard
+
+    torch.manual_seed(0)
+    engine = MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 16).eval()
+    live = LiveEngine(engine, "v1")
+    ctx = tmp.get_context("spawn")
+    board = StateBoard(engine, "v1", 8, ctx)
+    live.board = board
+
+    def apply(names, t0):
+        with live.write() as e:
+            dense, _ = e.ids.lookup(names)
+            n = len(names) // 2
+            t = torch.arange(n, dtype=torch.float64) + t0
+            e.apply_events(
+                EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(n, 0))
+            )
+            live.open = None
+
+    apply(["a", "x", "b", "y", "c", "x", "a", "z"], 1.0)
+    views = [SharedLiveView(board.handles, board.layout, board.new_reader_queue()) for _ in range(2)]
+    caches = [queries.CandidateCache(), queries.CandidateCache()]
+    q = TopKQuery(src="a", k=3, candidates=None, exclude_seen=False, time=None, strict=False)
+    first = views[0].consistent(lambda: queries.top_k(views[0], q, caches[0]))
+    second = views[1].consistent(lambda: queries.top_k(views[1], q, caches[1]))
+    assert (caches[0].builds, caches[0].shared_hits) == (1, 0)
+    assert (caches[1].builds, caches[1].shared_hits) == (0, 1)
+    assert first.ids == second.ids and first.probabilities == second.probabilities
+    reference = queries.top_k(live, q, queries.CandidateCache())  # the writer's own process
+    assert reference.ids == first.ids and reference.probabilities == first.probabilities
+    apply(["b", "z", "c", "y"], 10.0)
+    views[1].consistent(lambda: queries.top_k(views[1], q, caches[1]))
+    assert (caches[1].builds, caches[1].shared_hits) == (1, 1)
+
+
+def test_topk_before_any_event_is_an_empty_ranking():
+    from tgnstream.core.config import ModelConfig
+    from tgnstream.core.engine import MemoryEngine
+    from tgnstream.live import LiveEngine
+    from tgnstream.model_server import queries
+    from tgnstream.model_server.convert import TopKQuery
+
+    live = LiveEngine(MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 4).eval(), "v0")
+    q = TopKQuery(src="a", k=3, candidates=None, exclude_seen=False, time=None, strict=False)
+    r = queries.top_k(live, q, queries.CandidateCache())
+    assert r.ids == [] and r.src_unknown
