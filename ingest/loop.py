@@ -131,7 +131,7 @@ class IngestLoop:
         if self.open.records:
             log.warning("log gap: the open batch (%d records of the old log) is discarded", self.open.records)
             self.discard_open()
-        with self.live.write():
+        with self.live.write(state=False):
             for r in resets:
                 self.live.next_offsets[r.partition] = r.new
         for r in resets:
@@ -143,7 +143,7 @@ class IngestLoop:
         """Forget the open batch (its records are re-read from the applied offsets: after an
         ingest restart, or when a log gap moved the position)."""
         self.open.clear()
-        with self.live.write() as engine:
+        with self.live.write(state=False) as engine:
             self.live.open = None
             self._running_watermark = float(engine.watermark)
 
@@ -184,7 +184,7 @@ class IngestLoop:
             rows = (keep + lo).tolist()
             names[0::2] = [decoded.src[i] for i in rows]
             names[1::2] = [decoded.dst[i] for i in rows]
-            with self.live.write() as engine:
+            with self.live.write(state=False) as engine:
                 dense, _ = engine.ids.lookup(names, create=True)
                 engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids
             dense = dense.view(-1, 2)
@@ -211,7 +211,7 @@ class IngestLoop:
     def _publish_open(self) -> None:
         """Show the open batch to queries (batch context) and its position to GetModelInfo."""
         events, _ = self.open.events(self.live.engine.device)
-        with self.live.write():
+        with self.live.write(state=False):
             self.live.open = OpenBatch(events, dict(self.open.next_offsets)) if self.open.records else None
 
     def _close(self) -> int:

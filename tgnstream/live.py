@@ -131,11 +131,14 @@ class LiveEngine:
             yield self.engine
 
     @contextmanager
-    def write(self) -> Iterator[MemoryEngine]:
+    def write(self, state: bool = True) -> Iterator[MemoryEngine]:
+        """Exclusive access for the writer. ``state=False`` promises that the section changes
+        no engine tensor (only ids, the open batch, offsets): reader processes' queries already
+        computing then stay valid."""
         with self._lock.write():
             board = self.board
             if board is not None:
-                board.begin()
+                board.begin(state)
             try:
                 yield self.engine
             finally:

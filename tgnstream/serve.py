@@ -204,7 +204,7 @@ class ServingProcess:
             offsets = dict(self.live.next_offsets)
         fetcher = Prefetcher(self.config.ingest, offsets, self.loop.topic_id)
         fetcher.start()
-        with self.live.write():
+        with self.live.write(state=False):
             # A fresh start learns where the log begins; a restored one keeps its offsets.
             self.live.next_offsets = {**fetcher.start_offsets, **offsets}
         if fetcher.topic_id is not None:

@@ -7,7 +7,9 @@ Protocol (a sequence lock, as in the Linux kernel's seqlock):
   number odd, ``end`` publishes what readers need besides the engine's own tensors (the open
   batch, the id count, the visible offsets), waits for the device (CUDA) and makes it even.
 * A reader notes the (even) sequence number, computes its answer from the shared tensors and
-  keeps it only if the number did not change meanwhile; otherwise it computes again. After
+  keeps it only if the number did not change meanwhile; otherwise it computes again. What
+  changes with every fetched chunk (the open batch, new ids, offsets) has a sequence number of
+  its own and is copied once at a query's start, so publishing it never costs a query its work. After
   ``max_attempts`` tries it takes the commit lock, which the writer holds for every change, and
   computes once more while the writer waits: a long query never starves, a short one never
   blocks the writer.
@@ -53,7 +55,7 @@ MAX_PARTITIONS = 1024
 _VERSION_BYTES = 256
 
 # Header slots (int64).
-SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN, VISIBLE_IDS, GENERATION = range(9)
+SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN, VISIBLE_IDS, GENERATION, OPEN_SEQ = range(10)
 _OFFSETS = 16
 _HEADER_LEN = _OFFSETS + MAX_PARTITIONS
 
@@ -223,6 +225,7 @@ class StateBoard:
             context,
         )
         self._context = context
+        self._state_section = True
         self._queues: list = []
         self._published: dict[str, torch.Tensor] = {}
         self.layout = self._share_layout(0)
@@ -265,9 +268,15 @@ class StateBoard:
             q.cancel_join_thread()
 
     # ------------------------------------------------------------------------------ writes
-    def begin(self) -> None:
+    def begin(self, state: bool = True) -> None:
+        """Start a change. ``state=False``: the section changes only what queries read once,
+        at their start (the open batch, registered ids, offsets), not the engine's tensors; it
+        then does not invalidate queries already computing."""
         self.handles.lock.acquire()
-        self.handles.header[SEQ] += 1
+        self._state_section = state
+        self.handles.header[OPEN_SEQ] += 1
+        if state:
+            self.handles.header[SEQ] += 1
 
     def end(self, open_events: EventBatch | None, visible_offsets: dict[int, int], visible_ids: int) -> None:
         """Publish the change and let readers in again (the sequence number becomes even)."""
@@ -277,6 +286,8 @@ class StateBoard:
             if self._layout_moved():
                 self.layout = self._share_layout(self.layout.number + 1)
                 self.layout_changes += 1
+                if not self._state_section:  # queries running on the old buffers start again
+                    h.header[SEQ] += 2
                 for q in list(self._queues):
                     q.put(self.layout)
                 log.info("shared state reallocated (layout %d): readers re-attach", self.layout.number)
@@ -300,7 +311,9 @@ class StateBoard:
             if e.device.type == "cuda":
                 torch.cuda.synchronize(e.device)
         finally:
-            self.handles.header[SEQ] += 1
+            self.handles.header[OPEN_SEQ] += 1
+            if self._state_section:
+                self.handles.header[SEQ] += 1
             self.handles.lock.release()
 
     def set_model_version(self, version: str) -> None:
@@ -318,8 +331,19 @@ class StateBoard:
         self.handles.header[STOPPING] = 1
 
 
+@dataclass(frozen=True)
+class _OpenSnapshot:
+    """What a query reads once, at its start: the open batch, the visible ids, the offsets."""
+
+    seq: int
+    context: EventBatch | None
+    visible_ids: int
+    offsets: dict[int, int]
+
+
 class _Attempt(threading.local):
     seq: int = -1
+    open: _OpenSnapshot | None = None
 
 
 class SharedLiveView:
@@ -329,6 +353,11 @@ class SharedLiveView:
     ``stamp()``, ``resolve()``, ``context`` and ``visible_offsets`` describe one state. The
     engine's tensors are the shared ones; its id map is this process's own index, synchronised
     from the shared stores (ids are append-only).
+
+    Two sequence numbers: the state's (engine tensors: a batch applied, buffers grown) decides
+    whether an answer is kept; the open part's (open batch, registered ids, offsets) is only
+    checked while a query copies that part at its start. Publishing the open batch, which
+    happens for every fetched chunk, therefore never throws away a query's work.
 
     Counters: ``retries`` (answers computed again because a write overlapped), ``fallbacks``
     (answers computed under the commit lock).
@@ -345,7 +374,7 @@ class SharedLiveView:
         self._layout: Layout | None = None
         self._attach(layout)
         self._attempt = _Attempt()
-        self._context_cache: tuple[int, EventBatch | None] = (-1, None)
+        self._open_cache: _OpenSnapshot | None = None
         self._ids_lock = threading.Lock()
         self.retries = 0
         self.fallbacks = 0
@@ -369,7 +398,7 @@ class SharedLiveView:
                 if layout.number > self._layout.number:
                     self._attach(layout)
 
-    def _sync_ids(self, seq: int) -> bool:
+    def _sync_ids(self, open_seq: int) -> bool:
         """Register the ids added since the last sync; False if a write overlapped."""
         ids = self.engine.ids
         n = int(self.handles.header[N_IDS])
@@ -386,10 +415,38 @@ class SharedLiveView:
                 names = [raw[a - base : b - base].decode("utf-8") for a, b in zip(offs[:-1], offs[1:])]
             except (UnicodeDecodeError, ValueError):
                 return False
-            if int(self.handles.header[SEQ]) != seq:
+            if int(self.handles.header[OPEN_SEQ]) != open_seq:
                 return False
             ids.lookup(names, create=True)
             return True
+
+    def _open_snapshot(self) -> _OpenSnapshot | None:
+        """A consistent copy of the open part (None if a write overlapped: try again)."""
+        h = self.handles
+        header = h.header
+        seq = int(header[OPEN_SEQ])
+        if seq % 2:
+            return None
+        cached = self._open_cache
+        if cached is not None and cached.seq == seq:
+            return cached
+        if not self._sync_ids(seq):
+            return None
+        n = int(header[OPEN_COUNT])
+        context = None
+        if n:
+            context = EventBatch(
+                h.open_src[:n].clone(), h.open_dst[:n].clone(), h.open_t[:n].clone(), h.open_feats[:n].clone()
+            )
+            self._sync_device()
+        offs = header[_OFFSETS:].numpy()
+        snap = _OpenSnapshot(
+            seq, context, int(header[VISIBLE_IDS]), {int(p): int(offs[p]) for p in np.flatnonzero(offs >= 0)}
+        )
+        if int(header[OPEN_SEQ]) != seq:
+            return None
+        self._open_cache = snap
+        return snap
 
     # ------------------------------------------------------------------------------ protocol
     def _enter(self) -> int:
@@ -399,14 +456,15 @@ class SharedLiveView:
             seq = int(header[SEQ])
             if seq % 2 == 0:
                 self._follow_layout()
-                if self._sync_ids(seq) and int(header[SEQ]) == seq:
-                    self._attempt.seq = seq
+                snap = self._open_snapshot()
+                if snap is not None and int(header[SEQ]) == seq:
+                    self._attempt.seq, self._attempt.open = seq, snap
                     return seq
             spins += 1
             time.sleep(0 if spins < 100 else 0.0005)
 
     def still_valid(self) -> bool:
-        """Whether no write started since this thread's current attempt began."""
+        """Whether the state (engine tensors) did not change since this thread's attempt began."""
         return int(self.handles.header[SEQ]) == self._attempt.seq
 
     def _sync_device(self) -> None:
@@ -434,6 +492,13 @@ class SharedLiveView:
             self._enter()
             return fn()
 
+    def _open(self) -> _OpenSnapshot:
+        snap = self._attempt.open
+        if snap is None:  # outside consistent(): whatever is current
+            self._enter()
+            snap = self._attempt.open
+        return snap
+
     # ------------------------------------------------------------------ LiveEngine interface
     @contextmanager
     def read(self) -> Iterator[MemoryEngine]:
@@ -446,7 +511,7 @@ class SharedLiveView:
 
     @property
     def cold_slot(self) -> int:
-        return int(self.handles.header[VISIBLE_IDS])
+        return self._open().visible_ids
 
     def resolve(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         idx, _ = self.engine.ids.lookup(ids, create=False)
@@ -458,25 +523,11 @@ class SharedLiveView:
 
     @property
     def context(self) -> EventBatch | None:
-        seq = self._attempt.seq
-        cached_seq, batch = self._context_cache
-        if cached_seq == seq:
-            return batch
-        h = self.handles
-        n = int(h.header[OPEN_COUNT])
-        batch = None
-        if n:
-            batch = EventBatch(
-                h.open_src[:n].clone(), h.open_dst[:n].clone(), h.open_t[:n].clone(), h.open_feats[:n].clone()
-            )
-        if self.still_valid():
-            self._context_cache = (seq, batch)
-        return batch
+        return self._open().context
 
     @property
     def visible_offsets(self) -> dict[int, int]:
-        offs = self.handles.header[_OFFSETS:].numpy()
-        return {int(p): int(offs[p]) for p in np.flatnonzero(offs >= 0)}
+        return dict(self._open().offsets)
 
     def stamp(self) -> StateStamp:
         e = self.engine
