@@ -232,6 +232,25 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
                     "error_share": (handled - ok - shed) / handled if handled else None,
                     "ingest_kept": applied / max(1, fed.value - fed0),
                     "achieved_rps": ok / elapsed,
+                    # reader processes: answers recomputed / computed under the commit lock, and
+                    # TopK candidate entries computed vs copied from another reader
+                    **{
+                        key: _value(after, name, **labels) - _value(before, name, **labels)
+                        for key, name, labels in (
+                            ("reader_retries", "tgnstream_reader_retries_total", {}),
+                            ("reader_fallbacks", "tgnstream_reader_fallbacks_total", {}),
+                            (
+                                "topk_entries_computed",
+                                "tgnstream_topk_cache_entries_total",
+                                {"source": "computed"},
+                            ),
+                            (
+                                "topk_entries_shared",
+                                "tgnstream_topk_cache_entries_total",
+                                {"source": "shared"},
+                            ),
+                        )
+                    },
                     "seconds": elapsed,
                 }
                 rows.append(row)
@@ -240,7 +259,9 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
                     f"({row['achieved_rps']:6.0f} ok/s): p50 {_ms(row['p50_ms'])} ms  "
                     f"p99 {_ms(row['p99_ms'])} ms  shed {100 * (row['shed_share'] or 0):5.1f}%  "
                     f"errors {100 * (row['error_share'] or 0):4.1f}%  "
-                    f"ingest kept {row['ingest_kept']:.3f}",
+                    f"ingest kept {row['ingest_kept']:.3f}  retries {row['reader_retries']:.0f} "
+                    f"fallbacks {row['reader_fallbacks']:.0f} topk entries computed "
+                    f"{row['topk_entries_computed']:.0f} shared {row['topk_entries_shared']:.0f}",
                     flush=True,
                 )
     finally:

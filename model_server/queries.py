@@ -245,53 +245,62 @@ class CandidateCache:
         if not owner:
             return fut.result()
         try:
-            entry = self._build(live, engine, key)
+            entry, valid = self._build(live, engine, key)
         except BaseException as exc:
             with self._lock:
                 del self._building[key]
             fut.set_exception(exc)
             raise
         with self._lock:
-            # A reader process's view computes optimistically: an entry computed while the
-            # writer changed the state is returned (the caller's attempt is discarded and
-            # retried) but never kept.
-            if live.still_valid():
+            # A reader process's view computes optimistically: an entry whose inputs were
+            # copied while the writer changed the state is returned (the caller's attempt is
+            # discarded and retried) but never kept.
+            if valid:
                 self._entry = entry
             del self._building[key]
         fut.set_result(entry)
         return entry
 
-    def _build(self, live: LiveEngine, engine: MemoryEngine, key: tuple) -> CandidateEmbeddings:
-        """Compute the entry, or, with reader processes, take the one another reader built for
-        this state (only one builds it: the store's build lock)."""
+    def _build(self, live: LiveEngine, engine: MemoryEngine, key: tuple) -> tuple[CandidateEmbeddings, bool]:
+        """The entry and whether it describes the state of ``key``: computed here, or, with
+        reader processes, copied from the reader that computed it (one computes a state's entry
+        at a time: the store's build lock; the others wait for it)."""
         store = live.candidate_store
         events = int(engine.events_applied)
+        building = False
         if store is not None:
-            got = store.load(live.generation, events)
-            building = got is None and store.lock.acquire(block=False)
-            if got is None and not building:  # another reader is building this state's entry
-                got = store.wait(live.generation, events, self.shared_wait_s)
-            if got is not None:
-                t, nodes, z = got
-                self.shared_hits += 1
-                return CandidateEmbeddings(key, t, nodes, z, time.monotonic())
-        else:
-            building = False
+            deadline = time.monotonic() + self.shared_wait_s
+            while True:
+                got = store.load(live.generation, events)
+                if got is not None:
+                    t, nodes, z = got
+                    self.shared_hits += 1
+                    return CandidateEmbeddings(key, t, nodes, z, time.monotonic()), True
+                building = store.lock.acquire(block=False)
+                if building or time.monotonic() >= deadline or not live.still_valid():
+                    break  # build it here (or the state moved on: this attempt is lost anyway)
+                time.sleep(0.0005)
         try:
             t = state_time(engine)
             nodes = engine.destinations()
             with torch.no_grad():
                 if nodes.numel():
-                    z = engine.embed(nodes, _full(nodes.numel(), t, nodes.device))
+                    # Copy what the embeddings read (fast), check that it is one state, then
+                    # compute from the copies: a batch applied meanwhile cannot spoil the entry.
+                    inputs = engine.gather_embedding(nodes, _full(nodes.numel(), t, nodes.device))
+                    rows = engine.fetch_memory(inputs.nodes)
+                    valid = live.still_valid()
+                    z = engine.embed_forward(inputs, engine.fold(rows))
                 else:  # no destination yet: an empty ranking, not an error
+                    valid = live.still_valid()
                     z = torch.zeros(0, embedding_dim(engine), device=nodes.device)
-            if building and live.still_valid():
+            if building and valid:
                 store.publish(live.generation, events, t, nodes, z)
         finally:
             if building:
                 store.lock.release()
         self.builds += 1
-        return CandidateEmbeddings(key, t, nodes, z, time.monotonic())
+        return CandidateEmbeddings(key, t, nodes, z, time.monotonic()), valid
 
     def warm(self, live: LiveEngine) -> None:
         """Compute the entry for the live state now (e.g. right after a batch is applied), so
