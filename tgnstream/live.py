@@ -75,6 +75,15 @@ class StateStamp:
     events_applied: int
     watermark: float
 
+    @staticmethod
+    def of(model_version: str, engine: MemoryEngine, context: EventBatch | None) -> StateStamp:
+        """The stamp of ``engine``'s applied state plus the open batch ``context``."""
+        events, watermark = int(engine.events_applied), float(engine.watermark)
+        if context is not None:
+            events += len(context)
+            watermark = max(watermark, float(context.t[-1]))
+        return StateStamp(model_version, events, watermark)
+
 
 @dataclass(frozen=True)
 class OpenBatch:
@@ -196,10 +205,4 @@ class LiveEngine:
 
     def stamp(self) -> StateStamp:
         """Call under ``read()`` or ``write()``."""
-        e = self.engine
-        events, watermark = int(e.events_applied), float(e.watermark)
-        ctx = self.context
-        if ctx is not None:
-            events += len(ctx)
-            watermark = max(watermark, float(ctx.t[-1]))
-        return StateStamp(self.model_version, events, watermark)
+        return StateStamp.of(self.model_version, self.engine, self.context)

@@ -425,7 +425,9 @@ class SharedLiveView:
         h = self.handles
         header = h.header
         seq = int(header[OPEN_SEQ])
-        if seq % 2:
+        if seq % 2 or int(header[LAYOUT]) != self._layout.number:
+            # (Layouts change only inside a section: with the open sequence number unchanged
+            # to the end, the stores read below are the ones the counts refer to.)
             return None
         cached = self._open_cache
         if cached is not None and cached.seq == seq:
@@ -530,13 +532,7 @@ class SharedLiveView:
         return dict(self._open().offsets)
 
     def stamp(self) -> StateStamp:
-        e = self.engine
-        events, watermark = int(e.events_applied), float(e.watermark)
-        ctx = self.context
-        if ctx is not None:
-            events += len(ctx)
-            watermark = max(watermark, float(ctx.t[-1]))
-        return StateStamp(self.model_version, events, watermark)
+        return StateStamp.of(self.model_version, self.engine, self.context)
 
     @property
     def candidate_store(self) -> SharedCandidates | None:

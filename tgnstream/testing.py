@@ -8,7 +8,7 @@ from typing import Any
 
 from tgnstream.broker import free_port
 
-__all__ = ["child_pids", "consume_records", "free_port", "serve_config_dict"]
+__all__ = ["child_pids", "consume_records", "free_port", "serve_config_dict", "StubFetcher", "prefix_answer"]
 
 
 def consume_records(
@@ -92,3 +92,49 @@ def child_pids(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return out
+
+
+class StubFetcher:
+    """Stands in for the Kafka fetch process when a test feeds ``IngestLoop._handle`` directly:
+    one partition whose log ends at ``log_end``."""
+
+    partitions, connected, topic_id = [0], True, None
+
+    def __init__(self, log_end: int):
+        self.highwater, self.resets = {0: log_end}, []
+
+    def request_commit(self, offsets) -> None:
+        pass
+
+
+def prefix_answer(engine, events, n: int, batch: int, pairs, t: float) -> list[float]:
+    """The Score of ``pairs`` at ``t`` after the log prefix ``events[:n]`` of ``(src, dst, ts)``,
+    computed the naive way on a fresh ``engine``: its full batches of ``batch`` events applied
+    one by one, the rest shown as batch context (what a server's reply with that stamp must
+    equal). Unknown ids score as the cold-start slot."""
+    import torch
+
+    from tgnstream.core.events import EventBatch
+
+    device = engine.device
+    full = n // batch * batch
+    for start in range(0, full, batch):
+        chunk = events[start : start + batch]
+        dense, _ = engine.ids.lookup([x for s, d, _ in chunk for x in (s, d)])
+        t_b = torch.tensor([e[2] for e in chunk], dtype=torch.float64)
+        step = EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t_b, torch.zeros(len(chunk), 0))
+        engine.apply_events(step.to(device))
+        engine.fold_pending()
+    rest = events[full:n]
+    context = None
+    if rest:
+        dense, _ = engine.ids.lookup([x for s, d, _ in rest for x in (s, d)])
+        t_rest = torch.tensor([e[2] for e in rest], dtype=torch.float64)
+        context = EventBatch(dense[0::2], dense[1::2], t_rest, torch.zeros(len(rest), 0)).to(device)
+    src, _ = engine.ids.lookup([p[0] for p in pairs], create=False)
+    dst, _ = engine.ids.lookup([p[1] for p in pairs], create=False)
+    cold = len(engine.ids)
+    engine.ensure_capacity(cold + 1)
+    src, dst = src.masked_fill(src < 0, cold).to(device), dst.masked_fill(dst < 0, cold).to(device)
+    t_q = torch.full((len(pairs),), t, dtype=torch.float64, device=device)
+    return engine.score(src, dst, t_q, context).float().cpu().tolist()

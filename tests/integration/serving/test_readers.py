@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.core.events import EventBatch
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.ingest.prefetch import FetchedBatch
@@ -37,6 +36,7 @@ from tgnstream.reader_pool import ReaderPool
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.snapshots import SnapshotConfig
+from tgnstream.testing import StubFetcher, prefix_answer
 
 BATCH, TOTAL = 40, 1200
 MODEL = ModelConfig.preset("tgn", width=8, pair_features=True, num_neighbors=4)
@@ -56,43 +56,6 @@ def _stream():
     return [(u, f"p{rng.randrange(PAGES)}", float(i)) for i, u in enumerate(users)]
 
 
-class _Fetcher:
-    partitions, connected, topic_id = [0], True, None
-
-    def __init__(self):
-        self.highwater, self.resets = {0: TOTAL}, []
-
-    def request_commit(self, offsets):
-        pass
-
-
-def _offline(events, n: int, pairs, t: float, device: str = "cpu") -> list[float]:
-    """The answer for the log prefix [0, n): its full batches applied, the rest as context."""
-    engine = _engine(device)
-    full = n // BATCH * BATCH
-    for start in range(0, full, BATCH):
-        chunk = events[start : start + BATCH]
-        dense, _ = engine.ids.lookup([x for s, d, _ in chunk for x in (s, d)])
-        t_b = torch.tensor([e[2] for e in chunk], dtype=torch.float64)
-        src, dst = dense[0::2].contiguous(), dense[1::2].contiguous()
-        batch = EventBatch(src, dst, t_b, torch.zeros(len(chunk), 0))
-        engine.apply_events(batch.to(device))
-        engine.fold_pending()
-    rest = events[full:n]
-    context = None
-    if rest:
-        dense, _ = engine.ids.lookup([x for s, d, _ in rest for x in (s, d)])
-        t_rest = torch.tensor([e[2] for e in rest], dtype=torch.float64)
-        context = EventBatch(dense[0::2], dense[1::2], t_rest, torch.zeros(len(rest), 0)).to(device)
-    src, _ = engine.ids.lookup([p[0] for p in pairs], create=False)
-    dst, _ = engine.ids.lookup([p[1] for p in pairs], create=False)
-    cold = len(engine.ids)
-    engine.ensure_capacity(cold + 1)
-    src, dst = src.masked_fill(src < 0, cold).to(device), dst.masked_fill(dst < 0, cold).to(device)
-    t_q = torch.full((len(pairs),), t, dtype=torch.float64, device=device)
-    return engine.score(src, dst, t_q, context).float().cpu().tolist()
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_reader_processes_answer_whole_states_only_while_the_writer_applies_and_grows(device):
     """On CUDA the readers map the writer's device tensors (CUDA IPC) and query them there."""
@@ -100,10 +63,15 @@ def test_reader_processes_answer_whole_states_only_while_the_writer_applies_and_
     values = [encode_event(s, d, t) for s, d, t in events]
     live = LiveEngine(_engine(device), "v-shared", {})
     metrics = ServerMetrics()
-    pool = ReaderPool(live, GrpcConfig(port=0, warm_candidates=False), 2, metrics, open_capacity=BATCH)
+    # No request coalescing: a coalesced call's matrix shapes depend on which requests met, and
+    # with them the last bit of a float sum; this test asks for bit-identical answers.
+    grpc_config = GrpcConfig(port=0, warm_candidates=False, coalesce=False)
+    pool = ReaderPool(live, grpc_config, 2, metrics, open_capacity=BATCH)
     pool.start()
     config = IngestConfig(batch_max_events=BATCH, quality={"enabled": False})
-    loop = IngestLoop(config, live, _Fetcher(), RecordDecoder(), None, None, SnapshotConfig(), metrics)
+    loop = IngestLoop(
+        config, live, StubFetcher(TOTAL), RecordDecoder(), None, None, SnapshotConfig(), metrics
+    )
     t_query = float(TOTAL + 10)
     seen: dict[int, list[float]] = {}
     errors: list[BaseException] = []
@@ -178,7 +146,7 @@ def test_reader_processes_answer_whole_states_only_while_the_writer_applies_and_
         threads_before = torch.get_num_threads()
         torch.set_num_threads(1)  # as the readers: float sums must run in the same order
         try:
-            want_by_n = {n: _offline(events, n, PAIRS, t_query, device) for n in seen}
+            want_by_n = {n: prefix_answer(_engine(device), events, n, BATCH, PAIRS, t_query) for n in seen}
         finally:
             torch.set_num_threads(threads_before)
         # TopK through the readers (shared candidate cache) = TopK in the writer's own process.

@@ -13,7 +13,6 @@ import torch
 
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.core.events import EventBatch
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.ingest.prefetch import FetchedBatch
@@ -24,6 +23,7 @@ from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server import queries
 from tgnstream.model_server.convert import ScoreQuery
 from tgnstream.snapshots import SnapshotConfig
+from tgnstream.testing import StubFetcher, prefix_answer
 
 BATCH, TOTAL = 50, 600
 MODEL = ModelConfig.preset("tgn", width=8, pair_features=True, num_neighbors=4)
@@ -39,54 +39,13 @@ def _stream():
     return [(f"u{rng.randrange(12)}", f"p{rng.randrange(9)}", float(i)) for i in range(TOTAL)]
 
 
-class _Fetcher:
-    partitions, connected, topic_id = [0], True, None
-
-    def __init__(self):
-        self.highwater, self.resets = {0: TOTAL}, []
-
-    def request_commit(self, offsets):
-        pass
-
-
-def _offline(events, n: int, pairs, t: float) -> list[float]:
-    """The answer for the log prefix [0, n): its full batches applied, the rest as context."""
-    engine = _engine()
-    full = n // BATCH * BATCH
-    for start in range(0, full, BATCH):
-        chunk = events[start : start + BATCH]
-        dense, _ = engine.ids.lookup([x for s, d, _ in chunk for x in (s, d)])
-        t_b = torch.tensor([e[2] for e in chunk], dtype=torch.float64)
-        engine.apply_events(
-            EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t_b, torch.zeros(len(chunk), 0))
-        )
-        engine.fold_pending()
-    rest = events[full:n]
-    context = None
-    if rest:
-        dense, _ = engine.ids.lookup([x for s, d, _ in rest for x in (s, d)])
-        context = EventBatch(
-            dense[0::2],
-            dense[1::2],
-            torch.tensor([e[2] for e in rest], dtype=torch.float64),
-            torch.zeros(len(rest), 0),
-        )
-    src, _ = engine.ids.lookup([p[0] for p in pairs], create=False)
-    dst, _ = engine.ids.lookup([p[1] for p in pairs], create=False)
-    cold = len(engine.ids)
-    engine.ensure_capacity(cold + 1)
-    src, dst = src.masked_fill(src < 0, cold), dst.masked_fill(dst < 0, cold)
-    probs = engine.score(src, dst, torch.full((len(pairs),), t, dtype=torch.float64), context)
-    return probs.float().tolist()
-
-
 def test_every_reply_matches_the_offline_answer_for_its_stamp():
     events = _stream()
     values = [encode_event(s, d, t) for s, d, t in events]
     live = LiveEngine(_engine(), "v", {})
     config = IngestConfig(batch_max_events=BATCH, quality={"enabled": False})
     loop = IngestLoop(
-        config, live, _Fetcher(), RecordDecoder(), None, None, SnapshotConfig(), ServerMetrics()
+        config, live, StubFetcher(TOTAL), RecordDecoder(), None, None, SnapshotConfig(), ServerMetrics()
     )
     pairs = [("u1", "p2"), ("u3", "p3"), ("u5", "p1"), ("u0", "nobody")]
     t_query = float(TOTAL + 10)
@@ -123,7 +82,9 @@ def test_every_reply_matches_the_offline_answer_for_its_stamp():
     assert not errors, errors[0]
     assert len(seen) >= 5, f"the readers saw only {len(seen)} states"
     for n, probs in seen.items():
-        assert probs == _offline(events, n, pairs, t_query), f"reply at {n} events is not that state's answer"
+        assert probs == prefix_answer(_engine(), events, n, BATCH, pairs, t_query), (
+            f"reply at {n} events is not that state's answer"
+        )
     with live.read():
         assert live.stamp().events_applied == TOTAL and live.next_offsets == {0: TOTAL // BATCH * BATCH}
 
@@ -149,7 +110,7 @@ def test_events_that_would_write_non_finite_memory_are_dead_lettered_not_applied
     letters = _Letters()
     config = IngestConfig(batch_max_events=BATCH, quality={"enabled": False})
     loop = IngestLoop(
-        config, live, _Fetcher(), RecordDecoder(), letters, None, SnapshotConfig(), ServerMetrics()
+        config, live, StubFetcher(TOTAL), RecordDecoder(), letters, None, SnapshotConfig(), ServerMetrics()
     )
     events = _stream()[:BATCH]
     values = [encode_event(s, d, t) for s, d, t in events]
