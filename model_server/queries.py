@@ -479,6 +479,26 @@ def top_k(live: LiveEngine, q: TopKQuery, cache: CandidateCache) -> TopKResult:
     return _one(top_k_batch(live, [q], cache))
 
 
+def _rank_inputs(
+    engine: MemoryEngine, src: torch.Tensor, t: float, cand: torch.Tensor, context: EventBatch | None
+):
+    """What ranking reads from the state, as copies: source embeddings ``[P, d]`` at ``t``, the
+    pair statistics against ``cand [Q]`` (None without pair features), and the source times."""
+    t_src = _full(src.numel(), t, src.device)
+    z_s = engine.embed(src, t_src, context)
+    stats = None
+    if engine.config.pair_features:
+        visible = None if context is None else torch.full_like(src, len(context))
+        stats = ranking_stats(engine.history, engine.neighbors, src, cand, context, visible)
+    return z_s, stats, t_src
+
+
+def _rank_from(engine: MemoryEngine, z_s, z_c, stats, t_src) -> torch.Tensor:
+    """Logits ``[P, Q]`` from ``_rank_inputs`` and candidate embeddings ``z_c [Q, d]`` (weights only)."""
+    pair = None if stats is None else encode_pair_features(stats, t_src.unsqueeze(1))
+    return engine.model.decoder.rank(z_s, z_c, pair)
+
+
 def _rank(
     engine: MemoryEngine,
     src: torch.Tensor,
@@ -489,14 +509,8 @@ def _rank(
 ) -> torch.Tensor:
     """Logits ``[P, Q]`` of sources ``src [P]`` at ``t`` against candidates ``cand [Q]`` whose
     embeddings ``z_c [Q, d]`` are given; pair features (if any) at ``t``."""
-    t_src = _full(src.numel(), t, src.device)
-    z_s = engine.embed(src, t_src, context)
-    pair = None
-    if engine.config.pair_features:
-        visible = None if context is None else torch.full_like(src, len(context))
-        stats = ranking_stats(engine.history, engine.neighbors, src, cand, context, visible)
-        pair = encode_pair_features(stats, t_src.unsqueeze(1))
-    return engine.model.decoder.rank(z_s, z_c, pair)
+    z_s, stats, t_src = _rank_inputs(engine, src, t, cand, context)
+    return _rank_from(engine, z_s, z_c, stats, t_src)
 
 
 def _top_k_shared(
@@ -514,17 +528,24 @@ def _top_k_shared(
     qn = cand.numel()
     if qn == 0:
         return [TopKResult([], [], [], bool(u), stamp) for u in src_unknown.tolist()]
-    logits = _rank(engine, src, t, cand, z_c, live.context)  # [P, Q]
-    _finite_or_raise(logits, "topk")
-    # A node is never its own destination. Candidates are known destinations, so an unknown
-    # src (the cold slot, which has no events) never matches one.
-    drop = cand.unsqueeze(0) == src.unsqueeze(1)
+    z_s, stats, t_src = _rank_inputs(engine, src, t, cand, live.context)
     seen_rows = torch.tensor([q.exclude_seen for q in qs], device=src.device)
+    seen = None
     if bool(seen_rows.any()):
         count, _ = engine.history.lookup(
             src.unsqueeze(1).expand(-1, qn), cand.unsqueeze(0).expand(len(qs), -1)
         )
-        drop |= (count > 0) & seen_rows.unsqueeze(1)
+        seen = (count > 0) & seen_rows.unsqueeze(1)
+    # Every state read of this group is above (copies); what follows computes from them, so a
+    # batch applied from here on cannot change the answer (a reader process keeps it).
+    live.reads_done()
+    logits = _rank_from(engine, z_s, z_c, stats, t_src)  # [P, Q]
+    _finite_or_raise(logits, "topk")
+    # A node is never its own destination. Candidates are known destinations, so an unknown
+    # src (the cold slot, which has no events) never matches one.
+    drop = cand.unsqueeze(0) == src.unsqueeze(1)
+    if seen is not None:
+        drop |= seen
     logits = logits.masked_fill(drop, float("-inf"))
     top = torch.topk(logits, min(max(q.k for q in qs), qn), dim=1)
     values, rows = top.values.cpu(), top.indices.cpu()

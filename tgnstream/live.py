@@ -164,6 +164,10 @@ class LiveEngine:
         """Always true here: readers hold the lock while they compute."""
         return True
 
+    def reads_done(self) -> None:
+        """A query says it has copied everything it reads from the state (no-op here; see
+        ``SharedLiveView.reads_done``)."""
+
     def reserve_cold_slot(self) -> None:
         self.engine.ensure_capacity(len(self.engine.ids) + 1)
 

@@ -344,6 +344,7 @@ class _OpenSnapshot:
 class _Attempt(threading.local):
     seq: int = -1
     open: _OpenSnapshot | None = None
+    reads_valid: bool | None = None  # None: the query never called reads_done()
 
 
 class SharedLiveView:
@@ -469,6 +470,13 @@ class SharedLiveView:
         """Whether the state (engine tensors) did not change since this thread's attempt began."""
         return int(self.handles.header[SEQ]) == self._attempt.seq
 
+    def reads_done(self) -> None:
+        """The query has copied everything it reads from the state so far, and what it does
+        next until its next ``reads_done`` only computes: the attempt is kept if the state was
+        unchanged at every such call, even when a batch is applied during the computation."""
+        valid = self.still_valid()
+        self._attempt.reads_valid = valid and self._attempt.reads_valid is not False
+
     def _sync_device(self) -> None:
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
@@ -477,6 +485,7 @@ class SharedLiveView:
         """``fn()`` computed from one complete state (see the module docstring)."""
         for _ in range(self.max_attempts):
             self._enter()
+            self._attempt.reads_valid = None
             try:
                 result = fn()
             except Exception:
@@ -486,7 +495,7 @@ class SharedLiveView:
                 self.retries += 1
                 continue
             self._sync_device()
-            if self.still_valid():
+            if self._attempt.reads_valid or self.still_valid():
                 return result
             self.retries += 1
         self.fallbacks += 1
