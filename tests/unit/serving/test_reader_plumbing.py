@@ -119,3 +119,64 @@ def test_topk_before_any_event_is_an_empty_ranking():
     q = TopKQuery(src="a", k=3, candidates=None, exclude_seen=False, time=None, strict=False)
     r = queries.top_k(live, q, queries.CandidateCache())
     assert r.ids == [] and r.src_unknown
+
+
+def test_an_answer_is_recomputed_when_a_batch_lands_during_its_reads_but_not_after_reads_done():
+    """The sequence protocol, step by step: a batch applied while a query reads the state costs
+    the attempt; a batch applied after the query said its reads were copied does not; a new
+    open batch (published with every fetched chunk) never does."""
+    import torch.multiprocessing as tmp
+
+    from tgnstream.core.config import ModelConfig
+    from tgnstream.core.engine import MemoryEngine
+    from tgnstream.core.events import EventBatch
+    from tgnstream.live import LiveEngine, OpenBatch
+    from tgnstream.shared_state import SharedLiveView, StateBoard
+
+    engine = MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 16).eval()
+    engine.ids.lookup(["a", "b", "c", "d"])  # registered up front: no id store grows below
+    live = LiveEngine(engine, "v1")
+    board = StateBoard(engine, "v1", 8, tmp.get_context("spawn"))
+    live.board = board
+    view = SharedLiveView(board.handles, board.layout, board.new_reader_queue())
+    t = [0.0]
+
+    def apply_batch():
+        with live.write() as e:
+            dense, _ = e.ids.lookup(["a", "b"])
+            t[0] += 1
+            times = torch.tensor([t[0]], dtype=torch.float64)
+            e.apply_events(EventBatch(dense[:1], dense[1:], times, torch.zeros(1, 0)))
+            live.open = None
+
+    def publish_open():
+        with live.write(state=False) as e:
+            dense, _ = e.ids.lookup(["c", "d"])
+            times = torch.tensor([t[0]], dtype=torch.float64)
+            live.open = OpenBatch(EventBatch(dense[:1], dense[1:], times, torch.zeros(1, 0)), {0: 1})
+
+    calls = []
+
+    def query(land, after_reads_done):
+        def fn():
+            stamp = view.stamp()  # the query's read of the state
+            calls.append(stamp.events_applied)
+            first = len(calls) == 1
+            if after_reads_done:
+                view.reads_done()
+            if first:
+                land()  # the writer, while this attempt is computing
+            return stamp
+
+        return fn
+
+    stamp = view.consistent(query(apply_batch, after_reads_done=False))
+    assert view.retries == 1 and calls == [0, 1] and stamp.events_applied == 1
+    calls.clear()
+    stamp = view.consistent(query(apply_batch, after_reads_done=True))
+    assert view.retries == 1 and calls == [1], "kept: the batch landed after the reads"
+    calls.clear()
+    stamp = view.consistent(query(publish_open, after_reads_done=False))
+    assert view.retries == 1 and calls == [2], "a new open batch does not cost the attempt"
+    assert stamp.events_applied == 2  # read at the attempt's start: the open batch came after
+    assert view.consistent(view.stamp).events_applied == 3  # the next query sees it
