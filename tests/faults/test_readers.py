@@ -29,9 +29,18 @@ def _gone(pid: int) -> bool:
     return not status.exists() or "zombie" in status.read_text().lower()
 
 
-def _score(server) -> pb.ScoreResponse:
-    with server.channel() as ch:
-        return server.stub(ch).Score(pb.ScoreRequest(pairs=[pb.Pair(src="u1", dst="p1")]), timeout=10)
+def _score(server, attempts: int = 1) -> pb.ScoreResponse:
+    """One Score on a new connection; ``attempts`` > 1 retries UNAVAILABLE as clients should."""
+    for attempt in range(attempts):
+        try:
+            with server.channel() as ch:
+                request = pb.ScoreRequest(pairs=[pb.Pair(src="u1", dst="p1")])
+                return server.stub(ch).Score(request, timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 def test_a_killed_reader_is_restarted_and_a_killed_server_takes_its_readers_along(broker, servers, tmp_path):
@@ -45,9 +54,14 @@ def test_a_killed_reader_is_restarted_and_a_killed_server_takes_its_readers_alon
     server_pid = server.proc.pid
     assert readers[0] in server.children() and readers[1] in server.children()
     os.kill(readers[0], signal.SIGKILL)
-    # The other reader keeps answering new connections meanwhile.
+    deadline = time.monotonic() + 10
+    while not _gone(readers[0]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # The other reader keeps answering meanwhile. (A connection the kernel had already queued
+    # on the dead reader's socket is reset: UNAVAILABLE, which clients retry.)
     for _ in range(5):
-        assert _score(server).state.events_applied == 3000
+        assert _score(server, attempts=3).state.events_applied == 3000
     deadline = time.monotonic() + 30
     while (
         server.metric("tgnstream_reader_restarts_total") != 1 or server.metric("tgnstream_readers_alive") != 2
@@ -60,7 +74,7 @@ def test_a_killed_reader_is_restarted_and_a_killed_server_takes_its_readers_alon
         assert time.monotonic() < deadline, server.log()[-3000:]
         time.sleep(0.2)
     restarted = _reader_pids(server.log())
-    for _ in range(10):  # every connection lands on a working reader
+    for _ in range(10):  # every new connection lands on a working reader
         assert _score(server).state.events_applied == 3000
 
     server.proc.send_signal(signal.SIGKILL)
