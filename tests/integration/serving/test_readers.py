@@ -136,7 +136,10 @@ def test_reader_processes_answer_whole_states_only_while_the_writer_applies_and_
             )  # fmt: skip
             at += k
             time.sleep(rng.random() * 0.02)
-        time.sleep(0.3)  # the last state is answered too
+        deadline = time.monotonic() + 30
+        while not (TOTAL in seen and TOTAL in topk_seen) and not errors:  # the last state is answered too
+            assert time.monotonic() < deadline, "the readers never answered from the final state"
+            time.sleep(0.05)
         done.set()
         for th in threads:
             th.join()
