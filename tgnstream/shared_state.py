@@ -111,15 +111,6 @@ class SharedCandidates:
                 return out
         return None
 
-    def wait(self, generation: int, events: int, timeout_s: float):
-        """``load``, polling until another reader has published that entry (or ``timeout_s``)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            got = self.load(generation, events)
-            if got is not None or time.monotonic() >= deadline:
-                return got
-            time.sleep(0.0005)
-
     def publish(
         self, generation: int, events: int, when: float, nodes: torch.Tensor, z: torch.Tensor
     ) -> bool:
