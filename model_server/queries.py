@@ -284,16 +284,11 @@ class CandidateCache:
             t = state_time(engine)
             nodes = engine.destinations()
             with torch.no_grad():
-                if nodes.numel():
-                    # Copy what the embeddings read (fast), check that it is one state, then
-                    # compute from the copies: a batch applied meanwhile cannot spoil the entry.
-                    inputs = engine.gather_embedding(nodes, _full(nodes.numel(), t, nodes.device))
-                    rows = engine.fetch_memory(inputs.nodes)
-                    valid = live.still_valid()
-                    z = engine.embed_forward(inputs, engine.fold(rows))
-                else:  # no destination yet: an empty ranking, not an error
-                    valid = live.still_valid()
-                    z = torch.zeros(0, embedding_dim(engine), device=nodes.device)
+                # Copy what the embeddings read (fast), check that it is one state, then compute
+                # from the copies: a batch applied meanwhile cannot spoil the entry.
+                inputs, rows = engine.embed_inputs(nodes, _full(nodes.numel(), t, nodes.device))
+                valid = live.still_valid()
+                z = engine.embed_forward(inputs, engine.fold(rows))
             if building and valid:
                 store.publish(live.generation, events, t, nodes, z)
         finally:

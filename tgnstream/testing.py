@@ -8,7 +8,15 @@ from typing import Any
 
 from tgnstream.broker import free_port
 
-__all__ = ["child_pids", "consume_records", "free_port", "serve_config_dict", "StubFetcher", "prefix_answer"]
+__all__ = [
+    "child_pids",
+    "consume_records",
+    "free_port",
+    "serve_config_dict",
+    "StubFetcher",
+    "feed_in_chunks",
+    "prefix_answer",
+]
 
 
 def consume_records(
@@ -105,6 +113,32 @@ class StubFetcher:
 
     def request_commit(self, offsets) -> None:
         pass
+
+
+def feed_in_chunks(
+    loop, values: list[bytes], seed: int = 9, max_chunk: int = 70, max_pause_s: float = 0.0
+) -> None:
+    """Hand the records ``values`` (one partition, offsets 0..) to ``loop._handle`` as the fetch
+    process would, in chunks of random sizes (1..``max_chunk``), with a random pause of up to
+    ``max_pause_s`` after each: arrival timing that must never show in the state."""
+    import random
+
+    import numpy as np
+
+    from tgnstream.ingest.prefetch import FetchedBatch
+
+    rng, total, at = random.Random(seed), len(values), 0
+    while at < total:
+        k = min(rng.randint(1, max_chunk), total - at)
+        loop._handle(
+            FetchedBatch(
+                values[at : at + k], [None] * k, np.zeros(k, np.int32), np.arange(at, at + k),
+                np.full(k, -1), {0: at + k}, {0: total},
+            )
+        )  # fmt: skip
+        at += k
+        if max_pause_s:
+            time.sleep(rng.random() * max_pause_s)
 
 
 def prefix_answer(engine, events, n: int, batch: int, pairs, t: float) -> list[float]:

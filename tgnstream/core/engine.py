@@ -355,9 +355,22 @@ class MemoryEngine(nn.Module):
         can never move an earlier one's time. All state is from before the call either way.
         ``context``/``visible``: see ``gather_embedding``.
         """
-        inputs = self.gather_embedding(nodes, t, context, visible)
-        fresh = self.fold(self.fetch_memory(inputs.nodes), inputs.grad_nodes)
+        inputs, rows = self.embed_inputs(nodes, t, context, visible)
+        fresh = self.fold(rows, inputs.grad_nodes)
         return self.embed_forward(inputs, fresh), fresh
+
+    def embed_inputs(
+        self,
+        nodes: torch.Tensor,
+        t: torch.Tensor,
+        context: EventBatch | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> tuple[EmbeddingInputs, MemoryRows]:
+        """Everything embedding ``nodes [M]`` at ``t [M]`` reads from the state, as copies: the
+        structure (``gather_embedding``) and the memory rows (``fetch_memory``). ``fold`` and
+        ``embed_forward`` then compute from them alone."""
+        inputs = self.gather_embedding(nodes, t, context, visible)
+        return inputs, self.fetch_memory(inputs.nodes)
 
     def pair_features(
         self,

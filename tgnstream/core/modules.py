@@ -116,7 +116,8 @@ class TemporalAttentionEmbedding(nn.Module):
         phi0 = self.time_encoder(torch.zeros(1, device=node_mem.device)).expand(m, -1)
         q = self.q(torch.cat([h_q, phi0], -1)).view(m, self.heads, self.head_dim)
         # Project per node, then gather per edge: K times fewer rows through the matmul.
-        kv = self.kv_node(node_mem).index_select(0, nb_idx.reshape(-1)).view(m, k, -1)
+        # Explicit sizes, not -1: zero queries (a TopK before any event) must reshape too.
+        kv = self.kv_node(node_mem).index_select(0, nb_idx.reshape(-1)).view(m, k, 2 * self.out_dim)
         edge_in = self.time_encoder(nb_dt)
         if nb_feats.shape[-1]:
             edge_in = torch.cat([nb_feats, edge_in], -1)
@@ -130,7 +131,7 @@ class TemporalAttentionEmbedding(nn.Module):
         # Rows with no neighbour would softmax to NaN; give them zero attention instead.
         logits = torch.where(has_nb.view(m, 1, 1), logits, torch.zeros_like(logits))
         weights = self.dropout(torch.softmax(logits, -1)) * has_nb.view(m, 1, 1)
-        attn = torch.einsum("mhk,mkhc->mhc", weights, value).reshape(m, -1)
+        attn = torch.einsum("mhk,mkhc->mhc", weights, value).reshape(m, self.out_dim)
         return self.merge(torch.cat([h_q, attn], -1))
 
 

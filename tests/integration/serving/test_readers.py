@@ -15,7 +15,6 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,7 +23,6 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.prefetch import FetchedBatch
 from tgnstream.ingest.records import RecordDecoder
 from tgnstream.ingest.replay import encode_event
 from tgnstream.live import LiveEngine
@@ -36,7 +34,7 @@ from tgnstream.reader_pool import ReaderPool
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.snapshots import SnapshotConfig
-from tgnstream.testing import StubFetcher, prefix_answer
+from tgnstream.testing import StubFetcher, feed_in_chunks, prefix_answer
 
 BATCH, TOTAL = 40, 1200
 MODEL = ModelConfig.preset("tgn", width=8, pair_features=True, num_neighbors=4)
@@ -124,18 +122,7 @@ def test_reader_processes_answer_whole_states_only_while_the_writer_applies_and_
             th.start()
         for _ in threads:  # connected and answered once: the feed starts with the readers busy
             assert started.acquire(timeout=60)
-        rng = random.Random(9)
-        at = 0
-        while at < TOTAL:
-            k = min(rng.randint(1, 70), TOTAL - at)
-            loop._handle(
-                FetchedBatch(
-                    values[at : at + k], [None] * k, np.zeros(k, np.int32), np.arange(at, at + k),
-                    np.full(k, -1), {0: at + k}, {0: TOTAL},
-                )
-            )  # fmt: skip
-            at += k
-            time.sleep(rng.random() * 0.02)
+        feed_in_chunks(loop, values, max_pause_s=0.02)
         deadline = time.monotonic() + 30
         while not (TOTAL in seen and TOTAL in topk_seen) and not errors:  # the last state is answered too
             assert time.monotonic() < deadline, "the readers never answered from the final state"

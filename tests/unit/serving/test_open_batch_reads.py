@@ -23,7 +23,7 @@ from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server import queries
 from tgnstream.model_server.convert import ScoreQuery
 from tgnstream.snapshots import SnapshotConfig
-from tgnstream.testing import StubFetcher, prefix_answer
+from tgnstream.testing import StubFetcher, feed_in_chunks, prefix_answer
 
 BATCH, TOTAL = 50, 600
 MODEL = ModelConfig.preset("tgn", width=8, pair_features=True, num_neighbors=4)
@@ -65,17 +65,7 @@ def test_every_reply_matches_the_offline_answer_for_its_stamp():
     threads = [threading.Thread(target=reader) for _ in range(3)]
     for th in threads:
         th.start()
-    rng = random.Random(9)
-    at = 0
-    while at < TOTAL:
-        k = min(rng.randint(1, 70), TOTAL - at)
-        loop._handle(
-            FetchedBatch(
-                values[at : at + k], [None] * k, np.zeros(k, np.int32), np.arange(at, at + k), np.full(k, -1),
-                {0: at + k}, {0: TOTAL},
-            )
-        )  # fmt: skip
-        at += k
+    feed_in_chunks(loop, values)
     done.set()
     for th in threads:
         th.join()
