@@ -108,8 +108,9 @@ class ReaderPool:
         if self._layout_queues[index] is not None:
             self.board.drop_reader_queue(self._layout_queues[index])
         layout_queue = self.board.new_reader_queue()
-        with self.live.write():  # a consistent layout to start from; later ones come by queue
-            layout = self.board.layout
+        # The queue exists before the layout is read, so a reallocation in between reaches the
+        # reader by queue; no write section needed (it would invalidate every reader's query).
+        layout = self.board.layout
         proc = self._ctx.Process(
             target=run_reader,
             args=(
