@@ -3,7 +3,9 @@
 A 1-pair query touches a handful of rows, so its cost is the number of tensor ops, not FLOPs;
 this shows which stage to slim. Builds a TGN + pair-features engine (random weights) from the
 first ``--events`` wikipedia events, folds pending messages (as the server does), then times
-each stage over ``--reps`` calls. Writes ``benchmarks/results/score_cost.json``.
+each stage over ``--reps`` calls under ``torch.inference_mode`` (as the server answers). The
+last rows time the whole query with an open batch of ``--open-batch`` events as context, which
+is what a server fed live pays. Writes ``benchmarks/results/score_cost.json``.
 
     python benchmarks/score_cost.py
 """
@@ -37,24 +39,26 @@ def _time_us(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps * 1e6
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--events", type=int, default=50_000)
     p.add_argument("--reps", type=int, default=1000)
     p.add_argument("--pairs", type=int, default=1)
+    p.add_argument("--open-batch", type=int, default=500, help="events of the open batch (context row)")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    data = load_dataset(args.data, limit=args.events)
+    data = load_dataset(args.data, limit=args.events + args.open_batch)
+    open_batch = data.events.slice(args.events, args.events + args.open_batch)
     engine = MemoryEngine(ModelConfig.preset("tgn", pair_features=True), capacity=data.num_nodes).eval()
-    for i in range(0, len(data), 1000):
-        engine.apply_events(data.events.slice(i, i + 1000))
+    for i in range(0, args.events, 1000):
+        engine.apply_events(data.events.slice(i, min(i + 1000, args.events)))
     engine.fold_pending()
     g = torch.Generator().manual_seed(1)
-    src = data.events.src[torch.randint(len(data), (args.pairs,), generator=g)]
-    dst = data.events.dst[torch.randint(len(data), (args.pairs,), generator=g)]
+    src = data.events.src[torch.randint(args.events, (args.pairs,), generator=g)]
+    dst = data.events.dst[torch.randint(args.events, (args.pairs,), generator=g)]
     t = torch.full((args.pairs,), float(engine.watermark), dtype=torch.float64)
     nodes, times = torch.cat([src, dst]), torch.cat([t, t])
     z, _ = engine.embed_with(nodes, times)
@@ -67,6 +71,9 @@ def main() -> int:
         "pair statistics": lambda: pairwise_stats(engine.history, engine.neighbors, src, dst),
         "pair feature encoding": lambda: encode_pair_features(stats, t),
         "decoder": lambda: engine.model.decoder(z[:b], z[b:], pair),
+        f"score with an open batch of {args.open_batch} (total)": lambda: engine.score(
+            src, dst, t, open_batch
+        ),
     }
     rows = {name: _time_us(fn, args.reps) for name, fn in stages.items()}
     width = max(map(len, rows))
@@ -80,7 +87,8 @@ def main() -> int:
             {
                 "benchmark": "score_cost",
                 "pairs": args.pairs,
-                "events_applied": len(data),
+                "events_applied": args.events,
+                "open_batch": args.open_batch,
                 "microseconds_per_call": rows,
                 "hardware": hardware_info(torch.device("cpu")),
             },

@@ -4,6 +4,7 @@ composition root reads settings and builds a ``GrpcConfig``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -104,6 +105,13 @@ class GrpcConfig(BaseModel):
         ge=0.0,
         description="how long TopK may keep using candidate embeddings computed for an older state "
         "version (bounded staleness, for high ingest rates); 0: recomputed for every version (exact)",
+    )
+    topk_candidate_time: Literal["query", "last_change"] = Field(
+        "query",
+        description="when TopK embeds its candidates: 'query' (at the state's watermark, exact, every "
+        "candidate recomputed per applied batch) or 'last_change' (each as of the last change in its "
+        "neighbourhood, so only candidates a batch reached are recomputed; evaluate the model with the "
+        "same setting, README 'TopK candidate times')",
     )
     query_time_slack_s: float = Field(
         86_400.0,

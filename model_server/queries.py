@@ -181,10 +181,13 @@ def _full(n: int, t: float, device: torch.device) -> torch.Tensor:
 # ------------------------------------------------------------------------- candidate cache
 @dataclass(frozen=True)
 class CandidateEmbeddings:
-    """Embeddings of every destination of one state version, at that state's watermark.
+    """Embeddings of every destination of one state version, at that state's watermark (or,
+    with ``last_change`` candidate times, each at the time its neighbourhood last changed).
 
-    key: ``(id(engine), model_version, events_applied)``; time: the watermark used (0.0 before
-    any event); nodes: ``[D]`` sorted int64 ids; z: ``[D, d_emb]``.
+    key: ``(id(engine), model_version, events_applied)``; time: the watermark (0.0 before any
+    event); nodes: ``[D]`` sorted int64 ids; z: ``[D, d_emb]``; signature: ``[D]`` int64 (see
+    ``MemoryEngine.last_change``; ``last_change`` entries only): rows whose signature is the
+    same in a later state need no recomputation.
     """
 
     key: tuple
@@ -192,17 +195,25 @@ class CandidateEmbeddings:
     nodes: torch.Tensor
     z: torch.Tensor
     built_at: float = 0.0  # time.monotonic() when computed
+    signature: torch.Tensor | None = None
 
 
 class CandidateCache:
     """Thread-safe, newest-version-only cache of ``CandidateEmbeddings``. Call under the read
     lock (the key must describe the state being read)."""
 
-    def __init__(self, max_age_s: float = 0.0) -> None:
+    def __init__(self, max_age_s: float = 0.0, candidate_time: str = "query") -> None:
         # max_age_s > 0 lets an entry of an older version of the same engine and model serve
-        # for that long (bounded staleness: under a live feed a rebuild per applied batch would
-        # cost ~45 ms every ~100 ms); 0 keeps replies exact for every version.
+        # for that long (bounded staleness: under a live feed every applied batch would cost a
+        # rebuild); 0 keeps replies exact for every version.
         self.max_age_s = max_age_s
+        # "last_change" embeds each candidate as of its neighbourhood's last change, so a new
+        # version recomputes only the candidates a batch reached (MemoryEngine.candidate_times).
+        if candidate_time not in ("query", "last_change"):
+            raise ValueError(f"candidate_time must be 'query' or 'last_change', got {candidate_time!r}")
+        self.candidate_time = candidate_time
+        self.computed = 0  # candidate embeddings computed here (all kinds of entries)
+        self.reused = 0  # candidate embeddings carried over from an older entry (last_change)
         self._lock = threading.Lock()
         self._entry: CandidateEmbeddings | None = None
         self._building: dict[tuple, Future] = {}
@@ -275,7 +286,12 @@ class CandidateCache:
                 if got is not None:
                     t, nodes, z = got
                     self.shared_hits += 1
-                    return CandidateEmbeddings(key, t, nodes, z, time.monotonic()), True
+                    if self.candidate_time == "query":
+                        return CandidateEmbeddings(key, t, nodes, z, time.monotonic()), True
+                    # The signature that goes with it is the state's, read now: keep the entry
+                    # (as the base of later refreshes) only if the state is still that one.
+                    _, sig = engine.last_change(nodes)
+                    return CandidateEmbeddings(key, t, nodes, z, time.monotonic(), sig), live.still_valid()
                 building = store.lock.acquire(block=False)
                 if building or time.monotonic() >= deadline or not live.still_valid():
                     break  # build it here (or the state moved on: this attempt is lost anyway)
@@ -283,19 +299,46 @@ class CandidateCache:
         try:
             t = state_time(engine)
             nodes = engine.destinations()
-            with torch.no_grad():
+            with torch.inference_mode():
                 # Copy what the embeddings read (fast), check that it is one state, then compute
                 # from the copies: a batch applied meanwhile cannot spoil the entry.
-                inputs, rows = engine.embed_inputs(nodes, _full(nodes.numel(), t, nodes.device))
+                times = engine.candidate_times(nodes, t, self.candidate_time)
+                sig = todo = None
+                if self.candidate_time == "last_change":
+                    _, sig = engine.last_change(nodes)
+                    base, base_rows, kept = self._unchanged(key, nodes, sig)
+                    todo = (~kept).nonzero().squeeze(1)
+                    inputs, rows = engine.embed_inputs(nodes[todo], times[todo])
+                else:
+                    inputs, rows = engine.embed_inputs(nodes, times)
                 valid = live.still_valid()
-                z = engine.embed_forward(inputs, engine.fold(rows))
+                fresh = engine.embed_forward(inputs, engine.fold(rows))
+                if todo is None:
+                    z = fresh
+                else:
+                    z = fresh.new_empty(nodes.numel(), fresh.shape[1])
+                    z[todo] = fresh
+                    if bool(kept.any()):
+                        z[kept] = base.z.index_select(0, base_rows[kept])
+                    self.reused += int(kept.sum())
+                self.computed += int(fresh.shape[0])
             if building and valid:
                 store.publish(live.generation, events, t, nodes, z)
         finally:
             if building:
                 store.lock.release()
         self.builds += 1
-        return CandidateEmbeddings(key, t, nodes, z, time.monotonic()), valid
+        return CandidateEmbeddings(key, t, nodes, z, time.monotonic(), sig), valid
+
+    def _unchanged(self, key: tuple, nodes: torch.Tensor, sig: torch.Tensor):
+        """For ``nodes [D]`` with signatures ``sig [D]``: the kept entry (the base), their rows
+        in it and whether each row can be reused (same engine and model, node and signature)."""
+        base = self._entry
+        if base is None or base.signature is None or base.key[:2] != key[:2] or base.nodes.numel() == 0:
+            return base, torch.zeros_like(nodes), torch.zeros_like(nodes, dtype=torch.bool)
+        rows = torch.searchsorted(base.nodes, nodes).clamp(max=base.nodes.numel() - 1)
+        same = (base.nodes[rows] == nodes) & (base.signature[rows] == sig)
+        return base, rows, same
 
     def warm(self, live: LiveEngine) -> None:
         """Compute the entry for the live state now (e.g. right after a batch is applied), so
@@ -345,12 +388,13 @@ class CacheWarmer(threading.Thread):
 
 
 def _explicit_candidate_embeddings(
-    engine: MemoryEngine, cand: torch.Tensor, cached: CandidateEmbeddings | None, t_c: float
+    engine: MemoryEngine, cand: torch.Tensor, cached: CandidateEmbeddings | None, t_c: float, mode: str
 ) -> torch.Tensor:
-    """``[Q, d_emb]`` embeddings of ``cand [Q]`` at ``t_c``: rows of the warm cache where it has
-    them, the rest computed now (same time, so the reply is the same either way)."""
+    """``[Q, d_emb]`` embeddings of ``cand [Q]`` at their candidate times (``t_c``, or their last
+    change with ``mode="last_change"``): rows of the warm cache where it has them, the rest
+    computed now (same times, so the reply is the same either way)."""
     if cached is None or cached.nodes.numel() == 0:
-        return engine.embed(cand, _full(cand.numel(), t_c, cand.device))
+        return engine.embed(cand, engine.candidate_times(cand, t_c, mode))
     d = cached.nodes.numel()
     rows = torch.searchsorted(cached.nodes, cand).clamp(max=d - 1)
     hit = cached.nodes[rows] == cand
@@ -359,7 +403,7 @@ def _explicit_candidate_embeddings(
     z = cached.z.new_empty(cand.numel(), cached.z.shape[1])
     z[hit] = cached.z[rows[hit]]
     miss = (~hit).nonzero().squeeze(1)
-    z[miss] = engine.embed(cand[miss], _full(miss.numel(), t_c, cand.device))
+    z[miss] = engine.embed(cand[miss], engine.candidate_times(cand[miss], t_c, mode))
     return z
 
 
@@ -371,7 +415,7 @@ def _group_by_time(times: list[float]) -> dict[float, list[int]]:
     return groups
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_batch(live: LiveEngine, qs: list[ScoreQuery]) -> list[ScoreResult | BaseException]:
     """``MemoryEngine.score`` of every pair of every query (one result per query), under one
     read lock: one engine call per distinct query time (a call embeds each node once, at its
@@ -431,7 +475,7 @@ def _one(results: list):
     return r
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def top_k_batch(
     live: LiveEngine, qs: list[TopKQuery], cache: CandidateCache
 ) -> list[TopKResult | BaseException]:
@@ -569,7 +613,7 @@ def _top_k_explicit(
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise RequestError(f"unknown candidate ids with strict=true: {', '.join(map(repr, bad[:5]))}{more}")
     cached = cache.peek(cache.key(live, engine), exact=True)
-    z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine))
+    z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine), cache.candidate_time)
     qn = cand.numel()
     logits = _rank(engine, src, t, cand, z_c, live.context)[0]  # [Q]
     _finite_or_raise(logits, "topk")
@@ -591,7 +635,7 @@ def _top_k_explicit(
     return TopKResult(ids, probs, cand_unknown[pos].tolist(), src_unk, stamp)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def embed(live: LiveEngine, q: EmbedQuery) -> EmbedResult:
     """``MemoryEngine.embed`` of every node at one time (default: the watermark)."""
     with live.read() as engine:

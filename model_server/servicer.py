@@ -57,7 +57,9 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
         self._metrics = metrics
         self._nonfinite_logged = 0
         self.cache = (
-            cache if cache is not None else queries.CandidateCache(config.topk_cache_max_age_ms / 1000)
+            cache
+            if cache is not None
+            else queries.CandidateCache(config.topk_cache_max_age_ms / 1000, config.topk_candidate_time)
         )
         # Concurrent Score requests, and TopK requests over the default candidates, share
         # engine calls (see coalesce.py). A batch runs at a time per kind; other requests

@@ -155,7 +155,8 @@ class MemoryEngine(nn.Module):
         """Copy the memory, pending message and PRES statistics of ``nodes [U]`` (sorted, unique)."""
         mem = self.memory
         pending = mem.has_mail[nodes].nonzero().squeeze(1)
-        ids = nodes[pending]
+        # Nothing pending (a server folds after every batch): empty rows without four gathers.
+        ids = nodes[pending] if pending.numel() else nodes[:0]
         pres = self.pres
         return MemoryRows(
             nodes=nodes,
@@ -205,7 +206,10 @@ class MemoryEngine(nn.Module):
             nb_dt=(t_u.unsqueeze(1) - nb_ts).clamp(min=0),
             nb_feats=nb_feats,
             mask=mask,
-            grad_nodes=None if self.config.neighbor_memory_grad else torch.unique(query_nodes),
+            # Only a fold with autograd on reads grad_nodes (serving skips the unique).
+            grad_nodes=None
+            if self.config.neighbor_memory_grad or not torch.is_grad_enabled()
+            else torch.unique(query_nodes),
         )
 
     def _gather_with_batch_neighbors(
@@ -424,6 +428,37 @@ class MemoryEngine(nn.Module):
         ``context``: a not-yet-applied batch every query sees whole (serving's open batch)."""
         return torch.sigmoid(self.logits(src, dst, t, context, _sees_all(context, src.numel()))[0])
 
+    def last_change(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """When what each node's embedding reads last changed, for ``nodes [Q]``: ``times [Q]``
+        float64, the newest event time of the node and of its table neighbours (-inf: no event
+        yet), and ``signature [Q]`` int64, the events of the same nodes counted, which grows
+        whenever any of those inputs changes (memory, mail, neighbour rows and PRES statistics
+        only change through a node's events, and a row's neighbours only through its own)."""
+        nb = self.neighbors
+        ids = nb.ids[nodes]
+        present = ids >= 0
+        safe = ids.clamp(min=0)
+        around = torch.where(present, nb.latest(safe), torch.full_like(nb.ts[nodes], float("-inf")))
+        times = torch.maximum(nb.latest(nodes), around.amax(-1))
+        signature = nb.count[nodes] + torch.where(present, nb.count[safe], 0).sum(-1)
+        return times, signature
+
+    def candidate_times(self, candidates: torch.Tensor, t_c: float, mode: str = "query") -> torch.Tensor:
+        """Times ``[Q]`` float64 at which ``candidates [Q]`` are embedded for ranking.
+
+        ``"query"``: all at ``t_c`` (exact: what a query at ``t_c`` sees). ``"last_change"``: each
+        at ``last_change`` (``t_c`` for a node without events), so a candidate whose
+        neighbourhood did not change keeps its embedding and a cache refreshes only the others.
+        """
+        q = candidates.numel()
+        at_query = torch.full((q,), t_c, dtype=torch.float64, device=candidates.device)
+        if mode == "query":
+            return at_query
+        if mode != "last_change":
+            raise ValueError(f"candidate time mode must be 'query' or 'last_change', got {mode!r}")
+        times, _ = self.last_change(candidates)
+        return torch.where(torch.isfinite(times), times, at_query)
+
     @torch.no_grad()
     def rank_logits(
         self,
@@ -433,11 +468,13 @@ class MemoryEngine(nn.Module):
         t_candidates: float | None = None,
         context: EventBatch | None = None,
         visible: torch.Tensor | None = None,
+        candidate_time: str = "query",
     ) -> torch.Tensor:
         """Logits ``[P, Q]`` of each source ``src [P]`` (at its time ``t [P]``) against every
         candidate ``[Q]``. Candidate embeddings are computed once, at ``t_candidates`` (default:
-        the earliest of ``t``), as a TopK query issued at that time would; pair features use
-        each source's own time (and ``context``/``visible`` as in ``logits``)."""
+        the earliest of ``t``), as a TopK query issued at that time would (``candidate_time``:
+        see ``candidate_times``); pair features use each source's own time (and
+        ``context``/``visible`` as in ``logits``)."""
         self._check_ids(src, candidates)
         t_c = float(t.min()) if t_candidates is None else t_candidates
         q = candidates.numel()
@@ -447,7 +484,7 @@ class MemoryEngine(nn.Module):
             vis = torch.cat([visible, torch.zeros(q, dtype=visible.dtype, device=visible.device)])
         z, _ = self.embed_with(
             torch.cat([src, candidates]),
-            torch.cat([t, torch.full((q,), t_c, dtype=torch.float64, device=t.device)]),
+            torch.cat([t, self.candidate_times(candidates, t_c, candidate_time).to(t.device)]),
             context,
             vis,
         )
@@ -498,11 +535,13 @@ class MemoryEngine(nn.Module):
         """Reject negative ids; make room for new ones, which read as cold-start nodes (zero
         memory, no neighbours, no history). Growing reallocates state buffers, so a concurrent
         server must call this under its write lock (or pre-size the capacity)."""
-        for x in tensors:
-            if x.numel() and (int(x.min()) < 0):
-                raise ValueError("node ids must be non-negative")
-            if x.numel():
-                self.ensure_capacity(int(x.max()) + 1)
+        ids = [x.reshape(-1) for x in tensors if x.numel()]
+        if not ids:
+            return
+        lo, hi = torch.aminmax(torch.cat(ids) if len(ids) > 1 else ids[0])
+        if int(lo) < 0:
+            raise ValueError("node ids must be non-negative")
+        self.ensure_capacity(int(hi) + 1)
 
     @torch.no_grad()
     def fold_pending(self) -> int:

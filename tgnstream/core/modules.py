@@ -57,6 +57,10 @@ class TimeEncoder(nn.Module):
     def forward(self, dt: torch.Tensor) -> torch.Tensor:
         return torch.cos(bounded_gap(dt).unsqueeze(-1) * self.w + self.b)
 
+    def at_zero(self) -> torch.Tensor:
+        """``phi(0)`` as ``[1, d]``: ``cos(0 * w + b)`` is exactly ``cos(b)``, in one op."""
+        return torch.cos(self.b).unsqueeze(0)
+
 
 class IdentityMessage(nn.Module):
     """Message = raw mail ``[s_self, s_other, e]`` concatenated with phi(dt).
@@ -113,7 +117,7 @@ class TemporalAttentionEmbedding(nn.Module):
     def forward(self, node_mem, q_idx, nb_idx, nb_dt, nb_feats, mask):
         m, k = nb_idx.shape
         h_q = node_mem.index_select(0, q_idx)
-        phi0 = self.time_encoder(torch.zeros(1, device=node_mem.device)).expand(m, -1)
+        phi0 = self.time_encoder.at_zero().expand(m, -1)
         q = self.q(torch.cat([h_q, phi0], -1)).view(m, self.heads, self.head_dim)
         # Project per node, then gather per edge: K times fewer rows through the matmul.
         # Explicit sizes, not -1: zero queries (a TopK before any event) must reshape too.

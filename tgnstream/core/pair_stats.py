@@ -42,10 +42,6 @@ def _latest(nb_ids: torch.Tensor, nb_ts: torch.Tensor) -> torch.Tensor:
     return torch.where(nb_ids >= 0, nb_ts, torch.full_like(nb_ts, _NEG_INF)).amax(-1)
 
 
-def _table_latest(neighbors: RecentNeighbors, nodes: torch.Tensor) -> torch.Tensor:
-    return _latest(neighbors.ids[nodes], neighbors.ts[nodes])
-
-
 # Above this many [*, K, K] comparison cells the loop below is used instead (bounded memory).
 _COMMON_DENSE_CELLS = 1 << 22
 
@@ -147,8 +143,8 @@ def ranking_stats(
     """
     u, v = src.unsqueeze(1), candidates.unsqueeze(0)
     count, last = _history(history, u, v)
-    latest_u = _table_latest(neighbors, src).unsqueeze(1).expand_as(last).clone()
-    latest_v = _table_latest(neighbors, candidates).unsqueeze(0).expand_as(last).clone()
+    latest_u = neighbors.latest(src).unsqueeze(1).expand_as(last).clone()
+    latest_v = neighbors.latest(candidates).unsqueeze(0).expand_as(last).clone()
     if context is not None and len(context):
         p_n, q_n = src.numel(), candidates.numel()
         cs, cd, ct = context.src, context.dst, context.t

@@ -106,14 +106,24 @@ class TemporalStep:
         return self.score(self.fetch(self.gather(batch, neg_dst)))
 
     def rank(
-        self, batch: EventBatch, candidates: torch.Tensor, pick: torch.Tensor | None = None
+        self,
+        batch: EventBatch,
+        candidates: torch.Tensor,
+        pick: torch.Tensor | None = None,
+        candidate_time: str = "query",
     ) -> torch.Tensor:
         """Ranking logits ``[P, Q]`` of the events ``pick [P]`` (default: all) of a not-yet-applied
-        batch against ``candidates [Q]``, with the same state and visibility as ``score``."""
+        batch against ``candidates [Q]``, with the same state and visibility as ``score``
+        (``candidate_time``: see ``MemoryEngine.candidate_times``)."""
         if pick is None:
             pick = torch.arange(len(batch), device=batch.t.device)
         return self.engine.rank_logits(
-            batch.src[pick], batch.t[pick], candidates, context=batch, visible=pick
+            batch.src[pick],
+            batch.t[pick],
+            candidates,
+            context=batch,
+            visible=pick,
+            candidate_time=candidate_time,
         )
 
     def score_candidates(self, batch: EventBatch, candidates: torch.Tensor) -> torch.Tensor:

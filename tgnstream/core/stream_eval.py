@@ -23,6 +23,9 @@ class EvalSettings:
     rank_all_max: rank against every destination when there are at most this many, else
         against ``sampled_negatives`` (half historical, half uniform) per positive.
     rank: compute MRR/hits@10 (costly) or only AP/AUC.
+    candidate_time: when ranking against every destination, the time candidates are embedded
+        at: ``"query"`` (the batch start, exact) or ``"last_change"`` (what a server with
+        ``grpc.topk_candidate_time: last_change`` answers; see ``MemoryEngine.candidate_times``).
     """
 
     batch_size: int = 200
@@ -31,6 +34,7 @@ class EvalSettings:
     sampled_negatives: int = 100
     seed: int = 12345
     progress: bool = False
+    candidate_time: str = "query"
 
 
 @torch.no_grad()
@@ -63,7 +67,7 @@ def evaluate_stream(
         neg_all.append(scored.neg.cpu())
         if settings.rank:
             if rank_all:
-                scores = step.rank(batch, rank_pool)
+                scores = step.rank(batch, rank_pool, candidate_time=settings.candidate_time)
                 col = torch.searchsorted(rank_pool, batch.dst)
                 rows = torch.arange(b, device=dev)
                 pos_s = scores[rows, col]

@@ -1,0 +1,117 @@
+"""TopK candidates embedded as of their neighbourhood's last change (``topk_candidate_time:
+last_change``): the times and signatures against a naive per-event reference, embeddings that
+do not change while the signature does not, and a cache that recomputes only what changed yet
+answers like a from-scratch ranking."""
+
+from __future__ import annotations
+
+import torch
+
+from tgnstream.live import LiveEngine
+from tgnstream.model_server import queries
+from tgnstream.model_server.convert import TopKQuery
+
+from .conftest import BATCH, make_engine, make_stream, node_name
+
+
+def _naive_last_change(stream, upto: int, num_nodes: int, k: int):
+    """Per node: the newest event time of it and of its K most recent partners, and the events of
+    the same nodes counted (a partner repeated in the K counts once per slot), by a plain loop."""
+    entries: list[list[tuple[int, float]]] = [[] for _ in range(num_nodes)]
+    for i in range(upto):
+        s, d, t = int(stream.src[i]), int(stream.dst[i]), float(stream.t[i])
+        entries[s].append((d, t))
+        entries[d].append((s, t))
+    latest = [max((t for _, t in e), default=float("-inf")) for e in entries]
+    times, sig = [], []
+    for n in range(num_nodes):
+        recent = entries[n][-k:]
+        times.append(max([latest[n]] + [latest[p] for p, _ in recent]))
+        sig.append(len(entries[n]) + sum(len(entries[p]) for p, _ in recent))
+    return torch.tensor(times, dtype=torch.float64), torch.tensor(sig)
+
+
+def test_last_change_matches_a_naive_per_event_reference():
+    stream = make_stream()
+    engine = make_engine()
+    n = len(engine.ids)
+    engine.ensure_capacity(n)
+    nodes = torch.arange(n)
+    done = 0
+    for upto in (0, BATCH, 3 * BATCH, len(stream)):
+        for i in range(done, upto, BATCH):
+            engine.apply_events(stream.slice(i, min(i + BATCH, upto)))
+        done = upto
+        times, sig = engine.last_change(nodes)
+        want_t, want_sig = _naive_last_change(stream, upto, n, engine.neighbors.k)
+        assert torch.equal(times, want_t), upto
+        assert torch.equal(sig, want_sig), upto
+
+
+def _feed_to(engine, stream, upto):
+    for i in range(0, upto, BATCH):
+        engine.apply_events(stream.slice(i, min(i + BATCH, upto)))
+
+
+def test_an_unchanged_signature_means_an_unchanged_embedding():
+    stream = make_stream()
+    engine = make_engine()
+    previous = None
+    kept_total = changed_total = 0
+    for upto in range(BATCH, len(stream) + 1, BATCH):
+        engine.apply_events(stream.slice(upto - BATCH, upto))
+        nodes = engine.destinations()
+        _, sig = engine.last_change(nodes)
+        z = engine.embed(nodes, engine.candidate_times(nodes, float(engine.watermark), "last_change"))
+        if previous is not None:
+            p_nodes, p_sig, p_z = previous
+            rows = torch.searchsorted(p_nodes, nodes).clamp(max=p_nodes.numel() - 1)
+            same = (p_nodes[rows] == nodes) & (p_sig[rows] == sig)
+            kept_total += int(same.sum())
+            changed_total += int((~same).sum())
+            # Same inputs and time: the same embedding (to float rounding of a different batch).
+            assert torch.allclose(z[same], p_z[rows[same]], atol=1e-6)
+        previous = nodes, sig, z
+    assert kept_total > 0 and changed_total > 0
+
+
+def test_the_cache_recomputes_only_changed_candidates_and_answers_like_a_full_ranking():
+    stream = make_stream()
+    engine = make_engine()
+    _feed_to(engine, stream, 400)
+    live = LiveEngine(engine, "v-test", {0: 400})
+    cache = queries.CandidateCache(candidate_time="last_change")
+    first = cache.get(live, engine)
+    d0 = first.nodes.numel()
+    assert cache.computed == d0 and cache.reused == 0
+    with live.write() as e:
+        e.apply_events(stream.slice(400, 420))  # a small batch reaches few neighbourhoods
+    second = cache.get(live, engine)
+    assert second is not first
+    assert cache.reused > 0, "nothing carried over"
+    assert cache.computed - d0 < second.nodes.numel(), "every candidate recomputed"
+    # The entry is what embedding every candidate from scratch at its last change gives.
+    t = float(engine.watermark)
+    full = engine.embed(second.nodes, engine.candidate_times(second.nodes, t, "last_change"))
+    assert torch.allclose(second.z, full, atol=1e-6)
+    # And TopK through the cache ranks like MemoryEngine.rank_logits with the same setting.
+    for user in range(6):
+        reply = queries.top_k(live, TopKQuery(node_name(user), 5, None, False, None, False), cache)
+        s = torch.tensor([user])
+        logits = engine.rank_logits(
+            s, torch.tensor([t], dtype=torch.float64), second.nodes, t, candidate_time="last_change"
+        )[0]
+        want = second.nodes[torch.topk(logits, 5).indices]
+        assert reply.ids == [node_name(i) for i in want.tolist()]
+
+
+def test_query_mode_is_unchanged_by_the_setting_default():
+    stream = make_stream()
+    engine = make_engine()
+    _feed_to(engine, stream, 600)
+    nodes = engine.destinations()
+    t = float(engine.watermark)
+    at_query = engine.candidate_times(nodes, t)
+    assert torch.equal(at_query, torch.full_like(at_query, t))
+    later = engine.candidate_times(nodes, t, "last_change")
+    assert bool((later <= t).all()) and bool((later < t).any())
