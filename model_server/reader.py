@@ -57,7 +57,7 @@ def run_reader(
     status = health_pb2.HealthCheckResponse
     was_ready = None
     next_metrics = 0.0
-    counted = [0, 0, 0, 0]  # retries, fallbacks, cache builds, cache copies already counted
+    counted = [0] * 6  # retries, fallbacks, cache builds, copies, candidates computed, reused
     try:
         while not view.stopping and os.getppid() == parent_pid:
             ready = view.ready
@@ -66,11 +66,21 @@ def run_reader(
                 was_ready = ready
             now = time.monotonic()
             if now >= next_metrics:
-                now_counts = [view.retries, view.fallbacks, servicer.cache.builds, servicer.cache.shared_hits]
+                cache = servicer.cache
+                now_counts = [
+                    view.retries,
+                    view.fallbacks,
+                    cache.builds,
+                    cache.shared_hits,
+                    cache.computed,
+                    cache.reused,
+                ]
                 metrics.reader_retries.inc(now_counts[0] - counted[0])
                 metrics.reader_fallbacks.inc(now_counts[1] - counted[1])
                 metrics.topk_cache_entries.labels("computed").inc(now_counts[2] - counted[2])
                 metrics.topk_cache_entries.labels("shared").inc(now_counts[3] - counted[3])
+                metrics.topk_candidates_embedded.labels("computed").inc(now_counts[4] - counted[4])
+                metrics.topk_candidates_embedded.labels("reused").inc(now_counts[5] - counted[5])
                 counted = now_counts
                 metrics_queue.put((index, reader_families(metrics.registry)))
                 next_metrics = now + metrics_interval_s

@@ -185,6 +185,13 @@ class ServerMetrics:
             ["source"],
             registry=r,
         )
+        self.topk_candidates_embedded = Counter(
+            "tgnstream_topk_candidates_embedded_total",
+            "Candidate embeddings in the TopK entries a reader process computed: computed now, or "
+            "reused from its previous entry (grpc.topk_candidate_time=last_change)",
+            ["how"],
+            registry=r,
+        )
         self.reader_restarts = Counter(
             "tgnstream_reader_restarts_total", "Reader processes that died and were restarted", registry=r
         )
@@ -198,6 +205,7 @@ _READER_PREFIXES = (
     "tgnstream_reader_retries",
     "tgnstream_reader_fallbacks",
     "tgnstream_topk_cache_entries",
+    "tgnstream_topk_candidates_embedded",
 )
 _READER_NONFINITE = "tgnstream_nonfinite"
 

@@ -115,3 +115,36 @@ def test_query_mode_is_unchanged_by_the_setting_default():
     assert torch.equal(at_query, torch.full_like(at_query, t))
     later = engine.candidate_times(nodes, t, "last_change")
     assert bool((later <= t).all()) and bool((later < t).any())
+
+
+def test_an_entry_copied_from_another_reader_is_a_base_for_later_refreshes():
+    """With reader processes one reader publishes a state's entry and another copies it; the
+    copy gets the state's signatures, so the copying reader's next refresh reuses its rows."""
+    import multiprocessing
+
+    from tgnstream.shared_state import SharedCandidates
+
+    stream = make_stream()
+    engine = make_engine()
+    _feed_to(engine, stream, 400)
+    store = SharedCandidates(
+        64, engine.config.embedding_dim, torch.device("cpu"), multiprocessing.get_context()
+    )
+    builder_live, copier_live = (LiveEngine(engine, "v-test", {0: 400}) for _ in range(2))
+    for live in (builder_live, copier_live):
+        live.candidate_store = store
+    builder = queries.CandidateCache(candidate_time="last_change")
+    copier = queries.CandidateCache(candidate_time="last_change")
+    built = builder.get(builder_live, engine)
+    copied = copier.get(copier_live, engine)
+    assert copier.shared_hits == 1 and copier.computed == 0
+    assert torch.equal(copied.z, built.z) and copied.signature is not None
+    with copier_live.write() as e:
+        e.apply_events(stream.slice(400, 420))
+    store.meta[1] = -1  # nothing to copy for the new state: the copier builds it itself
+    refreshed = copier.get(copier_live, engine)
+    assert copier.reused > 0 and copier.computed < refreshed.nodes.numel()
+    full = engine.embed(
+        refreshed.nodes, engine.candidate_times(refreshed.nodes, float(engine.watermark), "last_change")
+    )
+    assert torch.allclose(refreshed.z, full, atol=1e-6)
