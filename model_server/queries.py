@@ -37,7 +37,6 @@ import torch
 
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.core.modules import encode_pair_features
 from tgnstream.core.pair_stats import ranking_stats
 from tgnstream.live import LiveEngine, StateStamp
 from tgnstream.model_server.convert import EmbedQuery, RequestError, ScoreQuery, TopKQuery
@@ -534,7 +533,7 @@ def _rank_inputs(
 
 def _rank_from(engine: MemoryEngine, z_s, z_c, stats, t_src) -> torch.Tensor:
     """Logits ``[P, Q]`` from ``_rank_inputs`` and candidate embeddings ``z_c [Q, d]`` (weights only)."""
-    pair = None if stats is None else encode_pair_features(stats, t_src.unsqueeze(1))
+    pair = None if stats is None else engine.encode_pairs(stats, t_src.unsqueeze(1))
     return engine.model.decoder.rank(z_s, z_c, pair)
 
 

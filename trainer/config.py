@@ -20,6 +20,9 @@ class OfflineTrainConfig(BaseSettings):
     out: Path = Field(description="output directory for checkpoint.pt and results.json")
     model: Literal["tgn", "jodie"] = "tgn"
     pair_features: bool = False
+    activity_features: bool = Field(
+        False, description="see ModelConfig.activity_features (needs pair_features)"
+    )
     fold_once: bool = Field(True, description="see ModelConfig.fold_once")
     time_encoding: Literal["fixed", "learned"] = Field("fixed", description="see ModelConfig.time_encoding")
     epochs: int = Field(50, ge=1, description="maximum epochs")
@@ -47,6 +50,17 @@ class OfflineTrainConfig(BaseSettings):
         le=1,
         description="share of training negatives drawn from the source's recent neighbours "
         "(default 0.5 with pair features, else 0)",
+    )
+    negatives: int = Field(
+        1,
+        ge=1,
+        description="negative destinations per training event (historical share: neg_historical_ratio)",
+    )
+    ranking_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the listwise loss term: softmax cross-entropy of each positive among its "
+        "negatives (with negatives > 1; MRR is a ranking metric, BCE scores pairs one by one)",
     )
     batch_neighbors: bool = Field(False, description="see ModelConfig.batch_neighbors")
     pres: bool = Field(

@@ -18,7 +18,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import TemporalDataset
 from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.step import TemporalStep
-from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
+from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, inductive_mask, summarise
 from tgnstream.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
 from tgnstream.trainer.pipeline import PipelinedBatches, SequentialBatches, StalenessStats
@@ -55,13 +55,24 @@ def make_batches(
     pipeline_depth: int | None = None,
     mitigation: float | None = 0.9,
     eager_fetch: bool = False,
+    negatives: int = 1,
 ) -> SequentialBatches | PipelinedBatches:
     """An epoch's batches over events ``[0, stop)``: inline (``pipeline_depth=None``) or from a
-    producer thread whose memory reads miss at most ``pipeline_depth`` write-backs."""
+    producer thread whose memory reads miss at most ``pipeline_depth`` write-backs; ``negatives``
+    destinations sampled per event."""
     if pipeline_depth is None:
-        return SequentialBatches(step, data, stop, batch_size, sampler, historical_ratio)
+        return SequentialBatches(step, data, stop, batch_size, sampler, historical_ratio, negatives)
     return PipelinedBatches(
-        step, data, stop, batch_size, sampler, historical_ratio, pipeline_depth, mitigation, eager_fetch
+        step,
+        data,
+        stop,
+        batch_size,
+        sampler,
+        historical_ratio,
+        pipeline_depth,
+        mitigation,
+        eager_fetch,
+        negatives=negatives,
     )
 
 
@@ -146,14 +157,6 @@ def register_dataset_ids(engine: MemoryEngine, data: TemporalDataset) -> None:
         raise ValueError("dataset ids are not distinct")
 
 
-def _inductive_mask(data: TemporalDataset, train_stop: int, start: int, stop: int) -> torch.Tensor:
-    seen = torch.zeros(data.num_nodes, dtype=torch.bool)
-    seen[data.events.src[:train_stop]] = True
-    seen[data.events.dst[:train_stop]] = True
-    src, dst = data.events.src[start:stop], data.events.dst[start:stop]
-    return ~seen[src] | ~seen[dst]
-
-
 def train_offline(
     data: TemporalDataset, cfg: OfflineTrainConfig, model_cfg: ModelConfig, device: torch.device
 ) -> OfflineResult:
@@ -172,7 +175,7 @@ def train_offline(
     metric = cfg.selection_metric
     val_settings = EvalSettings(batch_size=cfg.eval_batch_size, rank=(metric == "mrr"), progress=cfg.progress)
 
-    step = TemporalStep(engine, cfg.pres_beta)
+    step = TemporalStep(engine, cfg.pres_beta, cfg.ranking_weight)
     staleness = StalenessStats()
     optimizer_steps = 0
 
@@ -191,6 +194,7 @@ def train_offline(
             cfg.pipeline_depth,
             cfg.pipeline_mitigation,
             cfg.pipeline_eager_fetch,
+            cfg.negatives,
         )
         loss = run_epoch(step, batches, optimizer, cfg.progress, desc=f"epoch {epoch}")
         secs = time.perf_counter() - t0
@@ -234,7 +238,7 @@ def train_offline(
     test_settings = EvalSettings(batch_size=cfg.eval_batch_size, rank=True, progress=cfg.progress)
     scores = evaluate_stream(engine, data, test_start, len(data), test_settings)
     register_dataset_ids(engine, data)
-    inductive = _inductive_mask(data, val_start, test_start, len(data))
+    inductive = inductive_mask(data, val_start, test_start, len(data))
     epochs_run = len(history)
     results = {
         "dataset": data.name,
@@ -253,6 +257,7 @@ def train_offline(
         "wall_seconds_to_best_val": history[best_epoch - 1]["wall_seconds"],
         "optimizer_steps": best_steps,
         "staleness": staleness.as_dict(),
+        "protocol": test_settings.describe(data),
         "test": {"transductive": summarise(scores), "inductive": summarise(scores, inductive)},
         "hardware": hardware_info(device),
         "history": history,

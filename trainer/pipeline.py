@@ -114,9 +114,12 @@ class _EpochBatches:
         batch_size: int,
         sampler: NegativeSampler,
         historical_ratio: float,
+        negatives: int = 1,
     ):
+        if negatives < 1:
+            raise ValueError(f"negatives per event must be >= 1, got {negatives}")
         self.step, self.data, self.stop, self.batch_size = step, data, stop, batch_size
-        self.sampler, self.historical_ratio = sampler, historical_ratio
+        self.sampler, self.historical_ratio, self.negatives = sampler, historical_ratio, negatives
         self.staleness = StalenessStats()
 
     def __len__(self) -> int:
@@ -127,7 +130,9 @@ class _EpochBatches:
         negatives and structure read the state before the batch."""
         engine = self.step.engine
         batch = self.data.events.slice(start, min(start + self.batch_size, self.stop)).to(engine.device)
-        neg = self.sampler.sample(batch.src, 1, self.historical_ratio, engine.neighbors, exclude=batch.dst)
+        neg = self.sampler.sample(
+            batch.src, self.negatives, self.historical_ratio, engine.neighbors, exclude=batch.dst
+        )  # [B] for one negative per event, else [B, negatives]
         return self.step.gather(batch, neg)
 
 
@@ -175,13 +180,14 @@ class PipelinedBatches(_EpochBatches):
         mitigation: float | None = 0.9,
         eager_fetch: bool = False,
         threads: int | None = None,
+        negatives: int = 1,
     ):
         if depth < 0:
             raise ValueError(f"pipeline depth must be >= 0, got {depth}")
         engine = step.engine
         if int(data.events.src.max()) >= engine.capacity or int(data.events.dst.max()) >= engine.capacity:
             raise ValueError("the pipeline needs the engine's capacity reserved for every node up front")
-        super().__init__(step, data, stop, batch_size, sampler, historical_ratio)
+        super().__init__(step, data, stop, batch_size, sampler, historical_ratio, negatives)
         self.depth, self.mitigation, self.eager_fetch = depth, mitigation, eager_fetch
         self.threads = threads
         self._queue: queue.Queue = queue.Queue(maxsize=1)

@@ -36,6 +36,12 @@ class ModelConfig(BaseModel):
     pair_features: bool = Field(
         False, description="decoder also sees past u-v count, time since last u-v event, common neighbours"
     )
+    activity_features: bool = Field(
+        False,
+        description="with pair_features: the decoder also sees each endpoint's own recency (time since "
+        "its latest interaction with anyone) and popularity (its number of interactions), also for "
+        "pairs that never met: what ranks a source's many unseen candidates",
+    )
     neighbor_memory_grad: bool = Field(
         True,
         description="backpropagate through the memory folds of neighbour-only nodes (TGN does); "

@@ -386,7 +386,11 @@ class MemoryEngine(nn.Module):
     ) -> torch.Tensor:
         """Pair features ``[N, F]`` of pairs ``u, v, t`` (``[N]``); see ``pair_stats``."""
         stats = pairwise_stats(self.history, self.neighbors, u, v, context, visible)
-        return encode_pair_features(stats, t)
+        return self.encode_pairs(stats, t)
+
+    def encode_pairs(self, stats, t: torch.Tensor) -> torch.Tensor:
+        """``encode_pair_features`` with this model's settings: ``[*, F]``."""
+        return encode_pair_features(stats, t, self.config.activity_features)
 
     # ------------------------------------------------------------------------------ scoring
     def logits(
@@ -492,7 +496,7 @@ class MemoryEngine(nn.Module):
         pair = None
         if self.config.pair_features:
             stats = ranking_stats(self.history, self.neighbors, src, candidates, context, visible)
-            pair = encode_pair_features(stats, t.unsqueeze(1))
+            pair = self.encode_pairs(stats, t.unsqueeze(1))
         return self.model.decoder.rank(z_src, z_c, pair)
 
     @torch.no_grad()

@@ -1,13 +1,31 @@
 """Link-prediction metrics: AP and ROC-AUC (one negative per positive), MRR and hits@k (ranking).
 
 All functions are pure and accept CPU or device tensors; they return Python floats or CPU tensors.
+Scores are ``[*]`` floats, or ``[*, J]`` keys compared lexicographically (a heuristic that breaks
+ties of its first key by a second one, e.g. pair recency then destination recency): key 0
+decides, key 1 breaks its ties, and so on; equal in every key is a tie.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["average_precision", "roc_auc", "reciprocal_ranks", "ranking_metrics"]
+__all__ = ["average_precision", "roc_auc", "reciprocal_ranks", "ranking_metrics", "as_scalar_scores"]
+
+
+def as_scalar_scores(*scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Scalar scores ``[*]`` with the same order as the given ones, jointly comparable: the
+    tensors themselves when they are scalar (``[*]``), else the dense lexicographic rank of each
+    key row ``[*, J]`` among all rows of all tensors (float64)."""
+    if all(s.dim() <= 1 for s in scores):
+        return scores
+    flat = [s.detach().double().reshape(-1, s.shape[-1]).cpu() for s in scores]
+    _, rank = torch.unique(torch.cat(flat), dim=0, return_inverse=True)  # rows sorted lexicographically
+    out, at = [], 0
+    for s, f in zip(scores, flat):
+        out.append(rank[at : at + f.shape[0]].double().reshape(s.shape[:-1]))
+        at += f.shape[0]
+    return tuple(out)
 
 
 def _sorted_by_score(scores: torch.Tensor, labels: torch.Tensor):
@@ -24,6 +42,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
     Matches ``sklearn.metrics.average_precision_score``.
     """
+    (scores,) = as_scalar_scores(scores)
     s, y = _sorted_by_score(scores, labels)
     n_pos = float(y.sum())
     if n_pos == 0:
@@ -42,6 +61,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the ROC curve: P(score_pos > score_neg) + 0.5 P(tie)."""
+    (scores,) = as_scalar_scores(scores)
     scores = scores.detach().double().flatten().cpu()
     labels = labels.detach().flatten().cpu().bool()
     n_pos = int(labels.sum())
@@ -60,21 +80,40 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def reciprocal_ranks(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
+def reciprocal_ranks(
+    pos_scores: torch.Tensor, neg_scores: torch.Tensor, present: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reciprocal rank of each positive among its own negatives; ties count half (TGB).
 
     Args:
-        pos_scores: ``[P]`` score of each positive.
-        neg_scores: ``[P, Q]`` scores of the Q negatives of each positive. Entries that are
-            ``-inf`` are treated as absent candidates (e.g. padding).
+        pos_scores: ``[P]`` score of each positive (or ``[P, J]`` lexicographic keys).
+        neg_scores: ``[P, Q]`` scores of the Q negatives of each positive (or ``[P, Q, J]``).
+        present: optional ``[P, Q]`` bool, False for entries that are not negatives (e.g. the
+            positive's own column when ranking against every destination); those never count.
 
     Returns:
         ``[P]`` float64 reciprocal ranks, rank = 1 + #(neg > pos) + 0.5 * #(neg == pos).
     """
+    if pos_scores.dim() == 2:  # lexicographic keys: compare key by key
+        pos = pos_scores.detach().double().unsqueeze(1)  # [P, 1, J]
+        neg = neg_scores.detach().double()
+        greater = torch.zeros(neg.shape[:2], dtype=torch.bool, device=neg.device)
+        equal = torch.ones_like(greater)
+        for j in range(neg.shape[-1]):
+            greater |= equal & (neg[..., j] > pos[..., j])
+            equal &= neg[..., j] == pos[..., j]
+        if present is not None:
+            greater &= present
+            equal &= present
+        rank = 1.0 + greater.sum(1).double() + 0.5 * equal.sum(1).double()
+        return (1.0 / rank).cpu()
     pos = pos_scores.detach().double().reshape(-1, 1)
     neg = neg_scores.detach().double()
-    greater = (neg > pos).sum(1).double()
-    ties = (neg == pos).sum(1).double()
+    greater, ties = neg > pos, neg == pos
+    if present is not None:
+        greater &= present
+        ties &= present
+    greater, ties = greater.sum(1).double(), ties.sum(1).double()
     rank = 1.0 + greater + 0.5 * ties
     return (1.0 / rank).cpu()
 

@@ -9,13 +9,13 @@ from torch import nn
 
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.modules import (
-    PAIR_FEATURE_DIM,
     IdentityMessage,
     LinkDecoder,
     MLPMessage,
     TemporalAttentionEmbedding,
     TimeEncoder,
     TimeProjectionEmbedding,
+    pair_feature_dim,
 )
 
 __all__ = ["TGNModel"]
@@ -46,7 +46,8 @@ class TGNModel(nn.Module):
         else:
             self.embedding = None
             emb_dim = cfg.memory_dim
-        self.decoder = LinkDecoder(emb_dim, cfg.decoder_hidden, PAIR_FEATURE_DIM if cfg.pair_features else 0)
+        pair_dim = pair_feature_dim(cfg.activity_features) if cfg.pair_features else 0
+        self.decoder = LinkDecoder(emb_dim, cfg.decoder_hidden, pair_dim)
         if cfg.pres and cfg.pres_learn_gamma:
             g = min(max(cfg.pres_gamma, 1e-4), 1 - 1e-4)
             self.pres_gamma_logit = nn.Parameter(torch.tensor(math.log(g / (1 - g))))

@@ -18,6 +18,7 @@ __all__ = [
     "LinkDecoder",
     "PAIR_FEATURE_DIM",
     "encode_pair_features",
+    "pair_feature_dim",
     "MAX_TIME_GAP_S",
     "bounded_gap",
 ]
@@ -161,14 +162,28 @@ class TimeProjectionEmbedding(nn.Module):
 _RBF_CENTRES = torch.arange(0.0, 18.0, 2.0)
 _NR = _RBF_CENTRES.numel()
 PAIR_FEATURE_DIM = 3 + _NR + 2 * (1 + _NR)
+# Activity features, per endpoint: [active at all, RBF(log-time since its latest interaction),
+# log1p(its number of interactions)].
+ACTIVITY_FEATURE_DIM = 2 * (2 + _NR)
 
 
-def encode_pair_features(stats, t: torch.Tensor) -> torch.Tensor:
+def pair_feature_dim(activity: bool) -> int:
+    """Width of ``encode_pair_features``'s output."""
+    return PAIR_FEATURE_DIM + (ACTIVITY_FEATURE_DIM if activity else 0)
+
+
+def _rbf(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2)
+
+
+def encode_pair_features(stats, t: torch.Tensor, activity: bool = False) -> torch.Tensor:
     """Fixed encoding of ``PairStats`` at query times ``t`` (broadcastable) -> ``[*, F]`` float32.
 
     RBFs over log-time let a linear layer learn smooth recency curves; the per-endpoint terms
     say how recent the pair is *relative to the endpoint's other partners*, which is what
-    decides a ranking among a user's past destinations.
+    decides a ranking among a user's past destinations. ``activity`` adds each endpoint's own
+    recency and popularity, whether or not the pair met before: what ranks the many candidates
+    a source never met (global recency / popularity, the heuristics' tie-breakers).
     """
     seen = stats.count > 0
     t = torch.broadcast_to(t, seen.shape)
@@ -179,19 +194,28 @@ def encode_pair_features(stats, t: torch.Tensor) -> torch.Tensor:
     x = torch.log1p(bounded_gap(torch.where(on, gaps, torch.zeros_like(gaps))).clamp(min=0))
     rbf = torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * on.unsqueeze(-1)
     is_latest = (on & (gaps[..., 1:] <= 0)).float()  # [*, 2]: for u, for v
-    return torch.cat(
-        [
-            on.float(),
-            torch.log1p(stats.count.float()).unsqueeze(-1),
-            rbf[..., 0, :],
-            torch.log1p(stats.common.float()).unsqueeze(-1),
-            is_latest[..., :1],
-            rbf[..., 1, :],
-            is_latest[..., 1:],
-            rbf[..., 2, :],
-        ],
-        -1,
-    )
+    parts = [
+        on.float(),
+        torch.log1p(stats.count.float()).unsqueeze(-1),
+        rbf[..., 0, :],
+        torch.log1p(stats.common.float()).unsqueeze(-1),
+        is_latest[..., :1],
+        rbf[..., 1, :],
+        is_latest[..., 1:],
+        rbf[..., 2, :],
+    ]
+    if activity:
+        for latest, count in ((stats.latest_u, stats.count_u), (stats.latest_v, stats.count_v)):
+            latest = torch.broadcast_to(latest, seen.shape)
+            active = (torch.broadcast_to(count, seen.shape) > 0).unsqueeze(-1)
+            idle = torch.where(active[..., 0], t - latest, torch.zeros_like(latest))
+            x = torch.log1p(bounded_gap(idle).clamp(min=0))
+            parts += [
+                active.float(),
+                _rbf(x) * active,
+                torch.log1p(torch.broadcast_to(count, seen.shape).float()).unsqueeze(-1),
+            ]
+    return torch.cat(parts, -1)
 
 
 class LinkDecoder(nn.Module):

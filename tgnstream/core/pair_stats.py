@@ -27,7 +27,8 @@ class PairStats:
     """Raw statistics of pairs (shape ``[*]``; float64 times, -inf = never).
 
     count: past u-v events; last: time of the last u-v event; latest_u / latest_v: time of the
-    endpoint's latest interaction with anyone; common: common recent neighbours (tables only).
+    endpoint's latest interaction with anyone; common: common recent neighbours (tables only);
+    count_u / count_v: the endpoint's past events with anyone (either role).
     """
 
     count: torch.Tensor
@@ -35,6 +36,8 @@ class PairStats:
     latest_u: torch.Tensor
     latest_v: torch.Tensor
     common: torch.Tensor
+    count_u: torch.Tensor
+    count_v: torch.Tensor
 
 
 def _latest(nb_ids: torch.Tensor, nb_ts: torch.Tensor) -> torch.Tensor:
@@ -115,17 +118,17 @@ def pairwise_stats(
     uv = torch.cat([u, v])
     nb = neighbors.ids[uv]  # [2N, K]
     latest = _latest(nb, neighbors.ts[uv])
-    latest_u, latest_v = latest[:n], latest[n:]
+    activity = neighbors.count[uv]
     common = _common(nb[:n], nb[n:])
     if context is not None and len(context):
         in_pair, pair_last = _latest_before(*_pair_index(context), pair_keys(u, v), visible)
         count = count + in_pair
         last = torch.maximum(last, pair_last)
-        # Both endpoints' latest in-batch interaction in one search: [u; v] against [src; dst].
-        _, touch = _latest_before(*_endpoint_index(context), uv, visible.repeat(2))
-        latest_u = torch.maximum(latest_u, touch[:n])
-        latest_v = torch.maximum(latest_v, touch[n:])
-    return PairStats(count, last, latest_u, latest_v, common)
+        # Both endpoints' in-batch interactions in one search: [u; v] against [src; dst].
+        touches, touch = _latest_before(*_endpoint_index(context), uv, visible.repeat(2))
+        latest = torch.maximum(latest, touch)
+        activity = activity + touches
+    return PairStats(count, last, latest[:n], latest[n:], common, activity[:n], activity[n:])
 
 
 def ranking_stats(
@@ -145,6 +148,8 @@ def ranking_stats(
     count, last = _history(history, u, v)
     latest_u = neighbors.latest(src).unsqueeze(1).expand_as(last).clone()
     latest_v = neighbors.latest(candidates).unsqueeze(0).expand_as(last).clone()
+    count_u = neighbors.count[src].unsqueeze(1).expand_as(count)
+    count_v = neighbors.count[candidates].unsqueeze(0).expand_as(count)
     if context is not None and len(context):
         p_n, q_n = src.numel(), candidates.numel()
         cs, cd, ct = context.src, context.dst, context.t
@@ -160,6 +165,8 @@ def ranking_stats(
         touches = seen & ((cs == u) | (cd == u))
         neg = torch.full_like(ct, _NEG_INF)
         latest_u = torch.maximum(latest_u, torch.where(touches, ct, neg).amax(1, keepdim=True))
+        # A self-loop is two of the node's events (as in the tables' counts).
+        count_u = count_u + (seen & (cs == u)).sum(1, keepdim=True) + (seen & (cd == u)).sum(1, keepdim=True)
         rows, idx = touches.nonzero(as_tuple=True)
         partner = torch.where(cs[idx] == src[rows], cd[idx], cs[idx])
         col, ok = column(partner)
@@ -168,20 +175,28 @@ def ranking_stats(
         last = last.reshape(-1).scatter_reduce(0, flat, ct[idx][ok], reduce="amax").view(p_n, q_n)
         if bool((visible == b).all()):  # every source sees the whole batch (serving): [Q]
             whole = torch.full((q_n,), _NEG_INF, dtype=ct.dtype, device=ct.device)
+            times = torch.zeros(q_n, dtype=torch.long, device=ct.device)
             for ends in (cs, cd):
                 c, ok2 = column(ends)
                 whole = whole.scatter_reduce(0, c[ok2], ct[ok2], reduce="amax")
+                times = times.index_add(0, c[ok2], torch.ones_like(c[ok2]))
             latest_v = torch.maximum(latest_v, whole.unsqueeze(0))
-            return PairStats(count, last, latest_u, latest_v, _common(neighbors.ids[u], neighbors.ids[v]))
-        # Latest time of each candidate among context events 0..i, for every i: [B, Q].
+            common = _common(neighbors.ids[u], neighbors.ids[v])
+            return PairStats(count, last, latest_u, latest_v, common, count_u, count_v + times.unsqueeze(0))
+        # Latest time and number of events of each candidate among context events 0..i, for
+        # every i: [B, Q].
         running = torch.full((b, q_n), _NEG_INF, dtype=ct.dtype, device=ct.device)
+        per_event = torch.zeros(b, q_n, dtype=torch.long, device=ct.device)
         for ends in (cs, cd):
             c, ok2 = column(ends)
             ev = torch.arange(b, device=cs.device)[ok2]
             running[ev, c[ok2]] = ct[ok2]
+            per_event.index_put_((ev, c[ok2]), torch.ones_like(ev), accumulate=True)
         running = torch.cummax(running, 0).values
-        has_prefix = visible > 0
-        prefix = running[(visible - 1).clamp(min=0)]  # [P, Q]
-        prefix = torch.where(has_prefix.unsqueeze(1), prefix, torch.full_like(prefix, _NEG_INF))
+        has_prefix = (visible > 0).unsqueeze(1)
+        before = (visible - 1).clamp(min=0)
+        prefix = torch.where(has_prefix, running[before], torch.full((1, q_n), _NEG_INF, dtype=ct.dtype))
         latest_v = torch.maximum(latest_v, prefix)
-    return PairStats(count, last, latest_u, latest_v, _common(neighbors.ids[u], neighbors.ids[v]))
+        count_v = count_v + torch.where(has_prefix, torch.cumsum(per_event, 0)[before], 0)
+    common = _common(neighbors.ids[u], neighbors.ids[v])
+    return PairStats(count, last, latest_u, latest_v, common, count_u, count_v)

@@ -38,10 +38,10 @@ __all__ = ["GatheredBatch", "ScoredBatch", "TemporalStep"]
 class GatheredBatch:
     """A batch with everything its forward reads, gathered ahead of the forward.
 
-    batch: the events (``[B]``); neg_dst: ``[B]`` one negative destination per event; inputs:
-    structure to score ``[src; src]`` against ``[dst; neg_dst]``; memory: the node rows (None until
-    fetched); staleness: write-backs of earlier batches that ``memory`` was fetched without (0 in
-    the sequential step).
+    batch: the events (``[B]``); neg_dst: ``[B]`` one negative destination per event, or
+    ``[B, N]`` several; inputs: structure to score ``[src; src ...]`` against ``[dst; negatives
+    column by column]``; memory: the node rows (None until fetched); staleness: write-backs of
+    earlier batches that ``memory`` was fetched without (0 in the sequential step).
     """
 
     batch: EventBatch
@@ -53,8 +53,9 @@ class GatheredBatch:
 
 @dataclass(frozen=True)
 class ScoredBatch:
-    """Positive ``[B]`` and negative ``[B]`` logits of a batch (grad when training) and the fresh
-    memories they were computed from (what ``apply`` persists)."""
+    """Positive ``[B]`` and negative ``[B]`` (or ``[B, N]``, the shape of ``neg_dst``) logits of a
+    batch (grad when training) and the fresh memories they were computed from (what ``apply``
+    persists)."""
 
     batch: EventBatch
     pos: torch.Tensor
@@ -69,20 +70,24 @@ class TemporalStep:
         engine: state and model.
         coherence_weight: beta, weight of PRES's memory-coherence loss (used only with
             ``engine.config.pres``).
+        ranking_weight: weight of the listwise term of ``loss`` (softmax cross-entropy of each
+            positive against its own negatives; needs several negatives per event to matter).
     """
 
-    def __init__(self, engine: MemoryEngine, coherence_weight: float = 0.1):
+    def __init__(self, engine: MemoryEngine, coherence_weight: float = 0.1, ranking_weight: float = 0.0):
         self.engine = engine
         self.coherence_weight = float(coherence_weight)
+        self.ranking_weight = float(ranking_weight)
 
     # ------------------------------------------------------------------------------ gather
     def gather(self, batch: EventBatch, neg_dst: torch.Tensor) -> GatheredBatch:
         """Structure for scoring each event and its negative (no memory read yet)."""
         b = len(batch)
-        visible = torch.arange(b, device=batch.t.device).repeat(2)
-        inputs = self.engine.gather_pairs(
-            batch.src.repeat(2), torch.cat([batch.dst, neg_dst]), batch.t.repeat(2), batch, visible
-        )
+        copies = 1 + (neg_dst.shape[1] if neg_dst.dim() == 2 else 1)
+        visible = torch.arange(b, device=batch.t.device).repeat(copies)
+        dst = torch.cat([batch.dst, neg_dst.t().reshape(-1)])  # negatives column by column
+        src, t = batch.src.repeat(copies), batch.t.repeat(copies)
+        inputs = self.engine.gather_pairs(src, dst, t, batch, visible)
         return GatheredBatch(batch, neg_dst, inputs)
 
     def fetch(self, gathered: GatheredBatch, staleness: int = 0) -> GatheredBatch:
@@ -99,7 +104,10 @@ class TemporalStep:
         fresh = self.engine.fold(gathered.memory, inputs.embedding.grad_nodes)
         logits = self.engine.pair_forward(inputs, fresh)
         b = len(gathered.batch)
-        return ScoredBatch(gathered.batch, logits[:b], logits[b:], fresh)
+        neg = logits[b:]
+        if gathered.neg_dst.dim() == 2:
+            neg = neg.view(-1, b).t()  # [B, N]
+        return ScoredBatch(gathered.batch, logits[:b], neg, fresh)
 
     def score_batch(self, batch: EventBatch, neg_dst: torch.Tensor) -> ScoredBatch:
         """gather + fetch + score of the sequential step."""
@@ -137,12 +145,18 @@ class TemporalStep:
 
     # -------------------------------------------------------------------------------- loss
     def loss(self, scored: ScoredBatch) -> torch.Tensor:
-        """BCE of positives against 1 and negatives against 0; with PRES, plus ``beta *`` the
-        memory-coherence term over the batch's memory updates (it carries gradient)."""
+        """BCE of positives against 1 and negatives against 0 (mean over all negatives); with
+        ``ranking_weight``, plus that times the softmax cross-entropy of each positive among its
+        negatives (a listwise objective: MRR is a ranking metric); with PRES, plus ``beta *``
+        the memory-coherence term over the batch's memory updates (it carries gradient)."""
         pos, neg = scored.pos, scored.neg
         loss = F.binary_cross_entropy_with_logits(
             pos, torch.ones_like(pos)
         ) + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
+        if self.ranking_weight and len(pos):
+            listed = torch.cat([pos.unsqueeze(1), neg.reshape(len(pos), -1)], 1)  # positive first
+            target = torch.zeros(len(pos), dtype=torch.long, device=pos.device)
+            loss = loss + self.ranking_weight * F.cross_entropy(listed, target)
         fresh = scored.fresh
         if self.engine.pres is not None and fresh.raw_memory is not None:
             loss = loss + self.coherence_weight * coherence_loss(fresh.raw_memory, fresh.prev_memory)

@@ -13,9 +13,10 @@ from tgnstream.core.events import EventBatch
 from tgnstream.core.pair_stats import pairwise_stats, ranking_stats
 
 
-def naive(past: list[tuple[int, int, float]], u: int, v: int) -> tuple[int, float, float, float]:
-    """count, last u-v time, latest time of u, latest time of v over ``past`` (-inf = never)."""
-    count, last, lu, lv = 0, -math.inf, -math.inf, -math.inf
+def naive(past: list[tuple[int, int, float]], u: int, v: int) -> tuple[int, float, float, float, int, int]:
+    """count, last u-v time, latest time of u, latest time of v over ``past`` (-inf = never),
+    events of u and of v (a self-loop is two)."""
+    count, last, lu, lv, nu, nv = 0, -math.inf, -math.inf, -math.inf, 0, 0
     for s, d, t in past:
         if {s, d} == {u, v}:
             count, last = count + 1, max(last, t)
@@ -23,7 +24,9 @@ def naive(past: list[tuple[int, int, float]], u: int, v: int) -> tuple[int, floa
             lu = max(lu, t)
         if v in (s, d):
             lv = max(lv, t)
-    return count, last, lu, lv
+        nu += (s == u) + (d == u)
+        nv += (s == v) + (d == v)
+    return count, last, lu, lv, nu, nv
 
 
 @pytest.mark.parametrize("sees", ["earlier", "whole"])  # training's prefix / serving's open batch
@@ -52,7 +55,14 @@ def test_stats_include_exactly_the_earlier_events(batch_size, sees):
             past = events[: i + int(visible[k])]
             u = int(batch.src[k])
             want = naive(past, u, int(neg[k]))
-            got = (int(pw.count[k]), float(pw.last[k]), float(pw.latest_u[k]), float(pw.latest_v[k]))
+            got = (
+                int(pw.count[k]),
+                float(pw.last[k]),
+                float(pw.latest_u[k]),
+                float(pw.latest_v[k]),
+                int(pw.count_u[k]),
+                int(pw.count_v[k]),
+            )
             assert got == want, f"pairwise event {i + k}"
             for q, c in enumerate(cands.tolist()):
                 want = naive(past, u, c)
@@ -61,6 +71,8 @@ def test_stats_include_exactly_the_earlier_events(batch_size, sees):
                     float(rk.last[k, q]),
                     float(rk.latest_u[k, q]),
                     float(rk.latest_v[k, q]),
+                    int(rk.count_u[k, q]),
+                    int(rk.count_v[k, q]),
                 )
                 assert got == want, f"ranking event {i + k} candidate {c}"
         engine.apply_events(batch)
