@@ -15,7 +15,8 @@ negative destination per positive, memory and neighbour loader reset at each epo
   ``test()``); no early stopping;
 - after the last epoch, the validation pass continues straight into the test pass;
 - test AP / ROC-AUC over all test events with one uniformly random negative destination per
-  positive (drawn from ``dataset.dst_nodes``, seeded), plus MRR and hits@10 ranking every positive
+  positive (drawn from the protocol's candidates, ``candidate_pool``: the destinations of a
+  bipartite graph, else every node; seeded), plus MRR and hits@10 ranking every positive
   destination against all other destination nodes (ties count half);
 - the same metrics restricted to inductive test events (source or destination never seen in the
   training portion).
@@ -63,6 +64,7 @@ from torch_geometric.nn.models.tgn import IdentityMessage, LastAggregator, LastN
 
 from tgnstream.core.evaluation import average_precision, ranking_metrics, roc_auc
 from tgnstream.core.events import TemporalDataset
+from tgnstream.core.stream_eval import candidate_pool
 
 __all__ = ["GraphAttentionEmbedding", "LinkPredictor", "run_pyg_tgn"]
 
@@ -223,7 +225,8 @@ def run_pyg_tgn(
             "a single all-zero edge-feature column is used instead (raw_msg_dim=1), which adds "
             "nothing to any output and gets zero gradient"
         )
-    dst_nodes = dataset.dst_nodes.to(dev, torch.long)
+    # The candidates of the shared protocol: destinations of a bipartite graph, else every node.
+    dst_nodes = candidate_pool(dataset).to(dev, torch.long)
     num_dst = int(dst_nodes.numel())
     dst_col = torch.full((num_nodes,), -1, dtype=torch.long, device=dev)
     dst_col[dst_nodes] = torch.arange(num_dst, device=dev)

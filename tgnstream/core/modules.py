@@ -162,9 +162,12 @@ class TimeProjectionEmbedding(nn.Module):
 _RBF_CENTRES = torch.arange(0.0, 18.0, 2.0)
 _NR = _RBF_CENTRES.numel()
 PAIR_FEATURE_DIM = 3 + _NR + 2 * (1 + _NR)
-# Activity features, per endpoint: [active at all, RBF(log-time since its latest interaction),
-# log1p(its number of interactions)].
-ACTIVITY_FEATURE_DIM = 2 * (2 + _NR)
+# Activity features: per endpoint [active at all, RBF(log-time since its latest interaction),
+# log1p(its number of interactions), that log-time itself], then the pair's log-time since its
+# last event. The raw log-times are monotone, so the decoder's linear term can order candidates
+# by exact recency (RBFs alone blur gaps that fall under one bump).
+ACTIVITY_FEATURE_DIM = 2 * (3 + _NR) + 1
+_LOG_GAP_SCALE = 1.0 / 18.0  # log1p of the largest gap the RBF centres cover
 
 
 def pair_feature_dim(activity: bool) -> int:
@@ -191,7 +194,7 @@ def encode_pair_features(stats, t: torch.Tensor, activity: bool = False) -> torc
     # the last u-v event, and how far that event is behind u's and v's latest interaction.
     gaps = torch.stack([t - stats.last, stats.latest_u - stats.last, stats.latest_v - stats.last], -1)
     on = seen.unsqueeze(-1)
-    x = torch.log1p(bounded_gap(torch.where(on, gaps, torch.zeros_like(gaps))).clamp(min=0))
+    x = x_pair = torch.log1p(bounded_gap(torch.where(on, gaps, torch.zeros_like(gaps))).clamp(min=0))
     rbf = torch.exp(-0.5 * (x.unsqueeze(-1) - _RBF_CENTRES.to(x.device)) ** 2) * on.unsqueeze(-1)
     is_latest = (on & (gaps[..., 1:] <= 0)).float()  # [*, 2]: for u, for v
     parts = [
@@ -214,7 +217,9 @@ def encode_pair_features(stats, t: torch.Tensor, activity: bool = False) -> torc
                 active.float(),
                 _rbf(x) * active,
                 torch.log1p(torch.broadcast_to(count, seen.shape).float()).unsqueeze(-1),
+                x.unsqueeze(-1) * _LOG_GAP_SCALE,
             ]
+        parts.append(x_pair[..., :1] * _LOG_GAP_SCALE)
     return torch.cat(parts, -1)
 
 

@@ -84,10 +84,14 @@ def test_activity_features_encode_recency_and_popularity_of_each_endpoint():
     base = encode_pair_features(stats, t)
     full = encode_pair_features(stats, t, activity=True)
     assert full.shape == (2, pair_feature_dim(True)) and torch.equal(full[:, : base.shape[1]], base)
-    extra = full[:, base.shape[1] :].view(2, 2, -1)  # [pair, endpoint (u, v), 1 + RBF + 1]
+    extra = full[:, base.shape[1] : -1].view(2, 2, -1)  # [pair, endpoint (u, v), 1 + RBF + 1 + 1]
+    assert torch.equal(full[:, -1], torch.zeros(2))  # the pairs never met: no pair log-time
     # v of pair 0: active, log-time since its latest is 4.0 -> the RBF centred at 4 is 1.
     assert extra[0, 1, 0] == 1.0 and extra[0, 1, 1 + 2] == pytest.approx(1.0)
-    assert extra[0, 1, -1] == pytest.approx(math.log1p(7))
-    assert extra[0, 0, -1] == pytest.approx(math.log1p(3))
+    assert extra[0, 1, -2] == pytest.approx(math.log1p(7))
+    assert extra[0, 0, -2] == pytest.approx(math.log1p(3))
+    assert extra[0, 1, -1] == pytest.approx(4.0 / 18) and extra[0, 0, -1] == pytest.approx(
+        math.log1p(10) / 18
+    )
     # Pair 1: both endpoints never active -> all activity features 0.
     assert torch.count_nonzero(extra[1]) == 0
