@@ -89,10 +89,10 @@ def _train(data, name, train_over, model_over, seed, epochs, lr, threads, device
     }
 
 
-def _pyg(data, seed, epochs, threads) -> dict:
+def _pyg(data, seed, epochs, lr) -> dict:
     from pyg_baseline import run_pyg_tgn
 
-    r = run_pyg_tgn(data, epochs=epochs, batch_size=200, seed=seed, progress=False)
+    r = run_pyg_tgn(data, epochs=epochs, batch_size=200, seed=seed, lr=lr, progress=False)
     return {
         "train_events_per_s": r["train_events_per_s"],
         "transductive": {m: r["test"][m] for m in METRICS},
@@ -138,7 +138,7 @@ def main() -> int:
         seeds = range(args.seeds)
         if not args.no_pyg:
             learned["PyG TGN (batch 200)"] = _aggregate(
-                [_pyg(data, s, epochs[name], args.threads) for s in seeds]
+                [_pyg(data, s, epochs[name], lrs[name]) for s in seeds]
             )
         for model, (train_over, model_over) in MODELS.items():
             runs = [
