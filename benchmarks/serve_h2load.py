@@ -154,6 +154,9 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
     work.mkdir(parents=True)
     topic = f"live-r{readers}"
     rows = []
+    # Closed-loop throughput with several readers needs enough connections to keep every reader
+    # busy: SO_REUSEPORT spreads connections, not requests.
+    clients = args.clients_per_reader * max(1, readers) if args.clients_per_reader else args.clients
     create_topic(bootstrap, topic, 1)
     ctx = mp.get_context("spawn")
     stop, fed = ctx.Event(), ctx.Value("q", 0)
@@ -200,15 +203,13 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
         time.sleep(3.0)  # the feed at its rate, the server caught up with it
         for kind in args.rpcs.split(","):  # first forward passes (lazy init in every reader): not measured
             method, body = bodies[kind]
-            run_h2load(h2load, ports["grpc_port"], method, body, 50, 2, args.clients, work)
+            run_h2load(h2load, ports["grpc_port"], method, body, 50, 2, clients, work)
         for kind in args.rpcs.split(","):
             method, body = bodies[kind]
             for rate in _rates(args.rates):
                 before = _metrics(mport)
                 fed0, t0 = fed.value, time.perf_counter()
-                r = run_h2load(
-                    h2load, ports["grpc_port"], method, body, rate, args.duration, args.clients, work
-                )
+                r = run_h2load(h2load, ports["grpc_port"], method, body, rate, args.duration, clients, work)
                 elapsed = time.perf_counter() - t0
                 after = _metrics(mport)
                 codes = {
@@ -223,6 +224,7 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
                 ok, shed = codes.get("OK", 0), codes.get("RESOURCE_EXHAUSTED", 0)
                 row = {
                     "readers": readers,
+                    "clients": clients,
                     "rpc": kind,
                     "target_rps": rate,
                     **r,
@@ -239,6 +241,9 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
                         for key, name, labels in (
                             ("reader_retries", "tgnstream_reader_retries_total", {}),
                             ("reader_fallbacks", "tgnstream_reader_fallbacks_total", {}),
+                            # a restarted reader's counters begin at 0 again: the row's request
+                            # counts are then not trustworthy
+                            ("reader_restarts", "tgnstream_reader_restarts_total", {}),
                             (
                                 "topk_entries_computed",
                                 "tgnstream_topk_cache_entries_total",
@@ -260,7 +265,8 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
                     f"p99 {_ms(row['p99_ms'])} ms  shed {100 * (row['shed_share'] or 0):5.1f}%  "
                     f"errors {100 * (row['error_share'] or 0):4.1f}%  "
                     f"ingest kept {row['ingest_kept']:.3f}  retries {row['reader_retries']:.0f} "
-                    f"fallbacks {row['reader_fallbacks']:.0f} topk entries computed "
+                    f"fallbacks {row['reader_fallbacks']:.0f} restarts {row['reader_restarts']:.0f} "
+                    "topk entries computed "
                     f"{row['topk_entries_computed']:.0f} shared {row['topk_entries_shared']:.0f}",
                     flush=True,
                 )
@@ -288,6 +294,13 @@ def main() -> int:
     p.add_argument("--rpcs", default="info,score1,score100,topk10")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per (RPC, rate)")
     p.add_argument("--clients", type=int, default=4, help="h2load connections")
+    p.add_argument("--logs", type=Path, default=None, help="keep each server's log in this folder")
+    p.add_argument(
+        "--clients-per-reader",
+        type=int,
+        default=0,
+        help="h2load connections per reader process (overrides --clients; for a readers-scaling run)",
+    )
     p.add_argument(
         "--readers",
         default="0,2",
@@ -334,6 +347,14 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {args.out}")
     _table(rows, _rates(args.rates))
+    scaling = _scaling(rows)
+    if scaling:
+        result["scaling"] = scaling
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+        for log in work.glob("r*/server.log"):
+            shutil.copy(log, args.logs / f"server-{log.parent.name}.log")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -361,6 +382,30 @@ def _warm(bootstrap: str, topic: str, data_path: str, n: int) -> None:
         producer.produce(topic, value=json.dumps({"src": names[s], "dst": names[d], "ts": t}).encode())
         producer.poll(0)
     producer.flush(60)
+
+
+def _scaling(rows: list[dict]) -> list[dict]:
+    """Closed-loop throughput against readers = 1 of the same RPC, and its share of linear."""
+    out = []
+    for kind in dict.fromkeys(r["rpc"] for r in rows):
+        loop = {r["readers"]: r for r in rows if r["rpc"] == kind and r["target_rps"] <= 0}
+        if 1 not in loop or len(loop) < 2:
+            continue
+        base = loop[1]["achieved_rps"]
+        print(f"\n{kind}, closed loop: readers | req/s | vs 1 reader | share of linear")
+        for n in sorted(k for k in loop if k >= 1):
+            speedup = loop[n]["achieved_rps"] / base if base else 0.0
+            out.append(
+                {
+                    "rpc": kind,
+                    "readers": n,
+                    "rps": loop[n]["achieved_rps"],
+                    "speedup": speedup,
+                    "share_of_linear": speedup / n,
+                }
+            )
+            print(f"  {n} | {loop[n]['achieved_rps']:.0f} | {speedup:.2f}x | {speedup / n:.2f}")
+    return out
 
 
 def _table(rows: list[dict], rates: list[float]) -> None:

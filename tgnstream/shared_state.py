@@ -15,12 +15,16 @@ Protocol (a sequence lock, as in the Linux kernel's seqlock):
   blocks the writer.
 * Torn reads are harmless by construction: indices read from the state are always within the
   buffers (ids < capacity, positions within the pair table), so a read racing a write yields
-  wrong numbers or an exception, both discarded by the sequence check.
+  wrong numbers or an exception, both discarded by the sequence check. One exception to
+  "harmless": operations that pass over their input twice (``nonzero``, boolean-mask indexing,
+  ``masked_select``: count, allocate, fill) must run on a private copy of shared data, never on
+  the shared buffer itself, or a write between the passes makes them write past their output.
 
 Buffers never move under a reader: node capacity and the pair table are sized ahead, and grow
 only by doubling, as an explicit event. The writer then shares the new tensors, bumps the layout
 number and sends them to every reader (``layout`` queue); a reader that sees a newer layout
-attaches the new tensors before it reads.
+attaches the new tensors before it reads, once the queries already computing in its process are
+done (they began on the old buffers; the sequence check makes them compute again).
 
 Store order matters: the writer's stores must become visible in program order (x86-64's
 total store order does this; other architectures would need fences here).
@@ -332,6 +336,50 @@ class _OpenSnapshot:
     offsets: dict[int, int]
 
 
+class _AttachLock:
+    """Many queries of one reader process at once, or one re-attach alone (writer-preferring).
+
+    A re-attach swaps the engine's tensors one by one; a query running meanwhile in another
+    thread would mix buffers of two layouts (and, on CUDA, could still have kernels in flight
+    on memory whose last reference the swap drops). Queries hold it shared for the whole
+    computation, a re-attach holds it exclusively."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._active:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class _Attempt(threading.local):
     seq: int = -1
     open: _OpenSnapshot | None = None
@@ -362,7 +410,7 @@ class SharedLiveView:
         self.engine.frozen_capacity = True
         self._queue = layout_queue
         self.max_attempts = max_attempts
-        self._layout_lock = threading.Lock()
+        self._attach_lock = _AttachLock()
         self._layout: Layout | None = None
         self._attach(layout)
         self._attempt = _Attempt()
@@ -378,11 +426,24 @@ class SharedLiveView:
         self._id_blob, self._id_offsets = layout.id_blob, layout.id_offsets
         self._layout = layout
 
+    def _layout_current(self) -> bool:
+        return int(self.handles.header[LAYOUT]) == self._layout.number
+
+    @contextmanager
+    def _attached(self) -> Iterator[None]:
+        """Hold the current layout for a query: re-attach first if the writer reallocated."""
+        while True:
+            self._follow_layout()
+            with self._attach_lock.shared():
+                if self._layout_current():
+                    yield
+                    return
+
     def _follow_layout(self) -> None:
         want = int(self.handles.header[LAYOUT])
         if want == self._layout.number:
             return
-        with self._layout_lock:
+        with self._attach_lock.exclusive():
             while self._layout.number < want:
                 if self._queue is None:
                     raise RuntimeError("shared state was reallocated and this view has no layout queue")
@@ -443,17 +504,20 @@ class SharedLiveView:
         return snap
 
     # ------------------------------------------------------------------------------ protocol
-    def _enter(self) -> int:
+    def _enter(self) -> bool:
+        """Begin an attempt (note the sequence number, copy the open part); False if the writer
+        reallocated meanwhile (the caller leaves its ``_attached`` section and re-attaches)."""
         header = self.handles.header
         spins = 0
         while True:
             seq = int(header[SEQ])
+            if not self._layout_current():
+                return False
             if seq % 2 == 0:
-                self._follow_layout()
                 snap = self._open_snapshot()
                 if snap is not None and int(header[SEQ]) == seq:
                     self._attempt.seq, self._attempt.open = seq, snap
-                    return seq
+                    return True
             spins += 1
             time.sleep(0 if spins < 100 else 0.0005)
 
@@ -474,31 +538,37 @@ class SharedLiveView:
 
     def consistent(self, fn: Callable[[], R]) -> R:
         """``fn()`` computed from one complete state (see the module docstring)."""
-        for _ in range(self.max_attempts):
-            self._enter()
-            self._attempt.reads_valid = None
-            try:
-                result = fn()
-            except Exception:
+        attempts = 0
+        while attempts < self.max_attempts:
+            with self._attached():
+                if not self._enter():
+                    continue  # reallocated before the attempt began: re-attach, not a retry
+                attempts += 1
+                self._attempt.reads_valid = None
+                try:
+                    result = fn()
+                except Exception:
+                    self._sync_device()
+                    if self.still_valid():
+                        raise
+                    self.retries += 1
+                    continue
                 self._sync_device()
-                if self.still_valid():
-                    raise
+                if self._attempt.reads_valid or self.still_valid():
+                    return result
                 self.retries += 1
-                continue
-            self._sync_device()
-            if self._attempt.reads_valid or self.still_valid():
-                return result
-            self.retries += 1
         self.fallbacks += 1
         with self.handles.lock:  # the writer waits for this one answer
-            self._enter()
-            return fn()
+            with self._attached():
+                self._enter()
+                return fn()
 
     def _open(self) -> _OpenSnapshot:
         snap = self._attempt.open
-        if snap is None:  # outside consistent(): whatever is current
-            self._enter()
-            snap = self._attempt.open
+        while snap is None:  # outside consistent(): whatever is current
+            with self._attached():
+                if self._enter():
+                    snap = self._attempt.open
         return snap
 
     # ------------------------------------------------------------------ LiveEngine interface

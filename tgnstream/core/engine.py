@@ -533,7 +533,10 @@ class MemoryEngine(nn.Module):
 
     def destinations(self) -> torch.Tensor:
         """Sorted ids ``[D]`` of every node that has been the destination of an applied event."""
-        return self.memory.is_destination.nonzero().squeeze(1)
+        # nonzero counts, allocates, then fills: on a buffer another process writes (a reader of
+        # shared state) the count can change between the passes and the fill would write past
+        # its output. It runs on a private copy.
+        return self.memory.is_destination.clone().nonzero().squeeze(1)
 
     def _check_ids(self, *tensors: torch.Tensor) -> None:
         """Reject negative ids; make room for new ones, which read as cold-start nodes (zero

@@ -180,3 +180,55 @@ def test_an_answer_is_recomputed_when_a_batch_lands_during_its_reads_but_not_aft
     assert view.retries == 1 and calls == [2], "a new open batch does not cost the attempt"
     assert stamp.events_applied == 2  # read at the attempt's start: the open batch came after
     assert view.consistent(view.stamp).events_applied == 3  # the next query sees it
+
+
+def test_a_reallocation_is_attached_only_when_no_query_of_the_reader_is_computing():
+    """Buffers never move under a running query: a reader thread that meets a newer layout
+    waits until the queries already computing in its process are done, and a query never sees
+    the engine's tensors swapped half way."""
+    import threading
+
+    import torch.multiprocessing as tmp
+
+    from tgnstream.core.config import ModelConfig
+    from tgnstream.core.engine import MemoryEngine
+    from tgnstream.live import LiveEngine
+    from tgnstream.shared_state import SharedLiveView, StateBoard
+
+    engine = MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 16).eval()
+    live = LiveEngine(engine, "v1")
+    board = StateBoard(engine, "v1", 8, tmp.get_context("spawn"))
+    live.board = board
+    view = SharedLiveView(board.handles, board.layout, board.new_reader_queue())
+    capacity = view.engine.memory.memory.shape[0]
+    computing, finish = threading.Event(), threading.Event()
+    seen_by_slow, order = [], []
+
+    def slow():
+        rows = view.engine.memory.memory.shape[0]
+        seen_by_slow.append(rows)
+        computing.set()
+        finish.wait(10)
+        seen_by_slow.append(view.engine.memory.memory.shape[0])  # still the buffers it began with
+        order.append("slow")
+        return rows
+
+    slow_thread = threading.Thread(target=lambda: view.consistent(slow))
+    slow_thread.start()
+    assert computing.wait(10)
+    with live.write() as e:  # the writer grows the state meanwhile (a new layout)
+        e.ensure_capacity(4 * capacity)
+    fast_rows = []
+    fast_thread = threading.Thread(
+        target=lambda: fast_rows.append(view.consistent(lambda: view.engine.memory.memory.shape[0]))
+    )
+    fast_thread.start()
+    fast_thread.join(0.3)
+    assert fast_thread.is_alive(), "the re-attach must wait for the query that is computing"
+    assert seen_by_slow[-1] == capacity
+    finish.set()
+    fast_thread.join(10)
+    slow_thread.join(10)
+    assert seen_by_slow[:2] == [capacity, capacity] and order[0] == "slow"
+    assert fast_rows == [4 * capacity], "the waiting query answers from the new layout"
+    assert view.retries >= 1, "the slow answer began before the reallocation: computed again"
