@@ -56,7 +56,23 @@ def _train_parser(sub) -> None:
         "--eval-batch-size", type=int, help="events per validation/test batch (default 200, the protocol's)"
     )
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    p.add_argument(
+        "--val-candidates",
+        type=int,
+        help="validation ranks against N sampled candidates (half historical) instead of the full "
+        "pool: cheaper early stopping; the test protocol is unchanged",
+    )
     p.add_argument("--negatives", type=int, help="negative destinations per training event (default 1)")
+    p.add_argument(
+        "--neg-historical-ratio",
+        type=float,
+        help="share of negatives from the source's recent partners (default 0.5 with pair features)",
+    )
+    p.add_argument(
+        "--neg-recent-ratio",
+        type=float,
+        help="share of negatives from the batch's earlier destinations (recently active nodes; default 0)",
+    )
     p.add_argument(
         "--ranking-weight",
         type=float,

@@ -6,7 +6,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -171,9 +171,15 @@ def train_offline(
     engine = MemoryEngine(model_cfg, capacity=data.num_nodes, device=device)
     optimizer = make_optimizer(engine.model.parameters(), cfg.lr)
     pool = data.dst_nodes if data.bipartite else torch.arange(data.num_nodes)
-    sampler = NegativeSampler(pool, seed=cfg.seed, device=device)
+    if cfg.historical_ratio + cfg.neg_recent_ratio > 1.0:
+        raise ValueError(
+            f"historical ({cfg.historical_ratio}) + recent ({cfg.neg_recent_ratio}) negative shares exceed 1"
+        )
+    sampler = NegativeSampler(pool, seed=cfg.seed, device=device, recent_ratio=cfg.neg_recent_ratio)
     metric = cfg.selection_metric
     val_settings = EvalSettings(batch_size=cfg.eval_batch_size, rank=(metric == "mrr"), progress=cfg.progress)
+    if cfg.val_candidates is not None:
+        val_settings = replace(val_settings, rank_all_max=0, sampled_negatives=cfg.val_candidates)
 
     step = TemporalStep(engine, cfg.pres_beta, cfg.ranking_weight)
     staleness = StalenessStats()
@@ -258,6 +264,7 @@ def train_offline(
         "optimizer_steps": best_steps,
         "staleness": staleness.as_dict(),
         "protocol": test_settings.describe(data),
+        "validation_protocol": val_settings.describe(data),
         "test": {"transductive": summarise(scores), "inductive": summarise(scores, inductive)},
         "hardware": hardware_info(device),
         "history": history,

@@ -18,12 +18,20 @@ class NegativeSampler:
         device: where returned ids live.
 
     ``historical_ratio`` of each draw comes from the source's K most recent neighbours (hard
-    negatives: pages the user did edit, but not now); the rest is uniform over the pool.
+    negatives: pages the user did edit, but not now); ``recent_ratio`` (set here) from the
+    destinations of the batch's earlier events (hard negatives of another kind: nodes active a
+    moment ago, which is what global-recency ranks first, but not this source's partner now);
+    the rest is uniform over the pool.
     """
 
-    def __init__(self, pool: torch.Tensor, seed: int = 0, device: torch.device | str = "cpu"):
+    def __init__(
+        self, pool: torch.Tensor, seed: int = 0, device: torch.device | str = "cpu", recent_ratio: float = 0.0
+    ):
         if pool.numel() == 0:
             raise ValueError("negative pool is empty")
+        if not 0.0 <= recent_ratio <= 1.0:
+            raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}")
+        self.recent_ratio = recent_ratio
         self.pool = pool.to(device)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.device = torch.device(device)
@@ -42,23 +50,52 @@ class NegativeSampler:
     ) -> torch.Tensor:
         """``[B]`` negatives when ``num == 1`` else ``[B, num]``.
 
-        ``exclude [B]`` (the positives) is never returned by the historical part; a historical
-        slot with no usable neighbour falls back to a uniform draw.
+        ``exclude [B]`` (the positives, in the batch's time order) is never returned by the
+        historical or the recent part, and the recent part draws event ``k``'s negatives from
+        ``exclude[:k]``; a slot with no usable node falls back to a uniform draw. With one
+        negative per event each event draws its kind (historical, recent, uniform) at random
+        with those shares; with several, the first slots are historical, the next recent.
         """
         b = src.numel()
         out = self.uniform((b, num))
-        n_hist = int(round(num * historical_ratio)) if num > 1 else 0
-        if num == 1 and historical_ratio > 0:
-            use = torch.rand(b, generator=self.generator) < historical_ratio
-            n_hist = 1
+        recent_ratio = self.recent_ratio if exclude is not None else 0.0
+        if historical_ratio + recent_ratio > 1.0 + 1e-9:
+            raise ValueError(f"historical ({historical_ratio}) + recent ({recent_ratio}) shares exceed 1")
+        if num == 1:
+            kind = (
+                torch.rand(b, generator=self.generator) if historical_ratio > 0 or recent_ratio > 0 else None
+            )
+            use_hist = None if kind is None else kind < historical_ratio
+            use_recent = (
+                None
+                if kind is None
+                else (kind >= historical_ratio) & (kind < historical_ratio + recent_ratio)
+            )
+            n_hist = 1 if historical_ratio > 0 else 0
+            n_recent = 1 if recent_ratio > 0 else 0
+            hist_cols = recent_cols = slice(0, 1)
         else:
-            use = torch.ones(b, dtype=torch.bool)
+            n_hist = int(round(num * historical_ratio))
+            n_recent = min(int(round(num * recent_ratio)), num - n_hist)
+            use_hist = use_recent = None
+            hist_cols, recent_cols = slice(0, n_hist), slice(n_hist, n_hist + n_recent)
         if n_hist and neighbors is not None:
             k = neighbors.k
             pick = torch.randint(k, (b, n_hist), generator=self.generator).to(self.device)
             hist = neighbors.ids[src].gather(1, pick)
-            ok = (hist >= 0) & use.to(self.device).unsqueeze(1)
+            ok = hist >= 0
+            if use_hist is not None:
+                ok &= use_hist.to(self.device).unsqueeze(1)
             if exclude is not None:
                 ok &= hist != exclude.unsqueeze(1)
-            out[:, :n_hist] = torch.where(ok, hist, out[:, :n_hist])
+            out[:, hist_cols] = torch.where(ok, hist, out[:, hist_cols])
+        if n_recent:
+            # Event k draws among events 0..k-1 of its batch (event 0 has none: uniform).
+            position = torch.arange(b).unsqueeze(1)
+            earlier = (torch.rand((b, n_recent), generator=self.generator) * position).long()
+            recent = exclude[earlier.to(self.device)]
+            ok = (position > 0).to(self.device) & (recent != exclude.unsqueeze(1))
+            if use_recent is not None:
+                ok &= use_recent.to(self.device).unsqueeze(1)
+            out[:, recent_cols] = torch.where(ok, recent, out[:, recent_cols])
         return out.squeeze(1) if num == 1 else out
