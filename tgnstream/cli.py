@@ -69,6 +69,12 @@ def _train_parser(sub) -> None:
         help="share of negatives from the source's recent partners (default 0.5 with pair features)",
     )
     p.add_argument(
+        "--sampling-correction",
+        action="store_true",
+        default=None,
+        help="logQ correction: training logits - log(q/p) of the negative sampler (see README)",
+    )
+    p.add_argument(
         "--neg-recent-ratio",
         type=float,
         help="share of negatives from the batch's earlier destinations (recently active nodes; default 0)",

@@ -67,6 +67,12 @@ class OfflineTrainConfig(BaseSettings):
         "events: nodes active a moment ago but not this source's partner (what teaches the model "
         "not to rank every recently active node first)",
     )
+    sampling_correction: bool = Field(
+        False,
+        description="subtract log(q/p) from the training logits, q the negatives' sampling distribution, p "
+        "uniform over the candidate pool (the logQ correction of sampled softmax): historical and "
+        "recent negatives then stop pushing past partners and active nodes below unseen ones",
+    )
     negatives: int = Field(
         1,
         ge=1,

@@ -175,7 +175,13 @@ def train_offline(
         raise ValueError(
             f"historical ({cfg.historical_ratio}) + recent ({cfg.neg_recent_ratio}) negative shares exceed 1"
         )
-    sampler = NegativeSampler(pool, seed=cfg.seed, device=device, recent_ratio=cfg.neg_recent_ratio)
+    sampler = NegativeSampler(
+        pool,
+        seed=cfg.seed,
+        device=device,
+        recent_ratio=cfg.neg_recent_ratio,
+        sampling_correction=cfg.sampling_correction,
+    )
     metric = cfg.selection_metric
     val_settings = EvalSettings(batch_size=cfg.eval_batch_size, rank=(metric == "mrr"), progress=cfg.progress)
     if cfg.val_candidates is not None:

@@ -133,7 +133,15 @@ class _EpochBatches:
         neg = self.sampler.sample(
             batch.src, self.negatives, self.historical_ratio, engine.neighbors, exclude=batch.dst
         )  # [B] for one negative per event, else [B, negatives]
-        return self.step.gather(batch, neg)
+        gathered = self.step.gather(batch, neg)
+        if self.sampler.sampling_correction:
+            cands = torch.cat([batch.dst.unsqueeze(1), neg.view(len(batch), -1)], 1)  # [B, 1 + N]
+            ratio = self.sampler.log_sampling_ratio(
+                batch.src, cands, self.negatives, self.historical_ratio, engine.neighbors, batch.dst
+            )
+            # logits - log(q/p) (the order of inputs)
+            gathered = replace(gathered, logit_offset=-ratio.t().reshape(-1))
+        return gathered
 
 
 class SequentialBatches(_EpochBatches):

@@ -21,17 +21,24 @@ class NegativeSampler:
     negatives: pages the user did edit, but not now); ``recent_ratio`` (set here) from the
     destinations of the batch's earlier events (hard negatives of another kind: nodes active a
     moment ago, which is what global-recency ranks first, but not this source's partner now);
-    the rest is uniform over the pool.
+    the rest is uniform over the pool. ``sampling_correction``: training adds
+    ``log_sampling_ratio`` to its logits (see there).
     """
 
     def __init__(
-        self, pool: torch.Tensor, seed: int = 0, device: torch.device | str = "cpu", recent_ratio: float = 0.0
+        self,
+        pool: torch.Tensor,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        recent_ratio: float = 0.0,
+        sampling_correction: bool = False,
     ):
         if pool.numel() == 0:
             raise ValueError("negative pool is empty")
         if not 0.0 <= recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}")
         self.recent_ratio = recent_ratio
+        self.sampling_correction = sampling_correction
         self.pool = pool.to(device)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.device = torch.device(device)
@@ -99,3 +106,49 @@ class NegativeSampler:
                 ok &= use_recent.to(self.device).unsqueeze(1)
             out[:, recent_cols] = torch.where(ok, recent, out[:, recent_cols])
         return out.squeeze(1) if num == 1 else out
+
+    def log_sampling_ratio(
+        self,
+        src: torch.Tensor,
+        candidates: torch.Tensor,
+        num: int,
+        historical_ratio: float,
+        neighbors: RecentNeighbors | None,
+        batch_dst: torch.Tensor,
+    ) -> torch.Tensor:
+        """``log(q(x | u, k) / p(x))`` for ``candidates [B, C]`` of events ``k`` with sources
+        ``src [B]``: ``q`` the distribution ``sample`` draws negatives from (with ``num`` per
+        event and these shares; the neighbour table as it is now, before the batch), ``p``
+        uniform over the pool (what a ranking compares against).
+
+        Pointwise BCE against negatives from ``q`` learns the logit ``log(p_data / q)``: a pair
+        that ``q`` over-samples (a source's past partner, a node active a moment ago) is pushed
+        down by ``log(q / p)``, far below where it belongs when ranking the whole pool.
+        Subtracting this from the training logits (the logQ correction of sampled softmax) makes
+        the model itself learn ``log(p_data / p)``. Draws that fall back to a uniform draw count as uniform; the
+        positive's exclusion is ignored (a small bias)."""
+        b = src.numel()
+        size = float(self.pool.numel())
+        if num == 1:
+            h, r = historical_ratio, self.recent_ratio
+        else:
+            n_hist = int(round(num * historical_ratio))
+            n_recent = min(int(round(num * self.recent_ratio)), num - n_hist)
+            h, r = n_hist / num, n_recent / num
+        uniform = torch.full((b, 1), 1.0 - h - r, dtype=torch.float64, device=self.device)
+        mass = torch.zeros(candidates.shape, dtype=torch.float64, device=self.device)
+        if h > 0 and neighbors is not None:
+            table = neighbors.ids[src]  # [B, K]
+            k = table.shape[1]
+            hits = (candidates.unsqueeze(-1) == table.unsqueeze(1)) & (table.unsqueeze(1) >= 0)
+            mass += size * h * hits.sum(-1).double() / k
+            uniform += h * (table < 0).sum(1, keepdim=True).double() / k
+        elif h > 0:
+            uniform += h
+        if r > 0:
+            position = torch.arange(b, device=self.device)
+            earlier = position.unsqueeze(0) < position.unsqueeze(1)  # [k, j]: j before k
+            hits = (candidates.unsqueeze(-1) == batch_dst.view(1, 1, -1)) & earlier.unsqueeze(1)
+            mass += size * r * hits.sum(-1).double() / position.clamp(min=1).unsqueeze(1).double()
+            uniform[0] += r  # event 0 has no earlier event: its recent draw is uniform
+        return torch.log(uniform + mass).float()

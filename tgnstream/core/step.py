@@ -41,7 +41,9 @@ class GatheredBatch:
     batch: the events (``[B]``); neg_dst: ``[B]`` one negative destination per event, or
     ``[B, N]`` several; inputs: structure to score ``[src; src ...]`` against ``[dst; negatives
     column by column]``; memory: the node rows (None until fetched); staleness: write-backs of
-    earlier batches that ``memory`` was fetched without (0 in the sequential step).
+    earlier batches that ``memory`` was fetched without (0 in the sequential step);
+    logit_offset: ``[B * (1 + N)]`` (the order of ``inputs``) added to the logits ``score``
+    returns, for training only (``NegativeSampler.log_sampling_ratio``); None adds nothing.
     """
 
     batch: EventBatch
@@ -49,6 +51,7 @@ class GatheredBatch:
     inputs: PairInputs
     memory: MemoryRows | None = None
     staleness: int = 0
+    logit_offset: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class TemporalStep:
         inputs = gathered.inputs
         fresh = self.engine.fold(gathered.memory, inputs.embedding.grad_nodes)
         logits = self.engine.pair_forward(inputs, fresh)
+        if gathered.logit_offset is not None:
+            logits = logits + gathered.logit_offset
         b = len(gathered.batch)
         neg = logits[b:]
         if gathered.neg_dst.dim() == 2:

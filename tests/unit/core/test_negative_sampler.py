@@ -79,3 +79,61 @@ def test_shares_that_exceed_one_are_refused():
     src, dst = _batch()
     with pytest.raises(ValueError, match="exceed 1"):
         NegativeSampler(POOL, recent_ratio=0.6).sample(src, 2, 0.6, None, exclude=dst)
+
+
+def _naive_q(src, dst, cand, k, pool_size, h, r, table):
+    """q(cand | event k) of the mixture, written out per event."""
+    u = int(src[k])
+    row = [int(x) for x in table[u]]
+    uniform = (1 - h - r) + h * sum(x < 0 for x in row) / len(row) + (r if k == 0 else 0.0)
+    q = uniform / pool_size
+    q += h * sum(x == cand for x in row) / len(row)
+    if k > 0:
+        q += r * sum(int(d) == cand for d in dst[:k]) / k
+    return q
+
+
+@pytest.mark.parametrize("num", [1, 4])
+def test_log_sampling_ratio_is_log_q_over_uniform_per_event(num):
+    src, dst = _batch(32)
+    neighbors = RecentNeighbors(50, 4, 0)
+    g = torch.Generator().manual_seed(5)
+    neighbors.ids[:] = torch.randint(98, 112, (50, 4), generator=g)  # some slots empty (-1 below)
+    neighbors.ids[neighbors.ids < 100] = -1
+    sampler = NegativeSampler(POOL, seed=0, recent_ratio=0.25, sampling_correction=True)
+    cands = torch.cat([dst.unsqueeze(1), torch.randint(100, 115, (32, 3), generator=g)], 1)
+    got = sampler.log_sampling_ratio(src, cands, num, 0.5, neighbors, dst)
+    h, r = (0.5, 0.25) if num == 1 else (2 / 4, 1 / 4)
+    for k in range(32):
+        for c in range(4):
+            q = _naive_q(src, dst, int(cands[k, c]), k, POOL.numel(), h, r, neighbors.ids)
+            assert got[k, c].item() == pytest.approx(
+                torch.log(torch.tensor(q * POOL.numel())).item(), abs=1e-5
+            )
+
+
+def test_the_correction_is_a_training_offset_only():
+    """Scores used by evaluation and serving carry no offset: GatheredBatch without one."""
+    from tgnstream.core.config import ModelConfig
+    from tgnstream.core.engine import MemoryEngine
+    from tgnstream.core.events import EventBatch
+    from tgnstream.core.step import TemporalStep
+
+    torch.manual_seed(0)
+    engine = MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 16).eval()
+    step = TemporalStep(engine)
+    batch = EventBatch(
+        torch.tensor([0, 1]),
+        torch.tensor([2, 3]),
+        torch.tensor([1.0, 2.0], dtype=torch.float64),
+        torch.zeros(2, 0),
+    )
+    neg = torch.tensor([4, 5])
+    plain = step.score(step.gather(batch, neg))
+    from dataclasses import replace
+
+    offset = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    shifted = step.score(replace(step.gather(batch, neg), logit_offset=offset))
+    assert torch.allclose(shifted.pos, plain.pos + offset[:2]) and torch.allclose(
+        shifted.neg, plain.neg + offset[2:]
+    )
