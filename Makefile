@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/datasets/wikipedia.csv
 OUT ?= runs/wikipedia
 EPOCHS ?= 5
-TRAIN_ARGS ?= --pair-features --activity-features
+TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction
 
 .PHONY: install train test test-faults test-all bench lint clean
 

@@ -45,8 +45,12 @@ DATASETS = {
 MODELS = {
     "tgnstream TGN": ({}, {}),
     "tgnstream TGN + pair (old default)": ({"pair_features": True}, {"pair_features": True}),
-    "tgnstream default (make train)": (
+    "tgnstream TGN + pair + activity": (
         {"pair_features": True, "activity_features": True},
+        {"pair_features": True, "activity_features": True},
+    ),
+    "tgnstream default (make train)": (
+        {"pair_features": True, "activity_features": True, "sampling_correction": True},
         {"pair_features": True, "activity_features": True},
     ),
 }
