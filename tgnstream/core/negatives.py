@@ -125,8 +125,8 @@ class NegativeSampler:
         that ``q`` over-samples (a source's past partner, a node active a moment ago) is pushed
         down by ``log(q / p)``, far below where it belongs when ranking the whole pool.
         Subtracting this from the training logits (the logQ correction of sampled softmax) makes
-        the model itself learn ``log(p_data / p)``. Draws that fall back to a uniform draw count as uniform; the
-        positive's exclusion is ignored (a small bias)."""
+        the model itself learn ``log(p_data / p)``. Draws that fall back to a uniform draw count
+        as uniform; the positive's exclusion is ignored (a small bias)."""
         b = src.numel()
         size = float(self.pool.numel())
         if num == 1:
