@@ -46,7 +46,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.live import StateStamp
+from tgnstream.live import ReadWriteLock, StateStamp
 
 __all__ = ["StateBoard", "SharedHandles", "SharedLiveView", "SharedCandidates", "Layout", "MAX_PARTITIONS"]
 
@@ -336,50 +336,6 @@ class _OpenSnapshot:
     offsets: dict[int, int]
 
 
-class _AttachLock:
-    """Many queries of one reader process at once, or one re-attach alone (writer-preferring).
-
-    A re-attach swaps the engine's tensors one by one; a query running meanwhile in another
-    thread would mix buffers of two layouts (and, on CUDA, could still have kernels in flight
-    on memory whose last reference the swap drops). Queries hold it shared for the whole
-    computation, a re-attach holds it exclusively."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._active = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if not self._active:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._exclusive or self._active:
-                self._cond.wait()
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
 class _Attempt(threading.local):
     seq: int = -1
     open: _OpenSnapshot | None = None
@@ -410,7 +366,10 @@ class SharedLiveView:
         self.engine.frozen_capacity = True
         self._queue = layout_queue
         self.max_attempts = max_attempts
-        self._attach_lock = _AttachLock()
+        # Queries hold it shared while they compute, a re-attach exclusively: a re-attach swaps
+        # the engine's tensors one by one, and a query running meanwhile would mix two layouts
+        # (on CUDA it could still have kernels in flight on memory the swap releases).
+        self._attach_lock = ReadWriteLock()
         self._layout: Layout | None = None
         self._attach(layout)
         self._attempt = _Attempt()
@@ -434,7 +393,7 @@ class SharedLiveView:
         """Hold the current layout for a query: re-attach first if the writer reallocated."""
         while True:
             self._follow_layout()
-            with self._attach_lock.shared():
+            with self._attach_lock.read():
                 if self._layout_current():
                     yield
                     return
@@ -443,7 +402,7 @@ class SharedLiveView:
         want = int(self.handles.header[LAYOUT])
         if want == self._layout.number:
             return
-        with self._attach_lock.exclusive():
+        with self._attach_lock.write():
             while self._layout.number < want:
                 if self._queue is None:
                     raise RuntimeError("shared state was reallocated and this view has no layout queue")

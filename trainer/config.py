@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["OfflineTrainConfig"]
@@ -104,6 +104,15 @@ class OfflineTrainConfig(BaseSettings):
         False, description="fetch memory as early as the bound allows (worst-case staleness; ablation)"
     )
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _negative_shares(self) -> OfflineTrainConfig:
+        if self.historical_ratio + self.neg_recent_ratio > 1.0:
+            raise ValueError(
+                f"historical ({self.historical_ratio}) + recent ({self.neg_recent_ratio}) negative shares "
+                "exceed 1"
+            )
+        return self
 
     @property
     def selection_metric(self) -> str:

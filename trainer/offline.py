@@ -171,10 +171,6 @@ def train_offline(
     engine = MemoryEngine(model_cfg, capacity=data.num_nodes, device=device)
     optimizer = make_optimizer(engine.model.parameters(), cfg.lr)
     pool = data.dst_nodes if data.bipartite else torch.arange(data.num_nodes)
-    if cfg.historical_ratio + cfg.neg_recent_ratio > 1.0:
-        raise ValueError(
-            f"historical ({cfg.historical_ratio}) + recent ({cfg.neg_recent_ratio}) negative shares exceed 1"
-        )
     sampler = NegativeSampler(
         pool,
         seed=cfg.seed,

@@ -82,8 +82,7 @@ class NegativeSampler:
             n_recent = 1 if recent_ratio > 0 else 0
             hist_cols = recent_cols = slice(0, 1)
         else:
-            n_hist = int(round(num * historical_ratio))
-            n_recent = min(int(round(num * recent_ratio)), num - n_hist)
+            n_hist, n_recent = _slots(num, historical_ratio, recent_ratio)
             use_hist = use_recent = None
             hist_cols, recent_cols = slice(0, n_hist), slice(n_hist, n_hist + n_recent)
         if n_hist and neighbors is not None:
@@ -132,8 +131,7 @@ class NegativeSampler:
         if num == 1:
             h, r = historical_ratio, self.recent_ratio
         else:
-            n_hist = int(round(num * historical_ratio))
-            n_recent = min(int(round(num * self.recent_ratio)), num - n_hist)
+            n_hist, n_recent = _slots(num, historical_ratio, self.recent_ratio)
             h, r = n_hist / num, n_recent / num
         uniform = torch.full((b, 1), 1.0 - h - r, dtype=torch.float64, device=self.device)
         mass = torch.zeros(candidates.shape, dtype=torch.float64, device=self.device)
@@ -152,3 +150,9 @@ class NegativeSampler:
             mass += size * r * hits.sum(-1).double() / position.clamp(min=1).unsqueeze(1).double()
             uniform[0] += r  # event 0 has no earlier event: its recent draw is uniform
         return torch.log(uniform + mass).float()
+
+
+def _slots(num: int, historical_ratio: float, recent_ratio: float) -> tuple[int, int]:
+    """Historical and recent slots among ``num > 1`` negatives per event (the rest uniform)."""
+    n_hist = int(round(num * historical_ratio))
+    return n_hist, min(int(round(num * recent_ratio)), num - n_hist)

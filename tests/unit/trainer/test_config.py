@@ -23,3 +23,18 @@ def test_invalid_values_are_rejected_with_the_field_name(tmp_path):
     cfg = OfflineTrainConfig(data=tmp_path / "d.csv", out=tmp_path)
     with pytest.raises(pydantic.ValidationError):
         cfg.epochs = 3  # frozen
+
+
+def test_negative_shares_that_exceed_one_are_refused_when_the_config_is_parsed(tmp_path):
+    with pytest.raises(ValueError, match="exceed 1"):
+        OfflineTrainConfig(
+            data=tmp_path / "d.csv",
+            out=tmp_path,
+            pair_features=True,
+            neg_historical_ratio=0.7,
+            neg_recent_ratio=0.4,
+        )
+    assert (
+        OfflineTrainConfig(data=tmp_path / "d.csv", out=tmp_path, neg_recent_ratio=0.4).neg_recent_ratio
+        == 0.4
+    )
