@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tgnstream.ingest.records import RecordDecoder
 from tgnstream.ingest.replay import encode_event
+from tgnstream.stream.records import RecordDecoder
 from tgnstream.sysinfo import hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]

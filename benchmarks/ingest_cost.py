@@ -21,13 +21,13 @@ import torch
 
 from tgnstream.core.loaders import load_dataset
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.prefetch import FetchedBatch
-from tgnstream.ingest.records import RecordDecoder
 from tgnstream.ingest.replay import iter_records
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
 from tgnstream.serve import initial_engine
 from tgnstream.serve_config import ServeConfig
+from tgnstream.stream.prefetch import FetchedBatch
+from tgnstream.stream.records import RecordDecoder
 from tgnstream.sysinfo import hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]

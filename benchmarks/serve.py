@@ -49,13 +49,13 @@ from tgnstream.broker import EmbeddedBroker  # noqa: E402
 from tgnstream.core.events import EventBatch  # noqa: E402
 from tgnstream.core.loaders import load_dataset  # noqa: E402
 from tgnstream.ingest.config import IngestConfig  # noqa: E402
-from tgnstream.ingest.prefetch import Prefetcher  # noqa: E402
 from tgnstream.ingest.replay import make_producer, replay_events  # noqa: E402
 from tgnstream.kafka_admin import create_topic  # noqa: E402
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb  # noqa: E402
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc  # noqa: E402
 from tgnstream.serve import ServingProcess  # noqa: E402
 from tgnstream.serve_config import ServeConfig  # noqa: E402
+from tgnstream.stream.prefetch import Prefetcher  # noqa: E402
 from tgnstream.sysinfo import hardware_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ Headers follow Kafka Connect's ``errors.deadletterqueue.context.headers.enable``
 tool can show them:
 
 =============================== ==============================================================
-``tgnstream.dlq.reason``        reason code (``tgnstream.ingest.records.REASONS`` or the loop's)
+``tgnstream.dlq.reason``        reason code (``tgnstream.stream.records.REASONS`` or the loop's)
 ``tgnstream.dlq.detail``        short human-readable explanation
 ``tgnstream.source.topic``      topic the record was read from
 ``tgnstream.source.partition``  its partition

@@ -15,17 +15,17 @@ from tgnstream.core.engine import PreparedBatch
 from tgnstream.core.events import EventBatch
 from tgnstream.core.step import TemporalStep
 from tgnstream.health import Readiness
-from tgnstream.ingest.batcher import OpenBatchBuilder
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher
-from tgnstream.ingest.prefetch import FetchedBatch, Prefetcher
 from tgnstream.ingest.quality import PrequentialQuality
-from tgnstream.ingest.records import DecodedBatch, RecordDecoder
-from tgnstream.ingest.source import SourceRecord
-from tgnstream.ingest.time_policy import TimePolicy
 from tgnstream.live import LiveEngine, OpenBatch
 from tgnstream.metrics import ServerMetrics
 from tgnstream.snapshots import SnapshotConfig, SnapshotStore
+from tgnstream.stream.assemble import BatchAssembler, RecordRejection
+from tgnstream.stream.batcher import ClosedBatch
+from tgnstream.stream.prefetch import FetchedBatch, Prefetcher
+from tgnstream.stream.records import RecordDecoder
+from tgnstream.stream.source import SourceRecord
 
 __all__ = ["IngestLoop"]
 
@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 class IngestLoop:
     """Applies the event stream to ``live`` with exactly-once state.
 
-    Per micro-batch: decode (bad records -> dead letters), screen event times (too late, too far
-    ahead -> dead letters; ``time_policy.py``), sort by time, register new node ids, score a sample before
-    applying (prequential quality), then the shared step's serving apply (apply + fold pending
-    messages; ``TemporalStep.prepare_live``/``commit_live``) and advance the offsets in one
-    write-locked step. Snapshots (state + offsets) every N events or T seconds; Kafka's
-    committed offsets follow each durable snapshot (monitoring only).
+    Per micro-batch, on the shared path (``tgnstream.stream.assemble``): decode (bad records ->
+    dead letters), screen event times (too late, too far ahead -> dead letters), register new
+    node ids, sort by time. Here: score a sample before applying (prequential quality), then the
+    shared step's serving apply (apply + fold pending messages; ``TemporalStep.prepare_live`` /
+    ``commit_live``) and advance the offsets in one write-locked step. Snapshots (state +
+    offsets) every N events or T seconds; Kafka's committed offsets follow each durable snapshot
+    (monitoring only).
     """
 
     def __init__(
@@ -61,7 +62,6 @@ class IngestLoop:
         self.config = config
         self.live = live
         self.fetcher = fetcher
-        self.decoder = decoder
         self.topic = config.kafka.topic
         self.dead_letters = dead_letters
         self.snapshots = snapshots
@@ -71,9 +71,6 @@ class IngestLoop:
         self.ready_max_lag_records = ready_max_lag_records
         self.topic_id = topic_id  # the Kafka topic id the state was built from (None: unknown)
         self.quality = PrequentialQuality(config.quality)
-        self.time_policy = TimePolicy(
-            config.max_lateness_s, config.max_future_s, config.max_ahead_of_record_time_s
-        )
         self._stop = threading.Event()
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
@@ -84,8 +81,9 @@ class IngestLoop:
         self._quality_published_at = float("-inf")
         self.batches = 0
         self.final_snapshot_ok: bool | None = None  # set when run() returns after stop()
-        self.open = OpenBatchBuilder(config.batch_max_events, live.engine.config.edge_dim)
-        self._running_watermark = float(live.engine.watermark)  # of the accepted events so far
+        self.assembler = BatchAssembler(
+            config, live.engine.config.edge_dim, float(live.engine.watermark), live.engine.device, decoder
+        )
 
     # ----------------------------------------------------------------------------- control
     def stop(self) -> None:
@@ -128,8 +126,11 @@ class IngestLoop:
         resets, self.fetcher.resets = self.fetcher.resets, []
         if not resets:
             return
-        if self.open.records:
-            log.warning("log gap: the open batch (%d records of the old log) is discarded", self.open.records)
+        if self.assembler.open.records:
+            log.warning(
+                "log gap: the open batch (%d records of the old log) is discarded",
+                self.assembler.open.records,
+            )
             self.discard_open()
         with self.live.write(state=False):
             for r in resets:
@@ -142,86 +143,53 @@ class IngestLoop:
     def discard_open(self) -> None:
         """Forget the open batch (its records are re-read from the applied offsets: after an
         ingest restart, or when a log gap moved the position)."""
-        self.open.clear()
         with self.live.write(state=False) as engine:
             self.live.open = None
-            self._running_watermark = float(engine.watermark)
+            self.assembler.discard(float(engine.watermark))
 
     def _handle(self, fetched: FetchedBatch) -> None:
-        """Cut a fetched chunk at the batch boundaries: each piece is screened, its ids
-        registered and added to the open batch; a full batch is applied."""
-        decoded = self.decoder.decode(fetched.values)
-        for rej in decoded.rejected:
-            self._dead_letter(fetched.record(rej.position), rej.reason, rej.detail)
-        n, at = fetched.num_records, 0
-        while at < n:
-            end = at + min(self.open.room, n - at)
-            lo, hi = np.searchsorted(decoded.positions, [at, end])
-            self._add(fetched, decoded, int(lo), int(hi), at, end)
-            at = end
-            if self.open.full:
-                self._close()
+        """Assemble a fetched chunk on the shared path (``BatchAssembler``): rejected records
+        go to dead letters, new events are sampled for prequential quality, each full batch is
+        applied before the next record is looked at."""
+        self.assembler.feed(
+            fetched, self._register, on_close=self._close, on_reject=self._reject, on_added=self._score_new
+        )
         self._publish_open()
         self._publish_state_metrics()
 
-    def _add(self, fetched: FetchedBatch, decoded: DecodedBatch, lo: int, hi: int, at: int, end: int) -> None:
-        """Records ``[at, end)`` of the chunk (their valid events: ``decoded[lo:hi]``) join the
-        open batch: event times screened against the running watermark, ids registered in log
-        order (src before dst), so ids and decisions do not depend on how records arrived."""
-        parts, offs = fetched.partitions[at:end], fetched.offsets[at:end]
-        next_offsets = {int(p): int(offs[parts == p][-1]) + 1 for p in np.unique(parts)}
-        positions = decoded.positions[lo:hi]
-        ts = decoded.ts[lo:hi]
-        keep, rejected = self.time_policy.screen(
-            ts, fetched.timestamps_ms[positions] / 1000.0, self._running_watermark
-        )
-        for r in rejected:
-            self._dead_letter(fetched.record(int(positions[r.index])), r.reason, r.detail)
-        src = dst = torch.zeros(0, dtype=torch.long)
-        if keep.size:
-            self._running_watermark = max(self._running_watermark, float(ts[keep].max()))
-            names: list[str] = [""] * (2 * keep.size)
-            rows = (keep + lo).tolist()
-            names[0::2] = [decoded.src[i] for i in rows]
-            names[1::2] = [decoded.dst[i] for i in rows]
-            with self.live.write(state=False) as engine:
-                dense, _ = engine.ids.lookup(names, create=True)
-                engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids
-            dense = dense.view(-1, 2)
-            src, dst = dense[:, 0].contiguous(), dense[:, 1].contiguous()
-        self.open.add(
-            end - at,
-            next_offsets,
-            src,
-            dst,
-            ts[keep],
-            decoded.features[lo:hi][keep],
-            fetched,
-            positions[keep],
-        )
-        if keep.size and self.quality.due():
-            # Prequential: the new events are scored before they count anywhere, each seeing the
-            # applied state and the open batch's events before it (training's batch semantics).
-            events, order = self.open.events(self.live.engine.device)
-            where = np.empty_like(order)  # time-ordered position of each event, in log order
-            where[order] = np.arange(order.size)
-            new = torch.from_numpy(np.sort(where[order.size - keep.size :]))
-            self.metrics.online_scored.inc(self.quality.observe(self.live, events, among=new))
+    def _register(self, names: list[str]) -> torch.Tensor:
+        with self.live.write(state=False) as engine:
+            dense, _ = engine.ids.lookup(names, create=True)
+            engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids
+        return dense
+
+    def _reject(self, rejection: RecordRejection) -> None:
+        self._dead_letter(rejection.record, rejection.reason, rejection.detail)
+
+    def _score_new(self, added: int) -> None:
+        """Prequential: the ``added`` newest events are scored before they count anywhere, each
+        seeing the applied state and the open batch's events before it (training's batch
+        semantics)."""
+        if not self.quality.due():
+            return
+        events, order = self.assembler.open.events(self.live.engine.device)
+        where = np.empty_like(order)  # time-ordered position of each event, in log order
+        where[order] = np.arange(order.size)
+        new = torch.from_numpy(np.sort(where[order.size - added :]))
+        self.metrics.online_scored.inc(self.quality.observe(self.live, events, among=new))
 
     def _publish_open(self) -> None:
         """Show the open batch to queries (batch context) and its position to GetModelInfo."""
-        events, _ = self.open.events(self.live.engine.device)
+        open_batch = self.assembler.open
+        events, _ = open_batch.events(self.live.engine.device)
         with self.live.write(state=False):
-            self.live.open = OpenBatch(events, dict(self.open.next_offsets)) if self.open.records else None
+            self.live.open = OpenBatch(events, dict(open_batch.next_offsets)) if open_batch.records else None
 
-    def _close(self) -> int:
-        """Apply the full open batch (time-ordered) and advance the applied offsets, in one
-        write-locked step; returns the number of events applied."""
+    def _close(self, batch: ClosedBatch) -> int:
+        """Apply a full batch and advance the applied offsets, in one write-locked step;
+        returns the number of events applied."""
         started = time.perf_counter()
-        events, order = self.open.events(self.live.engine.device)
-        prepared = None
-        if len(events):
-            prepared = self._prepare(events, lambda row: self.open.source(int(order[row])))
+        prepared = self._prepare(batch.events, batch.source) if len(batch.events) else None
         applied = 0
         with self.live.write() as engine:
             if prepared is not None:
@@ -232,11 +200,10 @@ class IngestLoop:
                 self.metrics.ingest_events.labels("applied").inc(applied)
                 if late:
                     self.metrics.ingest_events.labels("late_clamped").inc(late)
-            self.live.next_offsets = {**self.live.next_offsets, **self.open.next_offsets}
+            self.live.next_offsets = {**self.live.next_offsets, **batch.next_offsets}
             self.live.open = None
-        self._since_snapshot += self.open.records
+        self._since_snapshot += batch.records
         self.batches += 1
-        self.open.clear()
         self.metrics.ingest_batch_seconds.observe(time.perf_counter() - started)
         self.metrics.ingest_batch_events.observe(applied)
         return applied

@@ -23,12 +23,8 @@ from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.health import HealthHttpServer, Readiness
-from tgnstream.ingest.config import KafkaConfig
-from tgnstream.ingest.consumers import throttle_kafka_python_logs
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.prefetch import FatalIngestError, Prefetcher
-from tgnstream.ingest.records import RecordDecoder
 from tgnstream.kafka_admin import create_topic
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ReaderMetrics, ServerMetrics
@@ -36,6 +32,10 @@ from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_
 from tgnstream.reader_pool import ReaderPool
 from tgnstream.serve_config import ModelSource, ServeConfig
 from tgnstream.snapshots import SnapshotStore
+from tgnstream.stream.config import KafkaConfig
+from tgnstream.stream.consumers import throttle_kafka_python_logs
+from tgnstream.stream.prefetch import FatalIngestError, Prefetcher
+from tgnstream.stream.records import RecordDecoder
 from tgnstream.sysinfo import resolve_device
 
 __all__ = ["initial_engine", "run_server", "ServingProcess"]
@@ -138,13 +138,7 @@ class ServingProcess:
             _ensure_topic(kafka, dlq_topic(topic))
             producer = KafkaProducer(**kafka.client_kwargs(), acks="all", linger_ms=5, max_block_ms=10_000)
             dead_letters = DeadLetterPublisher(producer, topic)
-        decoder = RecordDecoder(
-            edge_dim=engine.config.edge_dim,
-            encoding=cfg.ingest.encoding,
-            max_record_bytes=cfg.ingest.max_record_bytes,
-            allow_self_loops=cfg.ingest.allow_self_loops,
-            max_abs_ts_s=cfg.ingest.max_abs_ts_s,
-        )
+        decoder = RecordDecoder.from_config(cfg.ingest, engine.config.edge_dim)
         self.loop = IngestLoop(
             cfg.ingest,
             self.live,

@@ -125,7 +125,7 @@ def feed_in_chunks(
 
     import numpy as np
 
-    from tgnstream.ingest.prefetch import FetchedBatch
+    from tgnstream.stream.prefetch import FetchedBatch
 
     rng, total, at = random.Random(seed), len(values), 0
     while at < total:

@@ -10,8 +10,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.source import KafkaSource
 from tgnstream.kafka_admin import create_topic
+from tgnstream.stream.source import KafkaSource
 
 pytestmark = pytest.mark.kafka
 

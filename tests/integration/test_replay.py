@@ -21,9 +21,9 @@ from tgnstream.ingest.dlq import (
     dlq_topic,
     read_dead_letters,
 )
-from tgnstream.ingest.records import RecordDecoder
 from tgnstream.ingest.replay import ReplayError, TokenBucket, add_parser, replay_events
 from tgnstream.kafka_admin import create_topic
+from tgnstream.stream.records import RecordDecoder
 
 pytestmark = pytest.mark.kafka
 

@@ -23,7 +23,6 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.records import RecordDecoder
 from tgnstream.ingest.replay import encode_event
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ServerMetrics
@@ -34,6 +33,7 @@ from tgnstream.reader_pool import ReaderPool
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.snapshots import SnapshotConfig
+from tgnstream.stream.records import RecordDecoder
 from tgnstream.testing import StubFetcher, feed_in_chunks, prefix_answer
 
 BATCH, TOTAL = 40, 1200

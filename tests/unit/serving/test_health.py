@@ -9,7 +9,7 @@ import urllib.request
 from prometheus_client import CollectorRegistry, Gauge
 
 from tgnstream.health import HealthHttpServer, Readiness
-from tgnstream.ingest.consumers import ConnectionLogThrottle
+from tgnstream.stream.consumers import ConnectionLogThrottle
 
 
 def test_readiness_is_the_absence_of_reasons_and_notifies_flips_only():

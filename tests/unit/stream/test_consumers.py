@@ -7,8 +7,8 @@ import builtins
 import pytest
 
 from tgnstream.ingest.config import IngestConfig, KafkaConfig
-from tgnstream.ingest.confluent_client import librdkafka_settings
-from tgnstream.ingest.consumers import resolve_client
+from tgnstream.stream.confluent_client import librdkafka_settings
+from tgnstream.stream.consumers import resolve_client
 
 
 def test_security_settings_map_to_librdkafka_names():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tgnstream.ingest.time_policy import TimePolicy
+from tgnstream.stream.time_policy import TimePolicy
 
 
 def naive(ts, rec, wm, lateness, future, ahead):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tgnstream.ingest.config import IngestConfig
+from tgnstream.stream.config import StreamConfig
 
 __all__ = [
     "Columns",
@@ -111,14 +111,14 @@ def resolve_client(name: str) -> str:
     return "confluent-kafka"
 
 
-def open_consumer(config: IngestConfig) -> ConsumerClient:
+def open_consumer(config: StreamConfig) -> ConsumerClient:
     """A connected consumer of ``config.kafka.topic`` with the configured client."""
     name = resolve_client(config.kafka.client)
     if name == "confluent-kafka":
-        from tgnstream.ingest.confluent_client import ConfluentClient
+        from tgnstream.stream.confluent_client import ConfluentClient
 
         return ConfluentClient(config)
-    from tgnstream.ingest.kafka_python_client import KafkaPythonClient
+    from tgnstream.stream.kafka_python_client import KafkaPythonClient
 
     return KafkaPythonClient(config)
 

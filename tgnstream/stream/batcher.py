@@ -8,16 +8,29 @@ screened) and shown to queries as batch context until the batch closes and is ap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from tgnstream.core.events import EventBatch
-from tgnstream.ingest.prefetch import FetchedBatch
-from tgnstream.ingest.source import SourceRecord
+from tgnstream.stream.prefetch import FetchedBatch
+from tgnstream.stream.source import SourceRecord
 
-__all__ = ["OpenBatchBuilder"]
+__all__ = ["ClosedBatch", "OpenBatchBuilder"]
+
+
+@dataclass(frozen=True)
+class ClosedBatch:
+    """A full batch, ready to apply. ``events``: its valid events in time order (``[B]``);
+    ``records``: the log records it counts (valid or not); ``next_offsets``: per partition, the
+    next offset once it is applied; ``source(i)``: the Kafka record of ``events`` row ``i``."""
+
+    events: EventBatch
+    records: int
+    next_offsets: dict[int, int]
+    source: Callable[[int], SourceRecord]
 
 
 @dataclass
@@ -108,6 +121,23 @@ class OpenBatchBuilder:
                 return chunk.record(int(positions[i]))
             i -= positions.size
         raise IndexError(i)
+
+    def close(self, device: torch.device) -> ClosedBatch:
+        """The content as a ``ClosedBatch`` (rows in time order); the builder is emptied."""
+        events, order = self.events(device)
+        chunks = self._chunks
+
+        def source(row: int) -> SourceRecord:
+            i = int(order[row])
+            for chunk, positions in chunks:
+                if i < positions.size:
+                    return chunk.record(int(positions[i]))
+                i -= positions.size
+            raise IndexError(row)
+
+        closed = ClosedBatch(events, self.records, dict(self.next_offsets), source)
+        self.clear()
+        return closed
 
     def clear(self) -> None:
         self.records = 0

@@ -10,8 +10,8 @@ from uuid import UUID
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from tgnstream.ingest.config import IngestConfig, KafkaConfig
-from tgnstream.ingest.consumers import Columns, ConnectionLogThrottle, OffsetOutOfRange
+from tgnstream.stream.config import KafkaConfig, StreamConfig
+from tgnstream.stream.consumers import Columns, ConnectionLogThrottle, OffsetOutOfRange
 
 __all__ = ["ConfluentClient", "librdkafka_settings"]
 
@@ -63,7 +63,7 @@ def librdkafka_settings(k: KafkaConfig) -> dict:
 class ConfluentClient:
     """See ``consumers.ConsumerClient``. Records are confluent-kafka ``Message``s."""
 
-    def __init__(self, config: IngestConfig):
+    def __init__(self, config: StreamConfig):
         k = config.kafka
         self.topic = k.topic
         self._bootstrap = k.bootstrap_servers

@@ -8,8 +8,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.consumers import Columns, ConsumerClient, OffsetOutOfRange, open_consumer
+from tgnstream.stream.config import StreamConfig
+from tgnstream.stream.consumers import Columns, ConsumerClient, OffsetOutOfRange, open_consumer
 
 __all__ = ["KafkaSource", "LogGapError", "LogReset", "RecordBatch", "SourceRecord"]
 
@@ -63,7 +63,7 @@ class KafkaSource:
 
     def __init__(
         self,
-        config: IngestConfig,
+        config: StreamConfig,
         start_offsets: dict[int, int] | None = None,
         expected_topic_id: str | None = None,
     ):

@@ -12,9 +12,9 @@ import struct
 import numpy as np
 import pytest
 
-from tgnstream.ingest.records import MAX_ID_BYTES, REASONS, DecodedBatch, RecordDecoder, Rejected
 from tgnstream.ingest.replay import encode_event
 from tgnstream.rpc.v1.event_pb2 import Event
+from tgnstream.stream.records import MAX_ID_BYTES, REASONS, DecodedBatch, RecordDecoder, Rejected
 
 OK = b'{"src":"u1","dst":"p1","ts":10.5}'  # a valid neighbour for the single-bad-record cases
 

@@ -10,8 +10,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
-from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.consumers import Columns, OffsetOutOfRange
+from tgnstream.stream.config import StreamConfig
+from tgnstream.stream.consumers import Columns, OffsetOutOfRange
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ __all__ = ["KafkaPythonClient"]
 class KafkaPythonClient:
     """See ``consumers.ConsumerClient``. Records are kafka-python ``ConsumerRecord``s."""
 
-    def __init__(self, config: IngestConfig):
+    def __init__(self, config: StreamConfig):
         k = config.kafka
         self.topic = k.topic
         self._bootstrap = k.bootstrap_servers

@@ -23,8 +23,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.source import KafkaSource, LogGapError, LogReset, RecordBatch, SourceRecord
+from tgnstream.stream.config import StreamConfig
+from tgnstream.stream.source import KafkaSource, LogGapError, LogReset, RecordBatch, SourceRecord
 
 try:
     import fcntl
@@ -84,12 +84,14 @@ class FetchedBatch:
         )
 
 
-def _take_resets(source: KafkaSource) -> tuple[LogReset, ...]:
+def take_resets(source: KafkaSource) -> tuple[LogReset, ...]:
+    """The log resets ``source`` made since the last call (each is reported once)."""
     resets, source.resets = tuple(source.resets), []
     return resets
 
 
-def _package(source: KafkaSource, batch: RecordBatch) -> FetchedBatch:
+def package(source: KafkaSource, batch: RecordBatch) -> FetchedBatch:
+    """``batch`` with the source's current view of the log (log ends, connection, resets)."""
     cols = batch.records
     return FetchedBatch(
         values=cols.values,
@@ -100,7 +102,7 @@ def _package(source: KafkaSource, batch: RecordBatch) -> FetchedBatch:
         next_offsets=batch.next_offsets,
         highwater=source.highwaters(),
         connected=source.connected(),
-        resets=_take_resets(source),
+        resets=take_resets(source),
         topic_id=source.topic_id,
     )
 
@@ -127,7 +129,7 @@ def _widen(conn: Connection, nbytes: int) -> None:
 
 
 def _child(
-    config: IngestConfig,
+    config: StreamConfig,
     start_offsets: dict[int, int],
     topic_id: str | None,
     out: Connection,
@@ -143,7 +145,7 @@ def _child(
     source = None
     try:
         source = KafkaSource(config, start_offsets, topic_id)
-        ready = ("ready", source.partitions, dict(source.next_offsets), source.topic_id, _take_resets(source))
+        ready = ("ready", source.partitions, dict(source.next_offsets), source.topic_id, take_resets(source))
         if not _send(out, ready):
             return
         while True:
@@ -167,11 +169,11 @@ def _child(
                     "idle",
                     source.highwaters(),
                     source.connected(),
-                    _take_resets(source),
+                    take_resets(source),
                     source.topic_id,
                 )
             else:
-                item = ("batch", _package(source, batch))
+                item = ("batch", package(source, batch))
             if not _send(out, item):
                 break  # the server is gone
     except LogGapError as e:  # the message says it all: no traceback
@@ -191,7 +193,7 @@ class Prefetcher:
     back-pressure on Kafka). ``partitions``/``start_offsets`` are known after ``start()``.
     """
 
-    def __init__(self, config: IngestConfig, start_offsets: dict[int, int], topic_id: str | None = None):
+    def __init__(self, config: StreamConfig, start_offsets: dict[int, int], topic_id: str | None = None):
         ctx = mp.get_context("spawn")  # never fork a process that holds torch/grpc threads
         self._out, self._writer = ctx.Pipe(duplex=False)
         self._commands: mp.Queue = ctx.Queue()

@@ -45,6 +45,7 @@ from typing_extensions import TypedDict
 from tgnstream.core.events import MAX_ABS_EVENT_TIME_S
 from tgnstream.core.idmap import MAX_ID_BYTES
 from tgnstream.rpc.v1.event_pb2 import Event
+from tgnstream.stream.config import StreamConfig
 
 __all__ = ["DEFAULT_MAX_ABS_TS_S", "REASONS", "MAX_ID_BYTES", "Rejected", "DecodedBatch", "RecordDecoder"]
 
@@ -206,6 +207,17 @@ class RecordDecoder:
         self.max_abs_ts_s = float(max_abs_ts_s)
         self._zero_row = [0.0] * self.edge_dim  # placeholder for screened-out rows
         self._parse_json = from_json if self.edge_dim == 0 else _FEATURES_JSON.validate_json
+
+    @classmethod
+    def from_config(cls, config: StreamConfig, edge_dim: int) -> RecordDecoder:
+        """The decoder every reader of a topic with these settings uses (same rejections)."""
+        return cls(
+            edge_dim=edge_dim,
+            encoding=config.encoding,
+            max_record_bytes=config.max_record_bytes,
+            allow_self_loops=config.allow_self_loops,
+            max_abs_ts_s=config.max_abs_ts_s,
+        )
 
     # ------------------------------------------------------------------------ public API
     def decode(self, values: list[bytes | None]) -> DecodedBatch:

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tgnstream.ingest import source as source_module
 from tgnstream.ingest.config import IngestConfig
-from tgnstream.ingest.consumers import Columns, OffsetOutOfRange
-from tgnstream.ingest.source import KafkaSource, LogGapError
+from tgnstream.stream import source as source_module
+from tgnstream.stream.consumers import Columns, OffsetOutOfRange
+from tgnstream.stream.source import KafkaSource, LogGapError
 
 
 class FakeLog:
