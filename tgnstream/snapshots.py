@@ -16,10 +16,7 @@ write the directory can recompute them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
 from tgnstream.core.engine import MemoryEngine
+from tgnstream.durable import MANIFEST, UntrustedManifest, discard, file_sha256, read_manifest, write_manifest
 
 __all__ = ["Snapshot", "SnapshotConfig", "SnapshotStore", "SNAPSHOT_FORMAT"]
 
@@ -37,9 +35,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 2
 _FORMAT_UNPROTECTED = 1  # still readable: its manifest has no checksum of its own
-_MANIFEST = "manifest.json"
 _STATE = "state.pt"
-_DIGEST = "manifest_sha256"
 
 
 class SnapshotConfig(BaseModel):
@@ -73,55 +69,14 @@ class Snapshot:
         """Rebuild the engine; raises ``ValueError`` when the manifest or ``state.pt`` fails its
         checksum."""
         manifest = _read_manifest(self.path)
-        if _sha256(self.path / _STATE) != manifest["state_sha256"]:
+        if file_sha256(self.path / _STATE) != manifest["state_sha256"]:
             raise ValueError(f"{self.path}: state.pt does not match the manifest checksum")
         engine, _ = load_checkpoint(self.path / _STATE, device)
         return engine
 
 
-class _Rejected(ValueError):
-    """A manifest that is readable but must not be trusted (edited, damaged, unsupported)."""
-
-
-def _manifest_digest(manifest: dict) -> str:
-    """SHA-256 of the canonical JSON (sorted keys, compact separators, ASCII) of every field
-    but ``manifest_sha256`` itself."""
-    body = {k: v for k, v in manifest.items() if k != _DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _read_manifest(path: Path) -> dict:
-    """The manifest of the snapshot at ``path``, verified. Raises ``_Rejected`` for an edited,
-    damaged or unsupported one, ``ValueError`` for one that is not JSON."""
-    m = json.loads((path / _MANIFEST).read_text())
-    if not isinstance(m, dict):
-        raise _Rejected(f"{path}: manifest is not a JSON object, ignored")
-    fmt = m.get("format")
-    if fmt == SNAPSHOT_FORMAT:
-        if m.get(_DIGEST) != _manifest_digest(m):
-            raise _Rejected(
-                f"{path}: manifest checksum does not match: the manifest was edited or damaged; "
-                "snapshot ignored"
-            )
-    elif fmt != _FORMAT_UNPROTECTED:
-        raise _Rejected(f"{path}: unsupported snapshot format {fmt!r}, ignored")
-    return m
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return read_manifest(path, {SNAPSHOT_FORMAT}, frozenset({_FORMAT_UNPROTECTED}))
 
 
 class SnapshotStore:
@@ -175,19 +130,11 @@ class SnapshotStore:
                 "next_offsets": {str(p): int(o) for p, o in sorted(next_offsets.items())},
                 "events_applied": events,
                 "created_at": created,
-                "state_sha256": _sha256(path / _STATE),
+                "state_sha256": file_sha256(path / _STATE),
             }
-            manifest[_DIGEST] = _manifest_digest(manifest)
-            tmp = path / (_MANIFEST + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path / _MANIFEST)
-            _fsync_dir(path)
-            _fsync_dir(self.root)
+            write_manifest(path, manifest)
         except BaseException:
-            _discard(path)
+            discard(path)
             raise
         snap = Snapshot(path, model_version, dict(next_offsets), events, created, topic, topic_id)
         self.prune()
@@ -199,7 +146,7 @@ class SnapshotStore:
         each); format-1 manifests are read, with a warning that their offsets are unprotected."""
         found = []
         for path in self.root.glob("snap-*"):
-            if not (path / _MANIFEST).is_file():
+            if not (path / MANIFEST).is_file():
                 continue
             try:
                 m = _read_manifest(path)
@@ -212,7 +159,7 @@ class SnapshotStore:
                     m.get("topic") or "",
                     m.get("topic_id"),
                 )
-            except _Rejected as e:
+            except UntrustedManifest as e:
                 self._warn_once(path, str(e))
                 continue
             except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -260,25 +207,6 @@ class SnapshotStore:
         for snap in self.complete():  # oldest first
             by_topic.setdefault(snap.topic, []).append(snap)
         doomed = [s.path for snaps in by_topic.values() for s in snaps[: -self.keep]]
-        doomed += [p for p in self.root.glob("snap-*") if not (p / _MANIFEST).exists()]
+        doomed += [p for p in self.root.glob("snap-*") if not (p / MANIFEST).exists()]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _discard(path: Path) -> None:
-    """Best-effort removal of a failed write's directory; never raises (the write's own error
-    is the one to report)."""
-    try:
-        # The manifest first: whatever else fails to go, what remains is an incomplete snapshot
-        # (never loaded, deleted by the next prune).
-        try:
-            (path / _MANIFEST).unlink(missing_ok=True)
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-        left = path.exists()
-    except Exception as e:
-        left, why = True, f" ({e})"
-    else:
-        why = ""
-    if left:
-        log.warning("could not remove the failed snapshot %s%s", path, why)

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from tgnstream import snapshots
+from tgnstream import durable, snapshots
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
@@ -223,7 +223,7 @@ def _partial_state_then_disk_full(path, *args, **kwargs):
     [
         ("save_checkpoint", _partial_state_then_disk_full),
         ("os.fsync", _disk_full),  # in save_checkpoint or on the manifest temp file
-        ("_fsync_dir", _disk_full),  # the manifest is already in place by then
+        ("fsync_dir", _disk_full),  # the manifest is already in place by then
     ],
 )
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, target, failure):
@@ -231,7 +231,9 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, target, fai
     kept = store.write(_engine(10), "v1", {0: 10}, "events")
     with monkeypatch.context() as m:
         if target == "os.fsync":
-            m.setattr(snapshots.os, "fsync", failure)
+            m.setattr(durable.os, "fsync", failure)
+        elif target == "fsync_dir":
+            m.setattr(durable, target, failure)
         else:
             m.setattr(snapshots, target, failure)
         with pytest.raises(OSError) as info:

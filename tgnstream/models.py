@@ -1,0 +1,225 @@
+"""Published model versions: what the trainer hands to servers (design §5 hot swap, §6).
+
+Layout: ``DIR/v<NNNNNN>/`` holding ``state.pt`` (a checkpoint: model config, weights and the
+trainer's full state: memory, mailbox, neighbours, pair history, id map, PRES statistics),
+``config.json`` (the model config, for people and tools) and ``manifest.json``: the version,
+the topic (and its id) and the per-partition next offsets the state reflects, the event count,
+the version it was trained from, the promotion gate's metrics, and the SHA-256 of every file.
+The manifest is written last and sealed with its own checksum (``tgnstream.durable``, the
+snapshot store's protocol): a version without a valid manifest, or whose files do not match
+it, is never loaded.
+
+Versions are numbered monotonically (the next number is one above every ``v*`` directory
+present, complete or not, so a crashed write's name is never reused); the newest ``keep`` are
+kept. One store has one writer (the trainer); any number of servers read it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.durable import MANIFEST, UntrustedManifest, discard, file_sha256, read_manifest, write_manifest
+
+__all__ = ["MODEL_FORMAT", "ModelStore", "PublishedModel"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = 1
+_STATE = "state.pt"
+_CONFIG = "config.json"
+_NAME = re.compile(r"^v(\d{6,})$")
+
+
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A complete published version (its manifest exists and verified).
+
+    next_offsets: per partition, the first offset the state has not seen (replay from there);
+    gate: the promotion gate's metrics and decision; parent: the version it was fine-tuned
+    from (None for the first)."""
+
+    path: Path
+    version: str
+    number: int
+    next_offsets: dict[int, int]
+    events_applied: int
+    created_at: float
+    topic: str
+    topic_id: str | None
+    parent: str | None
+    gate: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def verify(self) -> None:
+        """Raise ``ValueError`` when a file is missing or does not match its checksum."""
+        for name, digest in self.files.items():
+            path = self.path / name
+            if not path.is_file():
+                raise ValueError(f"{self.path}: {name} is missing")
+            if file_sha256(path) != digest:
+                raise ValueError(f"{self.path}: {name} does not match the manifest checksum")
+
+    def load(self, device: torch.device | str = "cpu") -> MemoryEngine:
+        """The engine (weights and state) of this version, verified first."""
+        self.verify()
+        engine, _ = load_checkpoint(self.path / _STATE, device)
+        return engine
+
+
+class ModelStore:
+    """Publishes, lists, loads and prunes versions in one directory (created if missing)."""
+
+    def __init__(self, root: str | Path, keep: int = 5):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._warned: set[tuple[Path, str]] = set()
+
+    def _numbers(self) -> list[int]:
+        return [int(m.group(1)) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+
+    def publish(
+        self,
+        engine: MemoryEngine,
+        next_offsets: dict[int, int],
+        topic: str,
+        topic_id: str | None = None,
+        parent: str | None = None,
+        gate: dict | None = None,
+    ) -> PublishedModel:
+        """Write ``engine`` (weights and state, reflecting ``next_offsets`` of ``topic``) as the
+        next version. The caller must not modify the engine meanwhile. A failed write leaves no
+        version behind and raises."""
+        number = max(self._numbers(), default=0) + 1
+        version = version_name(number)
+        path = self.root / version
+        path.mkdir()
+        created = time.time()
+        try:
+            save_checkpoint(path / _STATE, engine, {"model_version": version, "parent": parent})
+            (path / _CONFIG).write_text(json.dumps(engine.config.model_dump(), indent=1, sort_keys=True))
+            files = {name: file_sha256(path / name) for name in (_STATE, _CONFIG)}
+            manifest = {
+                "format": MODEL_FORMAT,
+                "version": version,
+                "parent": parent,
+                "topic": topic,
+                "topic_id": topic_id,
+                "next_offsets": {str(p): int(o) for p, o in sorted(next_offsets.items())},
+                "events_applied": int(engine.events_applied),
+                "created_at": created,
+                "model": engine.config.label,
+                "gate": gate or {},
+                "files": files,
+            }
+            write_manifest(path, manifest)
+        except BaseException:
+            discard(path)
+            raise
+        published = PublishedModel(
+            path,
+            version,
+            number,
+            dict(next_offsets),
+            int(engine.events_applied),
+            created,
+            topic,
+            topic_id,
+            parent,
+            dict(gate or {}),
+            files,
+        )
+        self.prune()
+        return published
+
+    def _warn_once(self, path: Path, message: str) -> None:
+        if (path, message) not in self._warned:
+            self._warned.add((path, message))
+            log.warning("%s", message)
+
+    def _read(self, path: Path) -> PublishedModel:
+        m = read_manifest(path, {MODEL_FORMAT})
+        number = int(_NAME.match(path.name).group(1))
+        if m["version"] != path.name:
+            raise UntrustedManifest(f"{path}: the manifest names version {m['version']!r}, not {path.name!r}")
+        return PublishedModel(
+            path,
+            m["version"],
+            number,
+            {int(p): int(o) for p, o in m["next_offsets"].items()},
+            int(m["events_applied"]),
+            float(m["created_at"]),
+            m.get("topic") or "",
+            m.get("topic_id"),
+            m.get("parent"),
+            dict(m.get("gate") or {}),
+            {str(k): str(v) for k, v in m["files"].items()},
+        )
+
+    def versions(self) -> list[PublishedModel]:
+        """Complete versions, oldest first. Unreadable, edited or unsupported manifests are
+        ignored with one warning each (their files are not checked here: ``load`` does)."""
+        found = []
+        for number in sorted(self._numbers()):
+            path = self.root / version_name(number)
+            if not (path / MANIFEST).is_file():
+                continue
+            try:
+                found.append(self._read(path))
+            except UntrustedManifest as e:
+                self._warn_once(path, str(e))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self._warn_once(path, f"{path}: unreadable manifest ({e!r}), ignored")
+        return found
+
+    def latest(self) -> PublishedModel | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def get(self, version: str) -> PublishedModel:
+        """The complete version ``version``; ``KeyError`` when there is none by that name,
+        ``ValueError`` when its manifest cannot be trusted."""
+        path = self.root / version
+        if not _NAME.match(version) or not (path / MANIFEST).is_file():
+            raise KeyError(f"no published version {version!r} in {self.root}")
+        return self._read(path)
+
+    def load_latest(self, device: torch.device | str = "cpu") -> tuple[PublishedModel, MemoryEngine] | None:
+        """The newest version that loads and verifies (falling back to older ones), or None."""
+        for published in reversed(self.versions()):
+            try:
+                return published, published.load(device)
+            except (ValueError, OSError, RuntimeError) as e:
+                log.error("published version %s is damaged (%s); trying an older one", published.path, e)
+        return None
+
+    def prune(self) -> None:
+        """Delete all but the newest ``keep`` complete versions, and directories without a
+        manifest below the newest complete one (interrupted writes; a directory above it may be
+        a write in progress). Versions whose manifest is ignored are left alone."""
+        complete = self.versions()
+        doomed = [p.path for p in complete[: -self.keep]]
+        if complete:
+            newest = complete[-1].number
+            for number in self._numbers():
+                path = self.root / version_name(number)
+                if number < newest and not (path / MANIFEST).exists():
+                    doomed.append(path)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
