@@ -82,8 +82,10 @@ def run_epoch(
     optimizer: torch.optim.Optimizer,
     progress: bool = False,
     desc: str = "train",
+    reset: bool = True,
 ) -> float:
-    """Train on every batch of ``batches`` from an empty state; returns the mean loss.
+    """Train on every batch of ``batches`` from an empty state (``reset``; else from the
+    engine's state as it is); returns the mean loss.
 
     Per batch, the shared step (``tgnstream.core.step``): score -> loss -> apply -> backward +
     optimizer step. Applying before ``backward`` is safe: the persisted state is detached and
@@ -91,7 +93,8 @@ def run_epoch(
     batch's memory, already written back, while this one runs backward.
     """
     engine = step.engine
-    engine.reset_state()
+    if reset:
+        engine.reset_state()
     engine.train()
     total, n = 0.0, 0
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")

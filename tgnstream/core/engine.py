@@ -18,6 +18,7 @@ forward reads from the state: ``gather_*``, ``fetch_memory``) separate from the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,40 @@ class MemoryEngine(nn.Module):
         self.events_applied.zero_()
         self.watermark.fill_(float("-inf"))
         self.first_event_time.fill_(float("inf"))
+
+    @torch.no_grad()
+    def copy_state_from(self, other: MemoryEngine) -> None:
+        """Make this engine's node state (memory, mailbox, neighbours, pair history, id map,
+        counters) a copy of ``other``'s; weights and PRES statistics (learnt, like weights) stay.
+        Continual training restarts each epoch over its window from the window's first state."""
+        if other.config.model_copy(update={"pres": self.config.pres}) != self.config.model_copy(
+            update={"pres": self.config.pres}
+        ):
+            raise ValueError("copy_state_from needs an engine of the same architecture")
+        self.memory = copy.deepcopy(other.memory).to(self.device)
+        self.neighbors = copy.deepcopy(other.neighbors).to(self.device)
+        self.history = copy.deepcopy(other.history).to(self.device)
+        self.ids = copy.deepcopy(other.ids)
+        for name in ("events_applied", "watermark", "first_event_time"):
+            getattr(self, name).copy_(getattr(other, name))
+        self._align_capacity()
+
+    @torch.no_grad()
+    def copy_learned_from(self, other: MemoryEngine) -> None:
+        """Take ``other``'s weights and PRES statistics (what training learns); node state stays."""
+        self.model.load_state_dict(other.model.state_dict())
+        if other.pres is not None:
+            self.pres = copy.deepcopy(other.pres).to(self.device)
+            self._align_capacity()
+
+    def _align_capacity(self) -> None:
+        """Every per-node buffer at one capacity (checkpoints rely on it)."""
+        if self.pres is None:
+            return
+        if self.pres.capacity <= self.capacity:
+            self.pres.grow(self.capacity)
+        else:
+            self.ensure_capacity(self.pres.capacity)
 
     # ----------------------------------------------------------------------------- gather
     def fetch_memory(self, nodes: torch.Tensor) -> MemoryRows:

@@ -66,6 +66,18 @@ class EventBatch:
             self.src[start:stop], self.dst[start:stop], self.t[start:stop], self.feats[start:stop]
         )
 
+    @staticmethod
+    def concat(batches: list[EventBatch]) -> EventBatch:
+        """The batches one after the other (they must be in time order among themselves)."""
+        if not batches:
+            raise ValueError("concat needs at least one batch")
+        return EventBatch(
+            torch.cat([b.src for b in batches]),
+            torch.cat([b.dst for b in batches]),
+            torch.cat([b.t for b in batches]),
+            torch.cat([b.feats for b in batches]),
+        )
+
     def select(self, rows: torch.Tensor) -> EventBatch:
         """The events at ``rows [m]`` (increasing keeps the time order)."""
         return EventBatch(self.src[rows], self.dst[rows], self.t[rows], self.feats[rows])

@@ -1,0 +1,173 @@
+"""Configuration of ``tgnstream trainer`` (continual training): one TOML/JSON file plus
+environment overrides ``TGNSTREAM_TRAINER_<SECTION>__<FIELD>`` (they win over the file), e.g.
+``TGNSTREAM_TRAINER_STREAM__KAFKA__BOOTSTRAP_SERVERS=kafka:9092``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tgnstream.stream.config import KafkaConfig, StreamConfig
+
+__all__ = ["FineTuneConfig", "GateConfig", "StartModel", "TrainerConfig", "load_trainer_config"]
+
+
+class StartModel(BaseModel):
+    """The weights the trainer starts from when it has no checkpoint of its own and nothing is
+    published yet (its node state always starts empty: the state is a function of the topic)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkpoint: Path | None = Field(
+        None, description="checkpoint.pt of `tgnstream train` (weights, architecture)"
+    )
+    preset: Literal["tgn", "jodie"] = Field("tgn", description="architecture without a checkpoint")
+    pair_features: bool = True
+    activity_features: bool = True
+    memory_dim: int = Field(100, ge=1)
+    edge_dim: int = Field(0, ge=0, description="edge feature width of the events")
+    seed: int = Field(0, description="weight initialisation seed without a checkpoint")
+    pres: bool = Field(
+        True,
+        description="train with PRES (prediction-correction of the memory inside a large batch + "
+        "memory-coherence loss); turned on for a checkpoint trained without it (its statistics start empty)",
+    )
+
+
+class FineTuneConfig(BaseModel):
+    """When and how the trainer fine-tunes on its window of recent events."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window_events: int = Field(
+        50_000, ge=10, description="recent events kept for fine-tuning (whole stream batches)"
+    )
+    every_events: int = Field(10_000, ge=1, description="fine-tune after this many new events ...")
+    every_seconds: float = Field(300.0, gt=0, description="... or this long after the last round ...")
+    min_new_events: int = Field(1_000, ge=1, description="... but never on fewer new events than this")
+    holdout_events: int = Field(
+        2_000,
+        ge=1,
+        description="the newest events of the window, held out of training: the promotion gate scores "
+        "candidate and published model on them (prequentially, same negatives)",
+    )
+    epochs: int = Field(1, ge=1, description="passes over the window per round")
+    batch_size: int = Field(
+        1_000, ge=1, description="training batch (large temporal batches: PRES corrects them)"
+    )
+    lr: float = Field(1e-4, gt=0)
+    pres_beta: float = Field(0.1, ge=0, description="weight of PRES's memory-coherence loss")
+    pipeline_depth: int | None = Field(
+        1,
+        ge=0,
+        description="MSPipe: a producer thread prepares batches ahead, memory reads may miss at most "
+        "this many write-backs (0 = exact sequential semantics; None = no producer thread)",
+    )
+    neg_historical_ratio: float = Field(0.5, ge=0, le=1, description="share of historical training negatives")
+    sampling_correction: bool = Field(True, description="logQ correction of the training logits")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> FineTuneConfig:
+        if self.holdout_events >= self.window_events:
+            raise ValueError(
+                f"holdout_events ({self.holdout_events}) must be smaller than window_events "
+                f"({self.window_events}): the rest of the window is what the candidate trains on"
+            )
+        return self
+
+
+class GateConfig(BaseModel):
+    """The promotion gate: a candidate is published only when it is not worse than the published
+    model on the holdout by more than these margins."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_ap_drop: float = Field(0.002, ge=0, description="largest tolerated drop of AP")
+    max_mrr_drop: float = Field(0.005, ge=0, description="largest tolerated drop of MRR")
+    rank_all_max: int = Field(
+        10_000, ge=0, description="rank against every destination up to this many, else sampled candidates"
+    )
+    sampled_negatives: int = Field(100, ge=1, description="candidates per positive when sampling")
+
+
+class PublishConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dir: Path = Field(Path("runs/models"), description="where versions are published (models/<version>/)")
+    keep: int = Field(5, ge=1, description="versions kept")
+
+
+class TrainerCheckpointConfig(BaseModel):
+    """The trainer's own checkpoints (weights, both states, window, optimizer, offsets)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dir: Path = Field(Path("runs/trainer"), description="checkpoint directory")
+    every_events: int = Field(20_000, ge=1, description="checkpoint after this many new events ...")
+    every_seconds: float = Field(
+        60.0, gt=0, description="... or this long after the last (and after every round)"
+    )
+
+
+def _trainer_stream() -> StreamConfig:
+    return StreamConfig(kafka=KafkaConfig(group_id="tgnstream-trainer"))
+
+
+class TrainerConfig(BaseSettings):
+    """Everything the continual trainer needs. ``stream`` must match the server's ``ingest``
+    settings that shape batches (``batch_max_events`` and the bad-input rules), so that a
+    published state and a server's catch-up cut the log the same way."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix="TGNSTREAM_TRAINER_", env_nested_delimiter="__"
+    )
+
+    stream: StreamConfig = Field(default_factory=_trainer_stream)
+    start: StartModel = StartModel()
+    training: FineTuneConfig = FineTuneConfig()
+    gate: GateConfig = GateConfig()
+    publish: PublishConfig = PublishConfig()
+    checkpoints: TrainerCheckpointConfig = TrainerCheckpointConfig()
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9101, ge=0, le=65535, description="HTTP port of /metrics (0: any free port)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    torch_threads: int | None = Field(None, ge=1)
+    status_every_s: float = Field(10.0, gt=0, description="a status line this often")
+    progress: bool = Field(True, description="a progress bar while catching up with the topic")
+    ready_file: Path | None = Field(None, description="write {metrics_port, pid} here once running")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings
+
+
+def load_trainer_config(path: str | Path | None) -> TrainerConfig:
+    """Parse a TOML/JSON config file (or none: defaults) with environment overrides."""
+    if path is None:
+        return TrainerConfig()
+    path = Path(path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ValueError(f"{path}: config must be .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return TrainerConfig(**data)
