@@ -290,6 +290,37 @@ def _run_serve(args) -> int:
     return run_server(cfg)
 
 
+def _trainer_parser(sub) -> None:
+    p = sub.add_parser(
+        "trainer",
+        help="continual training on the topic: fine-tune, gate, publish versions for servers to hot-swap",
+        description="Read the topic through the shared stream path from the trainer's own checkpointed "
+        "offsets (or the newest published version's, or the start), keep a window of recent events, "
+        "and every M events or T seconds fine-tune a candidate on it (large batches with PRES, "
+        "pipelined memory), gate it against the published weights on the newest held-out events, "
+        "and publish it to models/<version>/ when it is not worse. Settings come from --config (TOML "
+        "or JSON) and environment variables TGNSTREAM_TRAINER_<SECTION>__<FIELD>, which win over the "
+        "file. SIGTERM/SIGINT stop it after the current step, with a final checkpoint.",
+    )
+    p.add_argument("--config", help="TOML or JSON settings file (see deploy/trainer.toml)")
+    p.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
+    p.set_defaults(func=_run_trainer)
+
+
+def _run_trainer(args) -> int:
+    from tgnstream.trainer.continual_config import load_trainer_config
+    from tgnstream.trainer.service import run_trainer
+
+    cfg = load_trainer_config(args.config)
+    if args.print_config:
+        print(cfg.model_dump_json(indent=2))
+        return 0
+    logging.getLogger().setLevel(cfg.log_level)
+    if cfg.log_level != "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+    return run_trainer(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tgnstream", description="Streaming temporal GNN service.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -297,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _baseline_parser(sub)
     _serve_parser(sub)
+    _trainer_parser(sub)
     from tgnstream.broker import add_parser as add_broker_parser
     from tgnstream.ingest.replay import add_parser as add_replay_parser
 

@@ -1,0 +1,337 @@
+"""Composition root of ``tgnstream trainer``: the topic (shared stream path) -> the continual
+trainer -> published versions, with checkpoints, metrics and status lines.
+
+Start, in order of preference: the trainer's own checkpoint (weights, head and tail states,
+window, optimizer, the offsets it reflects: a restart resumes exactly there); else the newest
+published version (its weights and state, from its offsets, with an empty window); else the
+configured start model with an empty state, from the start of the topic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.health import HealthHttpServer, Readiness
+from tgnstream.models import ModelStore
+from tgnstream.stream.assemble import RecordRejection
+from tgnstream.stream.reader import BatchReader
+from tgnstream.sysinfo import resolve_device
+from tgnstream.trainer.continual import ContinualTrainer
+from tgnstream.trainer.continual_config import StartModel, TrainerConfig
+from tgnstream.trainer.metrics import TrainerMetrics
+
+__all__ = ["TrainerService", "run_trainer", "start_engine"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "trainer.pt"
+
+
+def start_engine(start: StartModel, device: torch.device) -> MemoryEngine:
+    """The configured start model with an empty state (PRES turned on when asked)."""
+    if start.checkpoint is not None:
+        engine, _ = load_checkpoint(start.checkpoint, device)
+        engine.reset_state()
+    else:
+        cfg = ModelConfig.preset(
+            start.preset,
+            width=start.memory_dim,
+            pair_features=start.pair_features,
+            activity_features=start.activity_features and start.pair_features,
+            edge_dim=start.edge_dim,
+        )
+        torch.manual_seed(start.seed)
+        engine = MemoryEngine(cfg, 1024, device)
+    return with_pres(engine, start.pres)
+
+
+def with_pres(engine: MemoryEngine, pres: bool) -> MemoryEngine:
+    """``engine`` with PRES on (statistics start empty) when ``pres`` and it is off."""
+    if not pres or engine.config.pres:
+        return engine.eval()
+    out = MemoryEngine(engine.config.model_copy(update={"pres": True}), engine.capacity, engine.device)
+    missing, unexpected = out.load_state_dict(engine.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(("pres.", "model.pres_")) for k in missing):
+        raise ValueError(
+            f"cannot turn PRES on for this checkpoint (missing {missing}, unexpected {unexpected})"
+        )
+    return out.eval()
+
+
+class TrainerService:
+    """The trainer process: reads, trains, gates, publishes, checkpoints (see the module doc)."""
+
+    def __init__(self, cfg: TrainerConfig, metrics: TrainerMetrics | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.metrics = metrics if metrics is not None else TrainerMetrics()
+        self.store = ModelStore(cfg.publish.dir, cfg.publish.keep)
+        self.checkpoint_path = Path(cfg.checkpoints.dir) / CHECKPOINT_NAME
+        self.topic = cfg.stream.kafka.topic
+        self._stop = threading.Event()
+        self.readiness = Readiness()
+        self.published_version: str | None = None
+        # A round's adopted candidate that is checkpointed but perhaps not yet published:
+        # {"parent": ..., "gate": ...}. Publication happens after the checkpoint, so a crash in
+        # between is finished at restart (published once, never twice, never lost).
+        self.pending: dict | None = None
+        self.topic_id: str | None = None
+        self.trainer, offsets = self._restore()
+        self.positions: dict[int, int] = dict(offsets)
+        self._since_checkpoint = 0
+        self._checkpoint_at = time.monotonic()
+        if self.pending is not None:
+            self._finish_publication()
+
+    # ------------------------------------------------------------------------------ start
+    def _restore(self) -> tuple[ContinualTrainer, dict[int, int]]:
+        cfg = self.cfg
+        batch = cfg.stream.batch_max_events
+        if self.checkpoint_path.is_file():
+            head, meta = load_checkpoint(self.checkpoint_path, self.device)
+            trainer = ContinualTrainer(head.eval(), cfg.training, cfg.gate, batch)
+            trainer.restore(meta["trainer"])
+            if meta.get("topic") not in (None, self.topic):
+                raise ValueError(
+                    f"{self.checkpoint_path} was written for topic {meta['topic']!r}, not {self.topic!r}: "
+                    "use another checkpoints.dir, or remove it to start over"
+                )
+            self.published_version = meta.get("published_version")
+            self.pending = meta.get("pending_publish")
+            self.topic_id = meta.get("topic_id")
+            offsets = {int(p): int(o) for p, o in meta["next_offsets"].items()}
+            log.info(
+                "resuming from %s: %d events in the window, offsets %s, published version %s",
+                self.checkpoint_path,
+                trainer.window_events,
+                offsets,
+                self.published_version,
+            )
+            return trainer, offsets
+        latest = self.store.load_latest(self.device)
+        if latest is not None:
+            published, engine = latest
+            if published.topic and published.topic != self.topic:
+                raise ValueError(
+                    f"the newest version in {self.store.root} ({published.version}) was trained on topic "
+                    f"{published.topic!r}, not {self.topic!r}"
+                )
+            self.published_version = published.version
+            self.topic_id = published.topic_id
+            log.info(
+                "starting from published version %s at offsets %s", published.version, published.next_offsets
+            )
+            engine = with_pres(engine, cfg.start.pres)
+            return ContinualTrainer(engine, cfg.training, cfg.gate, batch), published.next_offsets
+        engine = start_engine(cfg.start, self.device)
+        what = cfg.start.checkpoint or f"fresh {cfg.start.preset} weights (seed {cfg.start.seed})"
+        log.info("starting from %s with an empty state, from the start of the topic", what)
+        return ContinualTrainer(engine, cfg.training, cfg.gate, batch), {}
+
+    # ------------------------------------------------------------------------------- loop
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _register(self, names: list[str]) -> torch.Tensor:
+        ids = self.trainer.head.ids
+        dense, _ = ids.lookup(names, create=True)
+        ids.flush()
+        return dense
+
+    def _reject(self, rejection: RecordRejection) -> None:
+        self.metrics.rejected.labels(rejection.reason).inc()
+
+    def run(self) -> None:
+        """Read, train and publish until ``stop()``; a final checkpoint on the way out."""
+        head = self.trainer.head
+        reader = BatchReader(
+            self.cfg.stream,
+            self.positions,
+            head.config.edge_dim,
+            float(head.watermark),
+            self._register,
+            device="cpu",
+            topic_id=self.topic_id,
+            on_reject=self._reject,
+        )
+        if reader.fetcher.topic_id is not None:
+            self.topic_id = reader.fetcher.topic_id
+        self.positions = dict(reader.next_offsets)
+        bar = None
+        last_status = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                for batch in reader.poll():
+                    first = {p: self.positions.get(p, 0) for p in batch.next_offsets}
+                    self.trainer.observe(batch.events, first, batch.next_offsets)
+                    self.positions.update(batch.next_offsets)
+                    self.metrics.events.inc(len(batch.events))
+                    self._since_checkpoint += batch.records
+                lag = reader.lag()
+                self.metrics.lag_records.set(lag)
+                self.metrics.window_events.set(self.trainer.window_events)
+                bar = self._progress(bar, lag)
+                if self.trainer.due():
+                    self._round()
+                elif self._checkpoint_due():
+                    if self.checkpoint() and self.pending is not None:
+                        self._finish_publication()
+                now = time.monotonic()
+                if now - last_status >= self.cfg.status_every_s:
+                    last_status = now
+                    self._status(lag)
+        finally:
+            if bar is not None:
+                bar.close()
+            reader.close()
+            self.checkpoint()
+
+    def _progress(self, bar, lag: int):
+        """A progress bar while more than a few batches behind the log end."""
+        if not self.cfg.progress:
+            return None
+        behind = lag > 5 * self.cfg.stream.batch_max_events
+        if behind and bar is None:
+            bar = tqdm(total=lag, desc="catching up", unit="rec", leave=False)
+        if bar is not None:
+            done = max(0, bar.total - lag)
+            if lag > bar.total - bar.n:
+                bar.total = bar.n + lag
+            bar.update(max(0, done - bar.n))
+            if not behind:
+                bar.close()
+                bar = None
+        return bar
+
+    def _status(self, lag: int) -> None:
+        rejected = {s.labels["reason"]: int(s.value) for s in self._rejected_samples()}
+        log.info(
+            "status: offsets %s, lag %d records, rejected records %s, window %d events, %d new since "
+            "the last round, %d rounds, published %s",
+            self.positions,
+            lag,
+            rejected or 0,
+            self.trainer.window_events,
+            self.trainer.new_events,
+            self.trainer.rounds,
+            self.published_version,
+        )
+
+    def _rejected_samples(self):
+        for family in self.metrics.rejected.collect():
+            yield from (s for s in family.samples if s.name.endswith("_total"))
+
+    def _round(self) -> None:
+        try:
+            result, adopted = self.trainer.run_round()
+        except Exception:
+            log.exception("fine-tuning round failed; the current model keeps going")
+            self.metrics.rounds.labels("failed").inc()
+            self.trainer.new_events = 0  # not again at once: wait for the next round's events
+            return
+        self.metrics.observe_round(result)
+        if adopted is not None:
+            self.pending = {"parent": self.published_version, "gate": result.as_dict()}
+            if self.checkpoint():
+                self._finish_publication()
+            return  # without a checkpoint, the next one retries and then publishes
+        self.checkpoint()
+
+    def _finish_publication(self) -> None:
+        """Publish the checkpointed head (the adopted candidate) unless a crash happened right
+        after doing so: a version with the same parent and offsets is that publication."""
+        pending = self.pending
+        latest = self.store.latest()
+        if (
+            latest is not None
+            and latest.parent == pending["parent"]
+            and latest.next_offsets == self.positions
+        ):
+            published = latest
+            log.info("version %s was published before the restart", published.version)
+        else:
+            published = self.store.publish(
+                self.trainer.head,
+                self.positions,
+                self.topic,
+                self.topic_id,
+                parent=pending["parent"],
+                gate=pending["gate"],
+            )
+            log.info("published %s (offsets %s)", published.version, published.next_offsets)
+        self.published_version = published.version
+        self.pending = None
+        self.metrics.last_publish.set(published.created_at)
+        self.metrics.published.info({"version": published.version})
+        self.checkpoint()
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _checkpoint_due(self) -> bool:
+        c = self.cfg.checkpoints
+        if self._since_checkpoint == 0:
+            return False
+        return (
+            self._since_checkpoint >= c.every_events
+            or time.monotonic() - self._checkpoint_at >= c.every_seconds
+        )
+
+    def checkpoint(self) -> bool:
+        """Write the trainer's checkpoint (one file, atomically replaced); True on success."""
+        meta = {
+            "next_offsets": {str(p): int(o) for p, o in self.positions.items()},
+            "topic": self.topic,
+            "topic_id": self.topic_id,
+            "published_version": self.published_version,
+            "pending_publish": self.pending,
+            "trainer": self.trainer.state(),
+        }
+        try:
+            save_checkpoint(self.checkpoint_path, self.trainer.head, meta)
+        except Exception as e:
+            log.error("trainer checkpoint failed: %s: %s", type(e).__name__, e)
+            self.metrics.checkpoints.labels("error").inc()
+            return False
+        self.metrics.checkpoints.labels("ok").inc()
+        self._since_checkpoint = 0
+        self._checkpoint_at = time.monotonic()
+        return True
+
+
+def run_trainer(cfg: TrainerConfig) -> int:
+    """``tgnstream trainer``: run until SIGTERM/SIGINT; 0 on a clean stop."""
+    import signal
+
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    service = TrainerService(cfg)
+    http = HealthHttpServer(
+        cfg.metrics_host, cfg.metrics_port, service.metrics.registry, service.readiness, lambda: True
+    )
+    http.start()
+
+    def _stop(signum, frame):
+        log.info("signal %d: stopping after the current step", signum)
+        service.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    if cfg.ready_file is not None:
+        cfg.ready_file.write_text(json.dumps({"metrics_port": http.port, "pid": os.getpid()}))
+    log.info("trainer metrics on http://%s:%d/metrics", cfg.metrics_host, http.port)
+    try:
+        service.run()
+    finally:
+        http.stop()
+    return 0
