@@ -81,6 +81,9 @@ class IngestLoop:
         self._quality_published_at = float("-inf")
         self.batches = 0
         self.final_snapshot_ok: bool | None = None  # set when run() returns after stop()
+        # Offers a shadow engine to swap in between two batches (tgnstream.hot_swap); None: off.
+        self.swapper = None
+        self.on_swap: Callable[[str, float, float], None] | None = None  # (version, total s, pause s)
         self.assembler = BatchAssembler(
             config, live.engine.config.edge_dim, float(live.engine.watermark), live.engine.device, decoder
         )
@@ -115,6 +118,8 @@ class IngestLoop:
             self._handle(batch)
         else:
             self._publish_state_metrics(force=True)  # idle: make the gauges current
+        if self.swapper is not None:
+            self._maybe_swap()
         self._update_connection()
         self._update_lag(batch)
         if self._snapshot_due():
@@ -138,6 +143,45 @@ class IngestLoop:
         for r in resets:
             self.metrics.ingest_log_resets.labels(self.topic, str(r.partition)).inc()
         self._since_snapshot += 1  # the position changed: the next snapshot must record it
+
+    # ---------------------------------------------------------------------------- hot swap
+    def _maybe_swap(self) -> None:
+        """Between two batches: swap in the shadow engine the swapper parked at exactly the
+        applied position (this thread is the only writer of it, so reading it needs no lock)."""
+        ready = self.swapper.take_ready(dict(self.live.next_offsets))
+        if ready is not None:
+            self.swap_in(ready.engine, ready.version, ready.started)
+
+    def swap_in(self, engine, version: str, started: float | None = None) -> None:
+        """Serve ``engine`` (it reflects exactly the applied offsets) from now on. The open
+        batch's events are registered in its id map (same names, log order) and stay open;
+        queries holding the read lock finish on the old engine first."""
+        t0 = time.perf_counter()
+        old_ids = self.live.engine.ids
+
+        def remap(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            names: list[str] = [""] * (2 * src.numel())
+            names[0::2] = old_ids.names(src)
+            names[1::2] = old_ids.names(dst)
+            dense, _ = engine.ids.lookup(names, create=True)
+            dense = dense.view(-1, 2)
+            return dense[:, 0].contiguous(), dense[:, 1].contiguous()
+
+        open_batch = self.assembler.open
+        open_batch.remap(remap)
+        engine.ids.flush()
+        self.assembler.device = engine.device
+        events, _ = open_batch.events(engine.device)
+        paused = time.perf_counter()
+        with self.live.write():
+            opened = OpenBatch(events, dict(open_batch.next_offsets)) if open_batch.records else None
+            self.live.replace_engine(engine, version, opened)
+        pause = time.perf_counter() - paused
+        total = time.perf_counter() - t0 if started is None else time.monotonic() - started
+        self._since_snapshot += 1  # the next snapshot records the new version
+        log.info("hot swap: now serving %s (write lock held %.1f ms)", version, 1000 * pause)
+        if self.on_swap is not None:
+            self.on_swap(version, total, pause)
 
     # ------------------------------------------------------------------------------- batch
     def discard_open(self) -> None:

@@ -155,6 +155,18 @@ class LiveEngine:
                 if board is not None:
                     board.end(self.context, self.visible_offsets, self.visible_ids)
 
+    def replace_engine(self, engine: MemoryEngine, model_version: str, open_batch: OpenBatch | None) -> None:
+        """Serve ``engine`` (a hot swap; it reflects ``next_offsets`` exactly) under
+        ``model_version`` with ``open_batch`` (the open records' events in its ids). Call inside
+        ``write()``: queries that hold ``read()`` finished on the old engine; later ones see the
+        new one. ``generation`` moves on, so nothing computed for the old engine is reused."""
+        if self.board is not None:
+            self.board.replace_engine(engine, model_version)
+        self.engine = engine
+        self.model_version = model_version
+        self.generation += 1
+        self.open = open_batch
+
     def consistent(self, fn: Callable[[], R]) -> R:
         """``fn()`` (a query that takes ``read()`` itself): the same call a reader process's view
         makes with its sequence protocol."""

@@ -146,6 +146,27 @@ class ServerMetrics:
         )
         # --- model
         self.model_info = Info("tgnstream_model", "The model being served", registry=r)
+        self.model_swaps = Counter(
+            "tgnstream_model_swaps_total",
+            "Published versions handled by hot swap, by result: swapped (now serving it), refused "
+            "(failed to load or verify, other architecture, topic or batch boundaries)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("swapped", "refused"):
+            self.model_swaps.labels(result)
+        self.model_swap_seconds = Histogram(
+            "tgnstream_model_swap_seconds",
+            "From picking up a published version to serving it (load + catch-up + swap)",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250),
+            registry=r,
+        )
+        self.model_swap_pause_seconds = Histogram(
+            "tgnstream_model_swap_pause_seconds",
+            "How long a hot swap held the write lock (queries and ingest wait that long)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         # --- gRPC (conventional names)
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = Counter(

@@ -74,10 +74,10 @@ class PublishedModel:
                 raise ValueError(f"{self.path}: {name} does not match the manifest checksum")
 
     def load(self, device: torch.device | str = "cpu") -> MemoryEngine:
-        """The engine (weights and state) of this version, verified first."""
+        """The engine (weights and state) of this version, verified first, in eval mode."""
         self.verify()
         engine, _ = load_checkpoint(self.path / _STATE, device)
-        return engine
+        return engine.eval()
 
 
 class ModelStore:

@@ -23,12 +23,14 @@ from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.health import HealthHttpServer, Readiness
+from tgnstream.hot_swap import HotSwapper
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.kafka_admin import create_topic
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ReaderMetrics, ServerMetrics
 from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
+from tgnstream.models import ModelStore
 from tgnstream.reader_pool import ReaderPool
 from tgnstream.serve_config import ModelSource, ServeConfig
 from tgnstream.snapshots import SnapshotStore
@@ -112,11 +114,28 @@ class ServingProcess:
         self.store = SnapshotStore(cfg.snapshots.dir, cfg.snapshots.keep)
         topic = cfg.ingest.kafka.topic
         restored = self.store.restore_latest(device, topic=topic)
+        published = None
+        if restored is None and cfg.models.dir is not None:
+            published = ModelStore(cfg.models.dir).load_latest(device)
         if restored is not None:
             snap, engine = restored
             version, offsets, topic_id = snap.model_version, snap.next_offsets, snap.topic_id
             snapshot_wall: float | None = snap.created_at
             log.info("restored %s: %d events, offsets %s", snap.path.name, snap.events_applied, offsets)
+        elif published is not None:
+            version_meta, engine = published
+            version, offsets, topic_id = (
+                version_meta.version,
+                version_meta.next_offsets,
+                version_meta.topic_id,
+            )
+            snapshot_wall = None
+            log.info(
+                "no snapshot in %s: starting from published version %s (offsets %s)",
+                self.store.root,
+                version,
+                offsets,
+            )
         else:
             engine, version = initial_engine(cfg.model, device)
             offsets, topic_id, snapshot_wall = {}, None, None
@@ -153,6 +172,13 @@ class ServingProcess:
             topic_id=topic_id,
             last_snapshot_wall=snapshot_wall,
         )
+        self.swapper: HotSwapper | None = None
+        if cfg.models.dir is not None:
+            self.swapper = HotSwapper(
+                cfg.models, cfg.ingest, self.live, version, on_refused=self._swap_refused, topic_id=topic_id
+            )
+            self.loop.swapper = self.swapper
+            self.loop.on_swap = self._swapped
         readers = cfg.grpc.readers if cfg.grpc.readers is not None else (os.cpu_count() or 1)
         self.pool: ReaderPool | None = None
         self.server = self.health = None
@@ -177,6 +203,18 @@ class ServingProcess:
         self.readiness.add_listener(self._on_readiness)
         self.readiness.set("ingest_down", "the Kafka fetch process is starting")
         self.readiness.set("restoring", None)
+
+    # ---------------------------------------------------------------------------- hot swap
+    def _swapped(self, version: str, total_s: float, pause_s: float) -> None:
+        m = self.metrics
+        m.model_swaps.labels("swapped").inc()
+        m.model_swap_seconds.observe(total_s)
+        m.model_swap_pause_seconds.observe(pause_s)
+        engine = self.live.engine
+        m.model_info.info({"version": version, "model": engine.config.label, "device": str(engine.device)})
+
+    def _swap_refused(self, version: str, reason: str) -> None:
+        self.metrics.model_swaps.labels("refused").inc()
 
     # ------------------------------------------------------------------------------ health
     def _alive(self) -> bool:
@@ -258,6 +296,8 @@ class ServingProcess:
         else:
             self.server.start()
         self._ingest_thread.start()
+        if self.swapper is not None:
+            self.swapper.start()
         log.info(
             "serving %s: gRPC on %s:%d (%s), metrics and /livez, /readyz on http://%s:%d",
             self.live.model_version,
@@ -287,6 +327,8 @@ class ServingProcess:
             self.pool.set_ready(False)
         else:
             self.health.enter_graceful_shutdown()
+        if self.swapper is not None:
+            self.swapper.stop()
         self.loop.stop()
         if self._ingest_thread.is_alive():
             self._ingest_thread.join(timeout=60)

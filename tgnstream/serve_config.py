@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tgnstream.health import HealthConfig
+from tgnstream.hot_swap import HotSwapConfig
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.snapshots import SnapshotConfig
@@ -60,6 +61,7 @@ class ServeConfig(BaseSettings):
     ingest: IngestConfig = IngestConfig()
     grpc: GrpcConfig = GrpcConfig()
     snapshots: SnapshotConfig = SnapshotConfig()
+    models: HotSwapConfig = HotSwapConfig()
     health: HealthConfig = HealthConfig()
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(

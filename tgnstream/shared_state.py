@@ -311,6 +311,22 @@ class StateBoard:
                 self.handles.header[SEQ] += 1
             self.handles.lock.release()
 
+    def replace_engine(self, engine: MemoryEngine, version: str) -> None:
+        """Serve ``engine`` (same architecture; a hot swap) from now on: call inside a write
+        section. It is pre-sized like the current one; ``end`` then shares its tensors as a new
+        layout (weights included), which every reader attaches before its next read."""
+        if engine.config != self.handles.config:
+            raise ValueError("a reader pool serves one architecture: the new engine's config differs")
+        if engine.device != self.engine.device:
+            raise ValueError(
+                f"the new engine is on {engine.device}, the shared state on {self.engine.device}"
+            )
+        engine.ensure_capacity(max(self.engine.capacity, 2 * len(engine.ids), 1024))
+        engine.history.reserve(max(self.engine.history.capacity, 2 * len(engine.history), 1024))
+        engine.ids.flush()
+        self.engine = engine
+        self.set_model_version(version)
+
     def set_model_version(self, version: str) -> None:
         """Name the model the state belongs to (a new generation: cached results of the previous
         model are never reused)."""

@@ -141,19 +141,20 @@ def feed_in_chunks(
             time.sleep(rng.random() * max_pause_s)
 
 
-def prefix_answer(engine, events, n: int, batch: int, pairs, t: float) -> list[float]:
+def prefix_answer(engine, events, n: int, batch: int, pairs, t: float, start: int = 0) -> list[float]:
     """The Score of ``pairs`` at ``t`` after the log prefix ``events[:n]`` of ``(src, dst, ts)``,
-    computed the naive way on a fresh ``engine``: its full batches of ``batch`` events applied
-    one by one, the rest shown as batch context (what a server's reply with that stamp must
-    equal). Unknown ids score as the cold-start slot."""
+    computed the naive way on ``engine``, whose state reflects ``events[:start]`` (a fresh one:
+    0; a published version: its offset): the full batches of ``batch`` events after ``start``
+    applied one by one, the rest shown as batch context (what a server's reply with that stamp
+    must equal). Unknown ids score as the cold-start slot."""
     import torch
 
     from tgnstream.core.events import EventBatch
 
     device = engine.device
-    full = n // batch * batch
-    for start in range(0, full, batch):
-        chunk = events[start : start + batch]
+    full = start + (n - start) // batch * batch
+    for first in range(start, full, batch):
+        chunk = events[first : first + batch]
         dense, _ = engine.ids.lookup([x for s, d, _ in chunk for x in (s, d)])
         t_b = torch.tensor([e[2] for e in chunk], dtype=torch.float64)
         step = EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t_b, torch.zeros(len(chunk), 0))

@@ -19,6 +19,7 @@ forward reads from the state: ``gather_*``, ``fetch_memory``) separate from the 
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ from tgnstream.core.pres import TransitionStats, pres_fuse
 
 __all__ = ["MemoryEngine", "FreshMemory", "PreparedBatch", "AppliedMemory"]
 
+_INSTANCES = itertools.count(1)
+
 
 @dataclass(frozen=True)
 class PreparedBatch:
@@ -46,7 +49,9 @@ class PreparedBatch:
 
     nodes: ``[U]`` sorted endpoints; memory: ``[U, d_mem]`` their memories with the batch's
     messages folded in; mail/mail_ts: ``[U, mail_dim]``/``[U]`` those messages; version:
-    ``events_applied`` of the state it was computed from.
+    ``events_applied`` of the state it was computed from; engine: the ``instance`` number of
+    the engine that computed it (a batch prepared on one engine never commits into another,
+    e.g. across a hot swap, even at the same event count).
     """
 
     batch: EventBatch
@@ -55,6 +60,7 @@ class PreparedBatch:
     mail: torch.Tensor
     mail_ts: torch.Tensor
     version: int
+    engine: int = -1
 
     def nonfinite_nodes(self) -> torch.Tensor:
         """``[k]`` nodes whose new memory or message has a NaN/inf (empty when all is well)."""
@@ -90,6 +96,7 @@ class MemoryEngine(nn.Module):
     def __init__(self, config: ModelConfig, capacity: int = 1024, device: torch.device | str = "cpu"):
         super().__init__()
         capacity = max(int(capacity), 1)
+        self.instance = next(_INSTANCES)  # unique in this process (copies get their own: __deepcopy__)
         self.config = config
         self.model = TGNModel(config)
         self.memory = NodeMemory(capacity, config.memory_dim, config.edge_dim)
@@ -105,6 +112,15 @@ class MemoryEngine(nn.Module):
         # Set on a reader's view of shared state: its buffers belong to the writer.
         self.frozen_capacity = False
         self.to(device)
+
+    def __deepcopy__(self, memo):
+        cls = type(self)
+        out = cls.__new__(cls)
+        memo[id(self)] = out
+        for k, v in self.__dict__.items():
+            out.__dict__[k] = copy.deepcopy(v, memo)
+        out.__dict__["instance"] = next(_INSTANCES)
+        return out
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -738,11 +754,15 @@ class MemoryEngine(nn.Module):
             None if pres is None else pres.mean[nodes],
             None if pres is None else pres.count[nodes],
         )
-        return PreparedBatch(batch, nodes, folded, agg, mail_ts, int(self.events_applied))
+        return PreparedBatch(batch, nodes, folded, agg, mail_ts, int(self.events_applied), self.instance)
 
     @torch.no_grad()
     def commit_events(self, prepared: PreparedBatch) -> None:
         """Write a ``prepare_events`` result; the state must not have changed in between."""
+        if prepared.engine != self.instance:
+            raise RuntimeError(
+                f"batch prepared on engine #{prepared.engine}, not on this one (#{self.instance})"
+            )
         if prepared.version != int(self.events_applied):
             raise RuntimeError(
                 f"batch prepared at {prepared.version} events, state now has {int(self.events_applied)}"

@@ -114,6 +114,13 @@ class OpenBatchBuilder:
         )
         return batch.to(device), order
 
+    def remap(self, ids: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give the open events other dense ids: ``ids(src, dst)`` of each added piece, in log
+        order (a hot swap re-registers them in the new engine's id map)."""
+        for i, (src, dst) in enumerate(zip(self._src, self._dst, strict=True)):
+            self._src[i], self._dst[i] = ids(src, dst)
+        self._built = None
+
     def source(self, i: int) -> SourceRecord:
         """The Kafka record of the ``i``-th open event (log order)."""
         for chunk, positions in self._chunks:

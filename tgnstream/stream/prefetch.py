@@ -73,6 +73,36 @@ class FetchedBatch:
         """Per partition in the batch, the Kafka timestamp of its last record."""
         return {int(p): int(self.timestamps_ms[self.partitions == p][-1]) for p in np.unique(self.partitions)}
 
+    def split_at(self, until: dict[int, int]) -> tuple[FetchedBatch, FetchedBatch | None]:
+        """The records before ``until`` (per partition: offsets below it; partitions not named
+        are not limited) and the rest (None when nothing is left)."""
+        later = np.zeros(self.num_records, dtype=bool)
+        for p, stop in until.items():
+            later |= (self.partitions == p) & (self.offsets >= stop)
+        if not later.any():
+            return self, None
+        return self._take(~later), self._take(later)
+
+    def _take(self, rows: np.ndarray) -> FetchedBatch:
+        idx = np.flatnonzero(rows)
+        parts, offs = self.partitions[idx], self.offsets[idx]
+        # Each part's next offsets: after its own last record (partitions it lacks are unchanged).
+        nxt = dict(self.next_offsets)
+        for p in np.unique(parts):
+            nxt[int(p)] = int(offs[parts == p][-1]) + 1
+        return FetchedBatch(
+            values=[self.values[i] for i in idx],
+            keys=[self.keys[i] for i in idx],
+            partitions=parts,
+            offsets=offs,
+            timestamps_ms=self.timestamps_ms[idx],
+            next_offsets=nxt,
+            highwater=self.highwater,
+            connected=self.connected,
+            resets=(),
+            topic_id=self.topic_id,
+        )
+
     def record(self, position: int) -> SourceRecord:
         """The Kafka record at ``position`` (for dead letters)."""
         return SourceRecord(

@@ -106,6 +106,7 @@ class BatchReader:
         self.rejected: Counter[str] = Counter()  # by reason
         self._on_reject = on_reject
         self._closed_watermark = float(watermark)  # the running watermark after the last close
+        self._held: FetchedBatch | None = None  # fetched records beyond a poll's ``until``
         self.fetcher.start()
         #: Per partition, the next offset after the last closed batch handed out.
         self.next_offsets: dict[int, int] = dict(self.fetcher.start_offsets)
@@ -115,11 +116,19 @@ class BatchReader:
         if self._on_reject is not None:
             self._on_reject(rejection)
 
-    def poll(self) -> list[ClosedBatch]:
+    def poll(self, until: dict[int, int] | None = None) -> list[ClosedBatch]:
         """The batches that closed during one fetch (often none: an open batch fills over several
         fetches, and an idle poll returns nothing). A log reset (policy ``reset``) discards the
-        open batch, as in the ingest loop."""
-        fetched = self.fetcher.get()
+        open batch, as in the ingest loop.
+
+        ``until``: per partition, read no record at or after this offset now (a catch-up that
+        must stop exactly at another reader's position); records fetched beyond it are held and
+        read by a later poll, so nothing is skipped."""
+        held = self._held is not None
+        if held:
+            fetched, self._held = self._held, None
+        else:
+            fetched = self.fetcher.get()
         if self.fetcher.resets:
             resets, self.fetcher.resets = self.fetcher.resets, []
             if self.assembler.open.records:
@@ -127,8 +136,14 @@ class BatchReader:
             self.assembler.discard(self._closed_watermark)
             for r in resets:
                 self.next_offsets[r.partition] = r.new
+            if held:  # records of the old log
+                fetched = None
         if fetched is None:
             return []
+        if until:
+            fetched, self._held = fetched.split_at(until)
+            if fetched.num_records == 0:
+                return []
         out: list[ClosedBatch] = []
 
         def closed(batch: ClosedBatch) -> None:

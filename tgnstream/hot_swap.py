@@ -1,0 +1,273 @@
+"""Hot swap of published model versions into a serving process (design §5).
+
+A watcher thread looks at the published versions (``tgnstream.models``) every
+``watch_interval_s``. For a version newer than the served one it loads the weights and state
+into a *shadow* engine (verifying checksums and that the architecture matches the served one),
+then replays the topic from the version's offsets up to the live position, on the shared stream
+path (``BatchReader``: the same batches the live ingest applied), with the serving apply. It
+never takes the live engine's lock for long: queries and ingest go on. Once the shadow stands
+exactly at the live position it is *parked*; the ingest loop, between two batches, takes it
+(``take_ready``) and swaps it in under the write lock (``IngestLoop.swap_in``). If the live
+position moved on meanwhile, the catch-up simply continues.
+
+A version that fails to load or verify, whose architecture or topic differs, or whose offsets
+are not on the server's batch boundaries, is refused: a log line, a metric, and the old model
+keeps serving; a refused version is not tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.step import TemporalStep
+from tgnstream.live import LiveEngine
+from tgnstream.models import ModelStore, PublishedModel
+from tgnstream.stream.config import StreamConfig
+from tgnstream.stream.reader import BatchReader
+
+__all__ = ["HotSwapConfig", "HotSwapper", "ReadyModel", "version_number"]
+
+log = logging.getLogger(__name__)
+
+
+class HotSwapConfig(BaseModel):
+    """Where published versions appear, and how the server follows them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dir: Path | None = Field(
+        None,
+        description="the trainer's publish.dir; the server starts from its newest version when it has "
+        "no snapshot, and hot-swaps every newer one (None: off)",
+    )
+    watch_interval_s: float = Field(5.0, gt=0, description="how often the directory is looked at")
+
+
+def version_number(version: str) -> int:
+    """The number of a published version's name (``v000012`` -> 12); 0 for any other name
+    (a checkpoint or fresh weights: every published version is newer)."""
+    if len(version) > 1 and version[0] == "v" and version[1:].isdigit():
+        return int(version[1:])
+    return 0
+
+
+@dataclass(frozen=True)
+class ReadyModel:
+    """A shadow engine parked at ``offsets`` (the live position when it got there)."""
+
+    engine: MemoryEngine
+    version: str
+    offsets: dict[int, int]
+    started: float  # time.monotonic() when the version was picked up
+    replayed_events: int
+
+
+class HotSwapper:
+    """The watcher and catch-up thread (see the module docstring).
+
+    Args:
+        config: the models directory and the watch interval.
+        stream: the server's ingest settings (the catch-up reads the topic the same way).
+        live: the live engine (read for its position and architecture only).
+        served_version: the version served now.
+        on_refused(version, reason): called for each refused version (metrics).
+    """
+
+    def __init__(
+        self,
+        config: HotSwapConfig,
+        stream: StreamConfig,
+        live: LiveEngine,
+        served_version: str,
+        on_refused=None,
+        topic_id: str | None = None,
+    ):
+        if config.dir is None:
+            raise ValueError("HotSwapper needs models.dir")
+        self.config = config
+        self.stream = stream
+        self.live = live
+        self.store = ModelStore(config.dir)
+        self.served = version_number(served_version)
+        self.refused: set[str] = set()
+        self.topic_id = topic_id
+        self._on_refused = on_refused
+        self._lock = threading.Lock()
+        self._ready: ReadyModel | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hot-swap", daemon=True)
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def take_ready(self, at: dict[int, int]) -> ReadyModel | None:
+        """The parked shadow if it stands exactly at ``at`` (the live position now; called by
+        the ingest loop between two batches), else None."""
+        with self._lock:
+            ready = self._ready
+            if ready is None or not _same_position(ready.offsets, at):
+                return None
+            self._ready = None
+            self.served = version_number(ready.version)
+            return ready
+
+    # ------------------------------------------------------------------------------- watcher
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                latest = self.store.latest()
+                if latest is not None and latest.number > self.served and latest.version not in self.refused:
+                    self._prepare(latest)
+            except Exception as e:  # the old model keeps serving; try again at the next look
+                self.error = e
+                log.exception("hot swap: unexpected error; the current model keeps serving")
+            self._stop.wait(self.config.watch_interval_s)
+
+    def _refuse(self, published: PublishedModel, reason: str) -> None:
+        self.refused.add(published.version)
+        log.error(
+            "hot swap: version %s refused (%s); %s keeps serving",
+            published.version,
+            reason,
+            self.live.model_version,
+        )
+        if self._on_refused is not None:
+            self._on_refused(published.version, reason)
+
+    def _park(self, ready: ReadyModel) -> bool:
+        """Offer ``ready`` to the ingest loop until it takes it (True), or the live position
+        moves past it (False: the catch-up continues), or the swapper stops (True)."""
+        with self._lock:
+            self._ready = ready
+        while not self._stop.is_set():
+            live = self._live_position()  # never under self._lock: the ingest loop takes both
+            with self._lock:
+                if self._ready is None:
+                    return True
+                if not _at_or_after(ready.offsets, live):
+                    self._ready = None
+                    return False
+            time.sleep(0.002)
+        return True
+
+    def _live_position(self) -> dict[int, int]:
+        with self.live.read():
+            return dict(self.live.next_offsets)
+
+    def _prepare(self, published: PublishedModel) -> None:
+        started = time.monotonic()
+        live_engine = self.live.engine
+        try:
+            shadow = published.load(live_engine.device)
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            self._refuse(published, f"it does not load or verify: {e}")
+            return
+        if shadow.config != live_engine.config:
+            self._refuse(
+                published,
+                "its architecture differs from the served model's (restart the server to change it)",
+            )
+            return
+        if published.topic and published.topic != self.stream.kafka.topic:
+            self._refuse(
+                published, f"it was trained on topic {published.topic!r}, not {self.stream.kafka.topic!r}"
+            )
+            return
+        if published.topic_id and self.topic_id and published.topic_id != self.topic_id:
+            self._refuse(
+                published, f"it was trained on another incarnation of the topic (id {published.topic_id})"
+            )
+            return
+        position = self._live_position()
+        behind = sum(position.values()) - sum(published.next_offsets.values())
+        if behind % self.stream.batch_max_events:
+            self._refuse(
+                published,
+                f"its offsets {published.next_offsets} are not on this server's batch boundaries "
+                f"(ingest.batch_max_events = {self.stream.batch_max_events} must equal the trainer's "
+                "stream.batch_max_events)",
+            )
+            return
+        shadow.eval()
+        shadow.fold_pending()
+        log.info(
+            "hot swap: %s loaded (offsets %s); catching up with the live position %s",
+            published.version,
+            published.next_offsets,
+            position,
+        )
+        self._catch_up(published, shadow, started)
+
+    def _catch_up(self, published: PublishedModel, shadow: MemoryEngine, started: float) -> None:
+        ids = shadow.ids
+
+        def register(names: list[str]) -> torch.Tensor:
+            dense, _ = ids.lookup(names, create=True)
+            ids.flush()
+            return dense
+
+        reader = BatchReader(
+            self.stream,
+            published.next_offsets,
+            shadow.config.edge_dim,
+            float(shadow.watermark),
+            register,
+            device=shadow.device,
+            topic_id=self.topic_id,
+        )
+        position = dict(reader.next_offsets)
+        replayed, looked_at = 0, time.monotonic()
+        try:
+            while not self._stop.is_set():
+                target = self._live_position()
+                if _at_or_after(position, target):
+                    if self._park(ReadyModel(shadow, published.version, dict(position), started, replayed)):
+                        return  # swapped in (or stopping)
+                    continue  # the live position moved past it: catch up again
+                if time.monotonic() - looked_at >= 1.0:
+                    looked_at = time.monotonic()
+                    newer = self.store.latest()
+                    if newer is not None and newer.number > published.number:
+                        log.info(
+                            "hot swap: %s superseded by %s during its catch-up",
+                            published.version,
+                            newer.version,
+                        )
+                        return
+                for batch in reader.poll(until=target):
+                    if len(batch.events):
+                        ev = batch.events
+                        shadow.ensure_capacity(int(torch.maximum(ev.src.max(), ev.dst.max())) + 1)
+                        step = TemporalStep(shadow)
+                        prepared = step.prepare_live(ev)
+                        if prepared.nonfinite_nodes().numel():
+                            self._refuse(published, "replaying the topic gives it non-finite memory")
+                            return
+                        step.commit_live(prepared)
+                    replayed += len(batch.events)
+                    position.update(batch.next_offsets)
+        finally:
+            reader.close()
+
+
+def _at_or_after(a: dict[int, int], b: dict[int, int]) -> bool:
+    """Position ``a`` is at or after ``b`` in every partition (absent = 0)."""
+    return all(a.get(p, 0) >= b.get(p, 0) for p in set(a) | set(b))
+
+
+def _same_position(a: dict[int, int], b: dict[int, int]) -> bool:
+    return all(a.get(p, 0) == b.get(p, 0) for p in set(a) | set(b))
