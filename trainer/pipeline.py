@@ -28,7 +28,7 @@ from tgnstream.core.inputs import EmbeddingInputs, MemoryRows
 from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.step import GatheredBatch, ScoredBatch, TemporalStep
 
-__all__ = ["SequentialBatches", "PipelinedBatches", "StalenessStats", "mitigate_staleness"]
+__all__ = ["EpochBatches", "SequentialBatches", "PipelinedBatches", "StalenessStats", "mitigate_staleness"]
 
 
 @dataclass
@@ -103,7 +103,7 @@ def mitigate_staleness(
     return replace(rows, memory=memory), int(target.numel())
 
 
-class _EpochBatches:
+class EpochBatches:
     """An epoch's batches over events ``[0, stop)``: what both sources share."""
 
     def __init__(
@@ -144,7 +144,7 @@ class _EpochBatches:
         return gathered
 
 
-class SequentialBatches(_EpochBatches):
+class SequentialBatches(EpochBatches):
     """The sequential step's batches: negatives, gather and fetch inline, just before each
     forward; ``apply`` right after it."""
 
@@ -158,7 +158,7 @@ class SequentialBatches(_EpochBatches):
         self.step.apply(scored, learn=True)
 
 
-class PipelinedBatches(_EpochBatches):
+class PipelinedBatches(EpochBatches):
     """Batches prepared by a producer thread, up to ``depth`` write-backs ahead (see module doc).
 
     Args:

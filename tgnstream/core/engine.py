@@ -313,11 +313,15 @@ class MemoryEngine(nn.Module):
         t: torch.Tensor,
         context: EventBatch | None = None,
         visible: torch.Tensor | None = None,
+        embed_t: torch.Tensor | None = None,
     ) -> PairInputs:
-        """Structure needed to score pairs ``src, dst [B]`` at ``t [B]``: see ``logits``."""
+        """Structure needed to score pairs ``src, dst [B]`` at ``t [B]``: see ``logits``.
+        ``embed_t [2B]``: the times the ``[src; dst]`` embeddings are computed at, when they are
+        not ``[t; t]`` (a data-parallel shard embeds each node when the whole batch would)."""
         self._check_ids(src, dst)
         vis = None if visible is None else torch.cat([visible, visible])
-        emb = self.gather_embedding(torch.cat([src, dst]), torch.cat([t, t]), context, vis)
+        emb_t = torch.cat([t, t]) if embed_t is None else embed_t
+        emb = self.gather_embedding(torch.cat([src, dst]), emb_t, context, vis)
         pair = self.pair_features(src, dst, t, context, visible) if self.config.pair_features else None
         return PairInputs(emb, src.numel(), pair)
 

@@ -44,6 +44,8 @@ class GatheredBatch:
     earlier batches that ``memory`` was fetched without (0 in the sequential step);
     logit_offset: ``[B * (1 + N)]`` (the order of ``inputs``) added to the logits ``score``
     returns, for training only (``NegativeSampler.log_sampling_ratio``); None adds nothing.
+    rows: ``[R]`` the events of ``batch`` scored (a data-parallel rank's shard: ``neg_dst`` and
+    ``inputs`` then cover these rows only, the whole batch stays their context); None: all.
     """
 
     batch: EventBatch
@@ -52,6 +54,7 @@ class GatheredBatch:
     memory: MemoryRows | None = None
     staleness: int = 0
     logit_offset: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,14 @@ class TemporalStep:
         self.ranking_weight = float(ranking_weight)
 
     # ------------------------------------------------------------------------------ gather
-    def gather(self, batch: EventBatch, neg_dst: torch.Tensor) -> GatheredBatch:
-        """Structure for scoring each event and its negative (no memory read yet)."""
+    def gather(
+        self, batch: EventBatch, neg_dst: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> GatheredBatch:
+        """Structure for scoring each event and its negative (no memory read yet); with ``rows``
+        only those events (``neg_dst`` still covers the whole batch), which see the whole batch
+        as context exactly as in the full gather."""
+        if rows is not None:
+            return self._gather_rows(batch, neg_dst, rows)
         b = len(batch)
         copies = 1 + (neg_dst.shape[1] if neg_dst.dim() == 2 else 1)
         visible = torch.arange(b, device=batch.t.device).repeat(copies)
@@ -92,6 +101,33 @@ class TemporalStep:
         src, t = batch.src.repeat(copies), batch.t.repeat(copies)
         inputs = self.engine.gather_pairs(src, dst, t, batch, visible)
         return GatheredBatch(batch, neg_dst, inputs)
+
+    def _gather_rows(self, batch: EventBatch, neg_dst: torch.Tensor, rows: torch.Tensor) -> GatheredBatch:
+        """``gather`` of the events ``rows`` only, with the whole batch's semantics: a node's
+        embedding is computed once per batch, at its earliest query time, so each shard embeds a
+        node when the whole batch would; and the memory folds that carry gradient are those of
+        the whole batch's queries. Summed over shards, the loss and its gradient are then the
+        whole batch's. (Not with ``batch_neighbors``, whose embeddings also depend on how many
+        batch events each query sees.)"""
+        if self.engine.config.batch_neighbors:
+            raise ValueError("scoring a shard of a batch (data-parallel training) needs batch_neighbors off")
+        copies = 1 + (neg_dst.shape[1] if neg_dst.dim() == 2 else 1)
+        every_dst = torch.cat([batch.dst, neg_dst.t().reshape(-1)])
+        every_nodes = torch.cat([batch.src.repeat(copies), every_dst])
+        every_t = batch.t.repeat(2 * copies)
+        uniq, inv = torch.unique(every_nodes, return_inverse=True)
+        first = torch.full(uniq.shape, float("inf"), dtype=torch.float64, device=every_t.device)
+        first = first.scatter_reduce(0, inv, every_t, reduce="amin")
+
+        neg = neg_dst[rows]
+        dst = torch.cat([batch.dst[rows], neg.t().reshape(-1)])
+        src, t, vis = batch.src[rows].repeat(copies), batch.t[rows].repeat(copies), rows.repeat(copies)
+        embed_t = first[torch.searchsorted(uniq, torch.cat([src, dst]))]
+        inputs = self.engine.gather_pairs(src, dst, t, batch, vis, embed_t=embed_t)
+        if inputs.embedding.grad_nodes is not None:
+            every = torch.unique(every_nodes)
+            inputs = replace(inputs, embedding=replace(inputs.embedding, grad_nodes=every))
+        return GatheredBatch(batch, neg, inputs, rows=rows)
 
     def fetch(self, gathered: GatheredBatch, staleness: int = 0) -> GatheredBatch:
         """The node memory rows ``gathered`` needs, read from the state now."""
@@ -108,7 +144,7 @@ class TemporalStep:
         logits = self.engine.pair_forward(inputs, fresh)
         if gathered.logit_offset is not None:
             logits = logits + gathered.logit_offset
-        b = len(gathered.batch)
+        b = len(gathered.batch) if gathered.rows is None else gathered.rows.numel()
         neg = logits[b:]
         if gathered.neg_dst.dim() == 2:
             neg = neg.view(-1, b).t()  # [B, N]
