@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch, TemporalDataset
@@ -37,6 +38,7 @@ from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.step import TemporalStep
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.trainer.continual_config import FineTuneConfig, GateConfig
+from tgnstream.trainer.distributed import ShardedBatches, run_epoch_distributed, wrap
 from tgnstream.trainer.offline import make_batches, make_optimizer, run_epoch
 
 __all__ = ["ContinualTrainer", "RoundResult", "WindowBatch"]
@@ -114,7 +116,10 @@ class ContinualTrainer:
         gate: GateConfig,
         stream_batch: int,
         optimizer_state: dict | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
+        self.rank, self.world = rank, world
         self.training = training
         self.gate = gate
         self.stream_batch = int(stream_batch)
@@ -210,18 +215,33 @@ class ContinualTrainer:
             pool, seed=cfg.seed + self.rounds, device=device, sampling_correction=cfg.sampling_correction
         )
         loss, staleness, train_s = float("nan"), {}, 0.0
+        ddp = wrap(step) if self.world > 1 else None
         for _ in range(cfg.epochs):
             candidate.copy_state_from(self.tail)
-            batches = make_batches(
-                step, data, split, cfg.batch_size, sampler, cfg.neg_historical_ratio, cfg.pipeline_depth
-            )
             t0 = time.perf_counter()
-            try:
-                loss = run_epoch(step, batches, optimizer, reset=False)
-            finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
+            if ddp is not None:
+                # Ranks split each batch (sequential step: the pipeline's thread is not used).
+                batches = ShardedBatches(
+                    step,
+                    data,
+                    split,
+                    cfg.batch_size,
+                    sampler,
+                    cfg.neg_historical_ratio,
+                    rank=self.rank,
+                    world=self.world,
+                )
+                loss = run_epoch_distributed(ddp, batches, optimizer, reset=False)
+            else:
+                batches = make_batches(
+                    step, data, split, cfg.batch_size, sampler, cfg.neg_historical_ratio, cfg.pipeline_depth
+                )
+                try:
+                    loss = run_epoch(step, batches, optimizer, reset=False)
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:
+                        close()
             train_s += time.perf_counter() - t0
             staleness = batches.staleness.as_dict() if cfg.pipeline_depth is not None else {}
         settings = EvalSettings(
@@ -238,6 +258,10 @@ class ContinualTrainer:
         pub_scores = evaluate_stream(published, data, split, len(data), settings)
         cand_m, pub_m = summarise(cand_scores), summarise(pub_scores)
         decision, reason = self._decide(loss, cand_m, pub_m)
+        if self.world > 1:  # every rank computed the same; rank 0's word is final
+            agreed = [decision, reason]
+            dist.broadcast_object_list(agreed, src=0)
+            decision, reason = agreed
         self.rounds += 1
         self.new_events = 0
         self._last_round_at = time.monotonic()

@@ -72,8 +72,13 @@ def with_pres(engine: MemoryEngine, pres: bool) -> MemoryEngine:
 class TrainerService:
     """The trainer process: reads, trains, gates, publishes, checkpoints (see the module doc)."""
 
-    def __init__(self, cfg: TrainerConfig, metrics: TrainerMetrics | None = None):
+    def __init__(
+        self, cfg: TrainerConfig, metrics: TrainerMetrics | None = None, rank: int = 0, world: int = 1
+    ):
         self.cfg = cfg
+        # Under torchrun every rank reads the topic (the same batches), trains its shard of each
+        # batch and keeps the same state; rank 0 alone writes checkpoints and publishes.
+        self.rank, self.world = rank, world
         self.device = resolve_device(cfg.device)
         self.metrics = metrics if metrics is not None else TrainerMetrics()
         self.store = ModelStore(cfg.publish.dir, cfg.publish.keep)
@@ -91,16 +96,15 @@ class TrainerService:
         self.positions: dict[int, int] = dict(offsets)
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
-        if self.pending is not None:
+        if self.pending is not None and self.rank == 0:
             self._finish_publication()
 
     # ------------------------------------------------------------------------------ start
     def _restore(self) -> tuple[ContinualTrainer, dict[int, int]]:
         cfg = self.cfg
-        batch = cfg.stream.batch_max_events
         if self.checkpoint_path.is_file():
             head, meta = load_checkpoint(self.checkpoint_path, self.device)
-            trainer = ContinualTrainer(head.eval(), cfg.training, cfg.gate, batch)
+            trainer = self._trainer(head.eval())
             trainer.restore(meta["trainer"])
             if meta.get("topic") not in (None, self.topic):
                 raise ValueError(
@@ -133,11 +137,17 @@ class TrainerService:
                 "starting from published version %s at offsets %s", published.version, published.next_offsets
             )
             engine = with_pres(engine, cfg.start.pres)
-            return ContinualTrainer(engine, cfg.training, cfg.gate, batch), published.next_offsets
+            return self._trainer(engine), published.next_offsets
         engine = start_engine(cfg.start, self.device)
         what = cfg.start.checkpoint or f"fresh {cfg.start.preset} weights (seed {cfg.start.seed})"
         log.info("starting from %s with an empty state, from the start of the topic", what)
-        return ContinualTrainer(engine, cfg.training, cfg.gate, batch), {}
+        return self._trainer(engine), {}
+
+    def _trainer(self, engine: MemoryEngine) -> ContinualTrainer:
+        cfg = self.cfg
+        return ContinualTrainer(
+            engine, cfg.training, cfg.gate, cfg.stream.batch_max_events, rank=self.rank, world=self.world
+        )
 
     # ------------------------------------------------------------------------------- loop
     def stop(self) -> None:
@@ -178,11 +188,13 @@ class TrainerService:
                     self.positions.update(batch.next_offsets)
                     self.metrics.events.inc(len(batch.events))
                     self._since_checkpoint += batch.records
+                    if self._agree(self.trainer.due()):
+                        self._round()
                 lag = reader.lag()
                 self.metrics.lag_records.set(lag)
                 self.metrics.window_events.set(self.trainer.window_events)
                 bar = self._progress(bar, lag)
-                if self.trainer.due():
+                if self.world == 1 and self.trainer.due():  # time-based, between batches
                     self._round()
                 elif self._checkpoint_due():
                     if self.checkpoint() and self.pending is not None:
@@ -196,6 +208,15 @@ class TrainerService:
                 bar.close()
             reader.close()
             self.checkpoint()
+
+    def _agree(self, due: bool) -> bool:
+        """Rank 0's decision, on every rank (ranks see the same batches, so they call this equally
+        often; time-based decisions may differ between ranks)."""
+        if self.world == 1:
+            return due
+        decision = [due]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        return bool(decision[0])
 
     def _progress(self, bar, lag: int):
         """A progress bar while more than a few batches behind the log end."""
@@ -243,6 +264,9 @@ class TrainerService:
         self.metrics.observe_round(result)
         if adopted is not None:
             self.pending = {"parent": self.published_version, "gate": result.as_dict()}
+            if self.rank != 0:
+                self.published_version, self.pending = f"(rank 0's, after {self.published_version})", None
+                return
             if self.checkpoint():
                 self._finish_publication()
             return  # without a checkpoint, the next one retries and then publishes
@@ -287,7 +311,11 @@ class TrainerService:
         )
 
     def checkpoint(self) -> bool:
-        """Write the trainer's checkpoint (one file, atomically replaced); True on success."""
+        """Write the trainer's checkpoint (one file, atomically replaced; rank 0 only); True on
+        success."""
+        if self.rank != 0:
+            self._since_checkpoint = 0
+            return True
         meta = {
             "next_offsets": {str(p): int(o) for p, o in self.positions.items()},
             "topic": self.topic,
@@ -315,10 +343,14 @@ def run_trainer(cfg: TrainerConfig) -> int:
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    service = TrainerService(cfg)
-    http = HealthHttpServer(
-        cfg.metrics_host, cfg.metrics_port, service.metrics.registry, service.readiness, lambda: True
-    )
+    from tgnstream.trainer.distributed import init_distributed
+
+    rank, world = init_distributed(resolve_device(cfg.device))
+    if world > 1:
+        log.info("rank %d of %d (torch.distributed, %s)", rank, world, torch.distributed.get_backend())
+    service = TrainerService(cfg, rank=rank, world=world)
+    port = cfg.metrics_port + rank if cfg.metrics_port else 0
+    http = HealthHttpServer(cfg.metrics_host, port, service.metrics.registry, service.readiness, lambda: True)
     http.start()
 
     def _stop(signum, frame):
@@ -327,11 +359,13 @@ def run_trainer(cfg: TrainerConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
-    if cfg.ready_file is not None:
+    if cfg.ready_file is not None and rank == 0:
         cfg.ready_file.write_text(json.dumps({"metrics_port": http.port, "pid": os.getpid()}))
     log.info("trainer metrics on http://%s:%d/metrics", cfg.metrics_host, http.port)
     try:
         service.run()
     finally:
         http.stop()
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return 0

@@ -89,10 +89,14 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
     for got in ranks:
         assert len(got["grads"]) == len(want_grads) == STOP // BATCH
         for i, (g, w) in enumerate(zip(got["grads"], want_grads)):
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=lambda m, i=i: f"gradient of step {i}: {m}")
+            torch.testing.assert_close(
+                g, w, rtol=1e-4, atol=1e-6, msg=lambda m, i=i: f"gradient of step {i}: {m}"
+            )
         assert got["state"].keys() == want_state.keys()
         for k, v in want_state.items():
-            torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                got["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}"
+            )
     # The two ranks hold the same state bit for bit (they applied the same batches the same way).
     for k, v in ranks[0]["state"].items():
         assert torch.equal(v, ranks[1]["state"][k]), k
