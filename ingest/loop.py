@@ -179,7 +179,12 @@ class IngestLoop:
         pause = time.perf_counter() - paused
         total = time.perf_counter() - t0 if started is None else time.monotonic() - started
         self._since_snapshot += 1  # the next snapshot records the new version
-        log.info("hot swap: now serving %s (write lock held %.1f ms)", version, 1000 * pause)
+        log.info(
+            "hot swap: now serving %s at offsets %s (write lock held %.1f ms)",
+            version,
+            dict(self.live.next_offsets),
+            1000 * pause,
+        )
         if self.on_swap is not None:
             self.on_swap(version, total, pause)
 
