@@ -241,3 +241,41 @@ def test_a_damaged_or_incompatible_version_is_refused_and_the_old_one_keeps_serv
             pb.ScoreRequest(pairs=[pb.Pair(src="0", dst="8227")]), timeout=10
         )
         assert r.state.model_version == good.version
+
+
+def test_a_restart_serves_the_newest_published_version(
+    tmp_path, kafka_bootstrap, kafka_topic, server_factory
+):
+    values = event_values(WIKI, 600)
+    produce(kafka_bootstrap, kafka_topic, values)
+    store = ModelStore(tmp_path / "models")
+    cfg_model = ModelConfig.preset("tgn", width=16, pair_features=True)
+    torch.manual_seed(0)
+    first = store.publish(MemoryEngine(cfg_model, 64).eval(), {}, kafka_topic)
+    cfg = serve_config_dict(
+        tmp_path,
+        kafka_bootstrap,
+        kafka_topic,
+        {"preset": "tgn", "memory_dim": 16},
+        ingest={"batch_max_events": BATCH},
+        models={"dir": str(tmp_path / "models"), "watch_interval_s": 0.2},
+    )
+    server = server_factory(cfg).start()
+    _wait(lambda: server.info().events_applied == 600, 60, "600 events")
+    assert server.terminate() == 0  # the final snapshot records v000001 at offset 600
+    # Published while the server was down: the state after 400 events of other weights.
+    torch.manual_seed(7)
+    engine = MemoryEngine(cfg_model, 64).eval()
+    data = load_dataset(WIKI, limit=400)
+    names, ev = data.raw_ids, data.events
+    events = [(names[s], names[d], t) for s, d, t in zip(ev.src.tolist(), ev.dst.tolist(), ev.t.tolist())]
+    prefix_answer(engine, events, 400, BATCH, [], 0.0)  # applies the 2 batches of 200 (no query)
+    second = store.publish(engine, {0: 400}, kafka_topic, parent=first.version)
+    restarted = server_factory(cfg).start()
+    _wait(
+        lambda: restarted.info().model_version == second.version, 60, "the newest version after the restart"
+    )
+    info = restarted.info()
+    assert info.events_applied == 600 and dict(info.next_offsets) == {0: 600}
+    log = (tmp_path / "server.log").read_text()
+    assert "restored snap-" in log and f"now serving {second.version} at offsets {{0: 600}}" in log
