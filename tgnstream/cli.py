@@ -321,9 +321,19 @@ def _run_trainer(args) -> int:
     return run_trainer(cfg)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tgnstream")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tgnstream", description="Streaming temporal GNN service.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"tgnstream {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _baseline_parser(sub)
@@ -331,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     _trainer_parser(sub)
     from tgnstream.broker import add_parser as add_broker_parser
     from tgnstream.ingest.replay import add_parser as add_replay_parser
+    from tgnstream.query_cli import add_parser as add_query_parser
 
     add_broker_parser(sub)
     add_replay_parser(sub)
+    add_query_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
