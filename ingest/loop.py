@@ -57,7 +57,6 @@ class IngestLoop:
         readiness: Readiness | None = None,
         ready_max_lag_records: int = 5_000,
         topic_id: str | None = None,
-        last_snapshot_wall: float | None = None,
     ):
         self.config = config
         self.live = live
@@ -74,8 +73,7 @@ class IngestLoop:
         self._stop = threading.Event()
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
-        # Age is measured from the newest durable snapshot, or from process start without one.
-        self._last_snapshot_wall = time.time() if last_snapshot_wall is None else last_snapshot_wall
+        self._dirty_since = time.time()  # when the oldest change no snapshot holds happened
         self._snapshot_failures = 0  # consecutive
         self._snapshot_retry_at = 0.0  # time.monotonic() before which a failed snapshot is not retried
         self._quality_published_at = float("-inf")
@@ -142,7 +140,7 @@ class IngestLoop:
                 self.live.next_offsets[r.partition] = r.new
         for r in resets:
             self.metrics.ingest_log_resets.labels(self.topic, str(r.partition)).inc()
-        self._since_snapshot += 1  # the position changed: the next snapshot must record it
+        self._changed(1)  # the position changed: the next snapshot must record it
 
     # ---------------------------------------------------------------------------- hot swap
     def _maybe_swap(self) -> None:
@@ -178,7 +176,7 @@ class IngestLoop:
             self.live.replace_engine(engine, version, opened)
         pause = time.perf_counter() - paused
         total = time.perf_counter() - t0 if started is None else time.monotonic() - started
-        self._since_snapshot += 1  # the next snapshot records the new version
+        self._changed(1)  # the next snapshot records the new version
         log.info(
             "hot swap: now serving %s at offsets %s (write lock held %.1f ms)",
             version,
@@ -246,12 +244,13 @@ class IngestLoop:
                 late = int((events.t < engine.watermark).sum())
                 TemporalStep(engine).commit_live(prepared)
                 applied = len(events)
-                self.metrics.ingest_events.labels("applied").inc(applied)
+                # One result per record: applied on time, applied late (clamped), or dead-lettered.
+                self.metrics.ingest_events.labels("applied").inc(applied - late)
                 if late:
                     self.metrics.ingest_events.labels("late_clamped").inc(late)
             self.live.next_offsets = {**self.live.next_offsets, **batch.next_offsets}
             self.live.open = None
-        self._since_snapshot += batch.records
+        self._changed(batch.records)
         self.batches += 1
         self.metrics.ingest_batch_seconds.observe(time.perf_counter() - started)
         self.metrics.ingest_batch_events.observe(applied)
@@ -352,7 +351,9 @@ class IngestLoop:
                 m.ingest_lag_seconds.labels(topic, str(p)).set(0.0)
             elif p in newest and newest[p] is not None and newest[p] >= 0:
                 m.ingest_lag_seconds.labels(topic, str(p)).set(max(0.0, time.time() - newest[p] / 1000))
-        m.snapshot_age.set(time.time() - self._last_snapshot_wall)
+        # How long the newest applied change has gone without a snapshot: 0 while nothing changed
+        # since the last one (an idle topic is not a stale snapshot).
+        m.snapshot_age.set(0.0 if self._since_snapshot == 0 else time.time() - self._dirty_since)
         if unknown:
             detail = f"log end of partitions {unknown} not known yet"
         elif worst > self.ready_max_lag_records:
@@ -362,6 +363,12 @@ class IngestLoop:
         self.readiness.set("catching_up", detail)
 
     # --------------------------------------------------------------------------- snapshots
+    def _changed(self, records: int) -> None:
+        """Count a change the newest snapshot does not hold (and when the first one happened)."""
+        if self._since_snapshot == 0:
+            self._dirty_since = time.time()
+        self._since_snapshot += records
+
     def _snapshot_due(self) -> bool:
         if self.snapshots is None or self._since_snapshot == 0:
             return False
@@ -407,7 +414,6 @@ class IngestLoop:
         self._snapshot_retry_at = 0.0
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
-        self._last_snapshot_wall = time.time()
         if self.fetcher is not None:
             self.fetcher.request_commit(snap.next_offsets)
         log.info("snapshot %s (%d events)", snap.path.name, snap.events_applied)

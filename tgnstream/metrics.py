@@ -9,11 +9,32 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-__all__ = ["ServerMetrics", "INGEST_RESULTS", "NONFINITE_WHERE", "reader_families", "ReaderMetrics"]
+from tgnstream.stream.records import REASONS as RECORD_REASONS
+
+__all__ = [
+    "standard_collectors",
+    "ServerMetrics",
+    "INGEST_RESULTS",
+    "NONFINITE_WHERE",
+    "reader_families",
+    "ReaderMetrics",
+]
+
+# Every reason a record is dead-lettered for (decoding, time screening, a damaged model).
+DLQ_REASONS = (*RECORD_REASONS, "too_late", "too_far_ahead", "non_finite_state")
 
 # Every value the ``result`` label of tgnstream_ingest_events_total takes.
 INGEST_RESULTS = ("applied", "late_clamped", "dlq")
@@ -24,17 +45,38 @@ NONFINITE_WHERE = ("ingest", "score", "topk", "embed")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+def standard_collectors(registry: CollectorRegistry) -> None:
+    """``process_*`` (CPU, RSS, open fds), ``python_*`` (GC, platform) and
+    ``tgnstream_build_info`` on a process's own registry."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    try:
+        ours = version("tgnstream")
+    except PackageNotFoundError:
+        ours = "unknown"
+    Info("tgnstream_build", "Versions of this process's software", registry=registry).info(
+        {"version": ours, "python": platform.python_version(), "torch": torch.__version__}
+    )
+
+
 class ServerMetrics:
     """All metrics a ``tgnstream serve`` process exports (see README, "Metrics")."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        standard_collectors(r)
         # --- ingest
         self.ingest_events = Counter(
             "tgnstream_ingest_events_total",
             "Kafka records handled by the ingest loop, by result: applied (to memory), "
-            "late_clamped (applied with its time gap clamped at 0; also counted as applied), "
+            "late_clamped (applied with its time gap clamped at 0; not counted again as applied), "
             "dlq (sent to the dead-letter topic)",
             ["result"],
             registry=r,
@@ -47,6 +89,8 @@ class ServerMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in DLQ_REASONS:
+            self.ingest_dlq.labels(reason)
         self.nonfinite = Counter(
             "tgnstream_nonfinite_total",
             "NaN/inf caught before it reached the state or a client: events dead-lettered as "
@@ -119,7 +163,10 @@ class ServerMetrics:
         )
         # --- snapshots
         self.snapshot_age = Gauge(
-            "tgnstream_snapshot_age_seconds", "Seconds since the newest durable snapshot", registry=r
+            "tgnstream_snapshot_age_seconds",
+            "Seconds since the oldest applied change that no durable snapshot holds yet (0 when the newest "
+            "snapshot holds the whole state, e.g. on an idle topic)",
+            registry=r,
         )
         self.snapshot_seconds = Histogram(
             "tgnstream_snapshot_duration_seconds",

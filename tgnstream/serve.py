@@ -120,7 +120,6 @@ class ServingProcess:
         if restored is not None:
             snap, engine = restored
             version, offsets, topic_id = snap.model_version, snap.next_offsets, snap.topic_id
-            snapshot_wall: float | None = snap.created_at
             log.info("restored %s: %d events, offsets %s", snap.path.name, snap.events_applied, offsets)
         elif published is not None:
             version_meta, engine = published
@@ -129,7 +128,6 @@ class ServingProcess:
                 version_meta.next_offsets,
                 version_meta.topic_id,
             )
-            snapshot_wall = None
             log.info(
                 "no snapshot in %s: starting from published version %s (offsets %s)",
                 self.store.root,
@@ -138,7 +136,7 @@ class ServingProcess:
             )
         else:
             engine, version = initial_engine(cfg.model, device)
-            offsets, topic_id, snapshot_wall = {}, None, None
+            offsets, topic_id = {}, None
             log.info(
                 "no snapshot in %s: starting %s from the beginning of %s", self.store.root, version, topic
             )
@@ -170,7 +168,6 @@ class ServingProcess:
             readiness=self.readiness,
             ready_max_lag_records=cfg.health.ready_max_lag_records,
             topic_id=topic_id,
-            last_snapshot_wall=snapshot_wall,
         )
         self.swapper: HotSwapper | None = None
         if cfg.models.dir is not None:

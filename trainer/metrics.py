@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from tgnstream.metrics import standard_collectors
+
 __all__ = ["ROUND_RESULTS", "TrainerMetrics"]
 
 #: Values of the ``result`` label of tgnstream_trainer_rounds_total.
@@ -21,6 +23,7 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        standard_collectors(r)
         self.events = Counter(
             "tgnstream_trainer_events_total", "Stream events applied to the trainer's state", registry=r
         )

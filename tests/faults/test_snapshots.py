@@ -19,7 +19,8 @@ pytestmark = pytest.mark.faults
 def test_full_disk_backs_off_logs_once_cleans_up_and_fails_the_exit_code(broker, servers, tmp_path):
     """Snapshots cannot be written (files are capped at 256 KiB, like a full disk): ingest goes
     on, attempts back off exponentially, the log has one line for the streak and no
-    traceback, no half-written directory is left, snapshot age counts from process start, and
+    traceback, no half-written directory is left, snapshot age counts from the first change no
+    snapshot holds, and
     SIGTERM exits 1 because the final snapshot failed. (Before: ~10 tries/s, a traceback each,
     a directory per try, age 0, exit 0.)"""
     produce(broker.bootstrap, stream(5000))
@@ -31,7 +32,7 @@ def test_full_disk_backs_off_logs_once_cleans_up_and_fails_the_exit_code(broker,
     errors = server.metric("tgnstream_snapshots_total", result="error")
     assert 2 <= errors <= 6, errors  # 1 s, 2 s, 4 s ... apart
     assert server.metric("tgnstream_snapshots_total", result="ok") == 0
-    assert server.metric("tgnstream_snapshot_age_seconds") >= 7.0
+    assert server.metric("tgnstream_snapshot_age_seconds") >= 5.0
     log = server.log()
     assert log.count("snapshot failed") == 1 and "Traceback" not in log
     assert "File too large" in log
