@@ -45,14 +45,38 @@ __all__ = ["initial_engine", "run_server", "ServingProcess"]
 log = logging.getLogger(__name__)
 
 
+def checkpoint_version(source: ModelSource) -> str:
+    """The served version of ``source.checkpoint``: ``ckpt-<first 12 hex of its SHA-256>``
+    (or ``source.version``)."""
+    digest = hashlib.sha256(Path(source.checkpoint).read_bytes()).hexdigest()[:12]
+    return source.version or f"ckpt-{digest}"
+
+
+#: ModelSource fields that describe an architecture: with a checkpoint, the checkpoint's win,
+#: so setting them too is a contradiction unless they agree.
+_ARCHITECTURE_FIELDS = ("preset", "pair_features", "memory_dim", "edge_dim")
+
+
 def initial_engine(source: ModelSource, device: torch.device) -> tuple[MemoryEngine, str]:
-    """The engine to start from when there is no snapshot, and its model version."""
+    """The engine to start from when there is no snapshot, and its model version. Settings that
+    contradict the checkpoint's architecture are an error (``ValueError``), not ignored."""
     if source.checkpoint is not None:
-        engine, _ = load_checkpoint(source.checkpoint, device)
+        path = Path(source.checkpoint)
+        if not path.is_file():
+            raise ValueError(
+                f"model.checkpoint {path}: no such file (`tgnstream train --out DIR` writes "
+                "DIR/checkpoint.pt)"
+            )
+        try:
+            engine, _ = load_checkpoint(path, device)
+        except Exception as e:
+            raise ValueError(
+                f"model.checkpoint {path} is not a tgnstream checkpoint: {type(e).__name__}: {e}"
+            ) from None
+        _check_architecture(source, engine.config)
         if not source.keep_checkpoint_state:
             engine.reset_state()
-        digest = hashlib.sha256(Path(source.checkpoint).read_bytes()).hexdigest()[:12]
-        return engine, source.version or f"ckpt-{digest}"
+        return engine, checkpoint_version(source)
     cfg = ModelConfig.preset(
         source.preset, width=source.memory_dim, pair_features=source.pair_features, edge_dim=source.edge_dim
     )
@@ -60,6 +84,25 @@ def initial_engine(source: ModelSource, device: torch.device) -> tuple[MemoryEng
     engine = MemoryEngine(cfg, source.initial_capacity, device)
     engine.eval()
     return engine, source.version or f"init-{source.preset}-s{source.seed}"
+
+
+def _check_architecture(source: ModelSource, trained: ModelConfig) -> None:
+    have = {
+        "preset": trained.label.removesuffix("+pair"),
+        "pair_features": trained.pair_features,
+        "memory_dim": trained.memory_dim,
+        "edge_dim": trained.edge_dim,
+    }
+    wrong = [
+        f"{k} = {getattr(source, k)!r} (the checkpoint has {have[k]!r})"
+        for k in _ARCHITECTURE_FIELDS
+        if k in source.model_fields_set and getattr(source, k) != have[k]
+    ]
+    if wrong:
+        raise ValueError(
+            f"model settings contradict the checkpoint {source.checkpoint}: {'; '.join(wrong)}. The "
+            "checkpoint defines the architecture: remove these settings (or use another checkpoint)"
+        )
 
 
 def _ensure_topic(kafka: KafkaConfig, name: str) -> None:
@@ -114,13 +157,21 @@ class ServingProcess:
         self.store = SnapshotStore(cfg.snapshots.dir, cfg.snapshots.keep)
         topic = cfg.ingest.kafka.topic
         restored = self.store.restore_latest(device, topic=topic)
+        if restored is not None and cfg.model.checkpoint is not None and cfg.models.dir is None:
+            restored = self._check_snapshot_model(restored[0], restored)
         published = None
         if restored is None and cfg.models.dir is not None:
             published = ModelStore(cfg.models.dir).load_latest(device)
         if restored is not None:
             snap, engine = restored
             version, offsets, topic_id = snap.model_version, snap.next_offsets, snap.topic_id
-            log.info("restored %s: %d events, offsets %s", snap.path.name, snap.events_applied, offsets)
+            log.info(
+                "serving %s: restored from snapshot %s (%d events, offsets %s)",
+                version,
+                snap.path,
+                snap.events_applied,
+                offsets,
+            )
         elif published is not None:
             version_meta, engine = published
             version, offsets, topic_id = (
@@ -129,17 +180,29 @@ class ServingProcess:
                 version_meta.topic_id,
             )
             log.info(
-                "no snapshot in %s: starting from published version %s (offsets %s)",
-                self.store.root,
+                "serving %s: the newest published version in %s (no snapshot yet; offsets %s)",
                 version,
+                cfg.models.dir,
                 offsets,
             )
         else:
             engine, version = initial_engine(cfg.model, device)
             offsets, topic_id = {}, None
-            log.info(
-                "no snapshot in %s: starting %s from the beginning of %s", self.store.root, version, topic
-            )
+            if cfg.model.checkpoint is not None:
+                log.info(
+                    "serving %s: checkpoint %s (%s), from the beginning of %s",
+                    version,
+                    cfg.model.checkpoint,
+                    "with its node state" if cfg.model.keep_checkpoint_state else "empty node state",
+                    topic,
+                )
+            else:
+                log.warning(
+                    "serving %s: FRESH RANDOM WEIGHTS (no snapshot, no model.checkpoint, no published "
+                    "version): answers are meaningless until a model is configured, e.g. model.checkpoint "
+                    '= "runs/wikipedia/checkpoint.pt" from `make train`',
+                    version,
+                )
         engine.eval()
         engine.fold_pending()  # a checkpoint may hold pending messages; queries then never fold
         self.live = LiveEngine(engine, version, offsets)
@@ -200,6 +263,30 @@ class ServingProcess:
         self.readiness.add_listener(self._on_readiness)
         self.readiness.set("ingest_down", "the Kafka fetch process is starting")
         self.readiness.set("restoring", None)
+
+    def _check_snapshot_model(self, snap, restored):
+        """A snapshot built with another model than the configured checkpoint: refuse, or (with
+        ``model.on_model_change = "start_over"``) set the snapshots aside and start from it."""
+        want = checkpoint_version(self.config.model)
+        if snap.model_version == want:
+            return restored
+        if self.config.model.on_model_change != "start_over":
+            raise ValueError(
+                f"the newest snapshot ({snap.path}) was built with model {snap.model_version}, but "
+                f"model.checkpoint {self.config.model.checkpoint} is {want}. To serve the checkpoint, start "
+                'over from it: set model.on_model_change = "start_over" (the snapshots are moved to '
+                f"{self.store.root}/superseded-*/ and the topic is read from its start), or remove "
+                "model.checkpoint to keep serving the snapshot"
+            )
+        aside = self.store.set_aside()
+        log.warning(
+            "model.checkpoint is %s, the snapshots were built with %s: they are moved to %s; starting "
+            "over from the checkpoint",
+            want,
+            snap.model_version,
+            aside,
+        )
+        return None
 
     # ---------------------------------------------------------------------------- hot swap
     def _swapped(self, version: str, total_s: float, pause_s: float) -> None:

@@ -48,6 +48,11 @@ class ModelSource(BaseModel):
         description="served model version (default: ckpt-<checkpoint hash> or init-<preset>-s<seed>)",
     )
     initial_capacity: int = Field(1024, ge=1, description="node slots allocated up front (grows by doubling)")
+    on_model_change: Literal["refuse", "start_over"] = Field(
+        "refuse",
+        description="when the newest snapshot was built with another model than `checkpoint`: refuse to "
+        "start (say what to do), or move the snapshots aside and start over from the checkpoint",
+    )
 
 
 class ServeConfig(BaseSettings):

@@ -197,6 +197,15 @@ class SnapshotStore:
                 log.error("snapshot %s is damaged (%s); trying an older one", snap.path, e)
         return None
 
+    def set_aside(self) -> Path:
+        """Move every snapshot into ``superseded-<unix ms>/`` (never loaded again, never pruned:
+        the operator deletes it); returns that directory."""
+        aside = self.root / f"superseded-{int(time.time() * 1000)}"
+        aside.mkdir()
+        for path in self.root.glob("snap-*"):
+            path.rename(aside / path.name)
+        return aside
+
     def prune(self) -> None:
         """Delete all but the newest ``keep`` complete snapshots of each topic, and incomplete
         leftovers (directories without a manifest: one store has one writer, so such a directory
