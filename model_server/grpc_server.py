@@ -156,9 +156,9 @@ def build_server(
         else:
             port = server.add_insecure_port(config.address)
     except RuntimeError as exc:
-        raise RuntimeError(f"cannot bind gRPC server to {config.address}: {exc}") from exc
+        raise ValueError(f"cannot serve gRPC on {config.address} (is the port in use?): {exc}") from None
     if port == 0:  # older grpc reports a failed bind this way
-        raise RuntimeError(f"cannot bind gRPC server to {config.address}")
+        raise ValueError(f"cannot serve gRPC on {config.address}: is the port in use?")
     _SERVICERS[server] = servicer
     return server, health_servicer, port
 

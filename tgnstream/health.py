@@ -148,7 +148,12 @@ class HealthHttpServer:
 
         if ":" in host:
             Server.address_family = socket.AF_INET6
-        self._httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        try:
+            self._httpd = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        except OSError as e:
+            raise ValueError(
+                f"cannot serve /metrics on {host}:{port}: {e.strerror} (is the port in use?)"
+            ) from None
         self.port = int(self._httpd.server_port)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http-health", daemon=True)
 

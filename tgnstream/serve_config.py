@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tgnstream.health import HealthConfig
@@ -114,11 +114,19 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
     if path is None:
         return ServeConfig()
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
     text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    elif path.suffix == ".toml":
-        data = tomllib.loads(text)
-    else:
-        raise ValueError(f"{path}: config must be .toml or .json")
-    return ServeConfig(**data)
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ValueError(f"{path}: config must be .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    try:
+        return ServeConfig(**data)
+    except ValidationError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -14,9 +14,14 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise ValueError(f"device {name!r} requested but CUDA is not available (use auto or cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     return dev
 
 

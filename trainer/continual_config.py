@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tgnstream.stream.config import KafkaConfig, StreamConfig
@@ -160,6 +160,8 @@ def load_trainer_config(path: str | Path | None) -> TrainerConfig:
     if path is None:
         return TrainerConfig()
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
     text = path.read_text()
     try:
         if path.suffix == ".json":
@@ -170,4 +172,7 @@ def load_trainer_config(path: str | Path | None) -> TrainerConfig:
             raise ValueError(f"{path}: config must be .toml or .json")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: {e}") from None
-    return TrainerConfig(**data)
+    try:
+        return TrainerConfig(**data)
+    except ValidationError as e:
+        raise ValueError(f"{path}: {e}") from None

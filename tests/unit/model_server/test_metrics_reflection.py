@@ -95,5 +95,5 @@ def test_graceful_stop_turns_health_not_serving(served):
 
 
 def test_port_in_use_fails_clearly(served):
-    with pytest.raises(RuntimeError, match="cannot bind gRPC server to 127.0.0.1"):
+    with pytest.raises(ValueError, match="cannot serve gRPC on 127.0.0.1.*port in use"):
         build_server(served.live, GrpcConfig(**{**TEST_CONFIG, "port": served.port}), ServerMetrics())
