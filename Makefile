@@ -9,7 +9,7 @@ OUT ?= runs/wikipedia
 EPOCHS ?= 5
 TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction
 
-.PHONY: install train test test-faults test-all bench lint clean
+.PHONY: install demo train test test-faults test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## Main job: offline training + evaluation on JODIE Wikipedia (results in $(OUT)/results.json).
+## Main job: the whole loop live (broker, server, trainer, replay, queries) for DEMO_S seconds;
+## summary.json and plots in runs/demo/<time>/.
+DEMO_S ?= 120
+DEMO_ARGS ?=
+demo: install
+	$(VENV)/bin/tgnstream demo --data $(DATA) --duration-s $(DEMO_S) $(DEMO_ARGS)
+
+## Offline training + evaluation on JODIE Wikipedia (results in $(OUT)/results.json).
 train: install
 	$(VENV)/bin/tgnstream train --data $(DATA) --out $(OUT) --epochs $(EPOCHS) $(TRAIN_ARGS)
 

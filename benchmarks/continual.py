@@ -34,18 +34,14 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import torch
 
 from tgnstream.broker import EmbeddedBroker
-from tgnstream.core.config import ModelConfig
-from tgnstream.core.events import EventBatch, TemporalDataset
 from tgnstream.core.heuristics import HeuristicScorer
 from tgnstream.core.loaders import load_dataset
-from tgnstream.core.step import TemporalStep
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.ingest.replay import encode_event
 from tgnstream.kafka_admin import create_topic
@@ -53,9 +49,7 @@ from tgnstream.models import ModelStore
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.sysinfo import hardware_info
-from tgnstream.trainer.config import OfflineTrainConfig
-from tgnstream.trainer.offline import train_offline
-from tgnstream.trainer.service import with_pres
+from tgnstream.trainer.bootstrap import featureless, publish_start_model, replay_as_served
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -66,47 +60,6 @@ HEURISTIC = "recency>global_recency"
 SWAP = re.compile(
     r"^(\S+ \S+) .*hot swap: now serving (v\d+) at offsets \{0: (\d+)\} \(write lock held ([\d.]+) ms\)"
 )
-
-
-def _featureless(data: TemporalDataset) -> TemporalDataset:
-    """The stream as the replay sends it (no edge features). Dense ids are the order of first
-    appearance (src before dst), which is how ingest and the trainer register them, so every
-    engine on the live path uses these ids."""
-    ev = data.events
-    return replace(data, events=EventBatch(ev.src, ev.dst, ev.t, ev.feats[:, :0]))
-
-
-def _start_model(data: TemporalDataset, n0: int, epochs: int, lr: float, seed: int):
-    """Weights trained on events [0, n0) only (the make-train recipe), PRES on."""
-    head = replace(data, events=data.events.slice(0, n0), labels=data.labels[:n0])
-    cfg = OfflineTrainConfig(
-        data=DATASETS.get(data.name, Path(data.name)),
-        out=Path("/nonexistent"),  # nothing is written
-        epochs=epochs,
-        lr=lr,
-        seed=seed,
-        progress=False,
-        pair_features=True,
-        activity_features=True,
-        sampling_correction=True,
-    )
-    model_cfg = ModelConfig.preset("tgn", edge_dim=0, pair_features=True, activity_features=True)
-    return with_pres(train_offline(head, cfg, model_cfg, torch.device("cpu")).engine, True)
-
-
-def _replayed(engine, data: TemporalDataset, names: list[str], start: int, stop: int, batch: int):
-    """``engine`` with events [start, stop) applied as a server applies them (ids by name)."""
-    ev = data.events
-    for i in range(start, stop, batch):
-        j = min(i + batch, stop)
-        keys = [names[x] for pair in zip(ev.src[i:j].tolist(), ev.dst[i:j].tolist()) for x in pair]
-        dense, _ = engine.ids.lookup(keys, create=True)
-        engine.ids.flush()
-        b = EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), ev.t[i:j], torch.zeros(j - i, 0))
-        engine.ensure_capacity(int(dense.max()) + 1)
-        step = TemporalStep(engine)
-        step.commit_live(step.prepare_live(b))
-    return engine
 
 
 class Client(threading.Thread):
@@ -179,18 +132,15 @@ def _windows(rr: dict[str, torch.Tensor], pos: dict, neg: dict, k: int) -> list[
 
 
 def run(name: str, args, work: Path) -> dict:
-    data = _featureless(load_dataset(DATASETS[name], limit=args.limit))
+    data = featureless(load_dataset(DATASETS[name], limit=args.limit))
     names = data.raw_ids
     n = len(data)
     batch = args.batch
     n0 = int(n * args.start_frac) // batch * batch
     print(f"\n== {name}: {n} events, start model trained on the first {n0}", flush=True)
     t0 = time.perf_counter()
-    engine = _start_model(data, n0, args.epochs, args.lr, args.seed)
-    engine.reset_state()
-    engine = _replayed(engine, data, names, 0, n0, batch)
     models = work / "models"
-    ModelStore(models).publish(engine, {0: n0}, name, None, gate={"decision": "start model"})
+    publish_start_model(ModelStore(models), data, n0, batch, name, args.epochs, args.lr, args.seed)
     print(f"start model: {time.perf_counter() - t0:.0f} s", flush=True)
 
     values = [
@@ -347,7 +297,7 @@ def run(name: str, args, work: Path) -> dict:
             continue
         published = store.get(version)
         eng = published.load()
-        eng = _replayed(eng, data, names, published.next_offsets[0], lo, batch)
+        eng = replay_as_served(eng, data, published.next_offsets[0], lo, batch)
         pieces.append(evaluate_stream(eng, data, lo, hi, settings))
     continual = {k: torch.cat([p[k] for p in pieces]) for k in ("pos", "neg", "rr")}
     heuristic = HeuristicScorer(HEURISTIC, data.num_nodes, history="event")

@@ -340,12 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _trainer_parser(sub)
     from tgnstream.broker import add_parser as add_broker_parser
+    from tgnstream.demo import add_parser as add_demo_parser
     from tgnstream.ingest.replay import add_parser as add_replay_parser
     from tgnstream.query_cli import add_parser as add_query_parser
 
     add_broker_parser(sub)
     add_replay_parser(sub)
     add_query_parser(sub)
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
