@@ -49,6 +49,11 @@ class HotSwapConfig(BaseModel):
         "no snapshot, and hot-swaps every newer one (None: off)",
     )
     watch_interval_s: float = Field(5.0, gt=0, description="how often the directory is looked at")
+    wait_for_first: bool = Field(
+        True,
+        description="with no snapshot and no published version yet, wait for the first one (the trainer "
+        "publishes its start model when it starts) instead of serving [model]",
+    )
 
 
 def version_number(version: str) -> int:

@@ -161,7 +161,7 @@ class ServingProcess:
             restored = self._check_snapshot_model(restored[0], restored)
         published = None
         if restored is None and cfg.models.dir is not None:
-            published = ModelStore(cfg.models.dir).load_latest(device)
+            published = self._first_published(device)
         if restored is not None:
             snap, engine = restored
             version, offsets, topic_id = snap.model_version, snap.next_offsets, snap.topic_id
@@ -263,6 +263,22 @@ class ServingProcess:
         self.readiness.add_listener(self._on_readiness)
         self.readiness.set("ingest_down", "the Kafka fetch process is starting")
         self.readiness.set("restoring", None)
+
+    def _first_published(self, device: torch.device):
+        """The newest published version; with ``models.wait_for_first``, waits for one."""
+        cfg = self.config.models
+        store = ModelStore(cfg.dir)
+        found = store.load_latest(device)
+        if found is None and cfg.wait_for_first:
+            self.readiness.set("restoring", f"waiting for the first published version in {cfg.dir}")
+            log.info(
+                "waiting for the first published version in %s (the trainer publishes one when it starts)",
+                cfg.dir,
+            )
+            while found is None:
+                time.sleep(cfg.watch_interval_s)
+                found = store.load_latest(device)
+        return found
 
     def _check_snapshot_model(self, snap, restored):
         """A snapshot built with another model than the configured checkpoint: refuse, or (with

@@ -141,6 +141,14 @@ class TrainerService:
         engine = start_engine(cfg.start, self.device)
         what = cfg.start.checkpoint or f"fresh {cfg.start.preset} weights (seed {cfg.start.seed})"
         log.info("starting from %s with an empty state, from the start of the topic", what)
+        if self.rank == 0:
+            # Published at once (empty state, offsets: the topic's start), so servers configured
+            # with this models directory can start serving the architecture that follows.
+            first = self.store.publish(
+                engine, {}, self.topic, None, gate={"decision": "start model", "from": str(what)}
+            )
+            self.published_version = first.version
+            log.info("published the start model as %s", first.version)
         return self._trainer(engine), {}
 
     def _trainer(self, engine: MemoryEngine) -> ContinualTrainer:

@@ -103,7 +103,7 @@ def test_trainer_publishes_and_resumes_exactly_after_sigkill(tmp_path, kafka_boo
     proc = _start(config, log)
     try:
         store = ModelStore(tmp_path / "models")
-        _wait(lambda: store.latest(), 180, proc, log)
+        _wait(lambda: len(store.versions()) >= 2, 180, proc, log)  # the start model, then a round's
         # Mid-window: a checkpoint exists that has not reached the end of the topic.
         meta = _wait(
             lambda: (m := _checkpoint(tmp_path)) and m["next_offsets"]["0"] < TOTAL and m, 120, proc, log
@@ -137,7 +137,8 @@ def test_trainer_publishes_and_resumes_exactly_after_sigkill(tmp_path, kafka_boo
     t = torch.cat([w["t"] for w in window])
     start = spans[0][0]
     assert torch.equal(t, data.events.t[start:TOTAL])
-    versions = store.versions()
+    start, *versions = store.versions()
+    assert start.gate["decision"] == "start model" and start.next_offsets == {}
     assert len(versions) >= 2
     offsets = [v.next_offsets[0] for v in versions]
     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)

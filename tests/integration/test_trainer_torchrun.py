@@ -50,7 +50,7 @@ def test_two_ranks_train_and_rank_zero_publishes(tmp_path, kafka_bootstrap, kafk
     store = ModelStore(tmp_path / "models")
     try:
         deadline = time.monotonic() + 180
-        while len(store.versions()) < 2:
+        while len(store.versions()) < 3:
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.3)
@@ -63,6 +63,7 @@ def test_two_ranks_train_and_rank_zero_publishes(tmp_path, kafka_bootstrap, kafk
             proc.wait(10)
     text = log.read_text()
     assert "rank 0 of 2 (torch.distributed, gloo)" in text and "rank 1 of 2 (torch.distributed, gloo)" in text
-    versions = store.versions()
-    assert versions[0].version == "v000001" and versions[1].parent == "v000001"
+    start, *versions = store.versions()
+    assert start.version == "v000001" and start.next_offsets == {}  # the start model, at once
+    assert versions[0].parent == "v000001" and versions[1].parent == versions[0].version
     assert [v.next_offsets[0] for v in versions[:2]] == [800, 1600]
