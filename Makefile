@@ -9,7 +9,7 @@ OUT ?= runs/wikipedia
 EPOCHS ?= 5
 TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction
 
-.PHONY: install demo train test test-faults test-all bench lint clean
+.PHONY: install demo train test test-tools test-faults test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,17 @@ demo: install
 train: install
 	$(VENV)/bin/tgnstream train --data $(DATA) --out $(OUT) --epochs $(EPOCHS) $(TRAIN_ARGS)
 
+## Debian tools the tests need: prometheus + promtool (tests/integration/test_prometheus.py).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-tools:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus package (a real Prometheus for the monitoring test)"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	       --no-install-recommends prometheus; }; }
+
 ## Default test suite: fast unit + integration tests (no slow/gpu markers).
-test: install
+test: install test-tools
 	$(PY) -m pytest -q
 
 ## Fault-injection suite: hostile input, broker loss, dead ingest, full disk... (README, "Faults").
