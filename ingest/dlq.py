@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -79,18 +80,28 @@ class DeadLetterPublisher:
     short ``max_block_ms`` so a broker outage cannot stall the ingest loop inside ``send``.
 
     Args:
-        producer: a ``kafka.KafkaProducer`` without key/value serializers (bytes in, bytes out).
+        producer: a ``kafka.KafkaProducer`` without key/value serializers (bytes in, bytes out),
+            or a function that makes one, called at the first dead letter (a server that starts
+            while the broker is unreachable does not block on it: a failed creation is a failed
+            send, kept and retried by ``flush``).
         topic: the source topic; dead letters go to ``dlq_topic(topic)``.
         max_value_bytes: longer values are cut (flagged in a header); default: the producer's
             ``max_request_size`` (at most 1 MiB, the broker default) minus 64 KiB.
     """
 
-    def __init__(self, producer: KafkaProducer, topic: str, max_value_bytes: int | None = None):
-        self.producer = producer
+    def __init__(
+        self,
+        producer: KafkaProducer | Callable[[], KafkaProducer],
+        topic: str,
+        max_value_bytes: int | None = None,
+    ):
+        self._producer = None if callable(producer) and not hasattr(producer, "send") else producer
+        self._make_producer = producer if self._producer is None else None
         self.source_topic = topic
         self.topic = dlq_topic(topic)
         if max_value_bytes is None:
-            request_max = int(getattr(producer, "config", {}).get("max_request_size", _BROKER_DEFAULT_MAX))
+            config = getattr(self._producer, "config", {}) if self._producer is not None else {}
+            request_max = int(config.get("max_request_size", _BROKER_DEFAULT_MAX))
             max_value_bytes = min(request_max, _BROKER_DEFAULT_MAX) - _HEADROOM
         if max_value_bytes <= 0:
             raise ValueError(f"max_value_bytes must be > 0, got {max_value_bytes}")
@@ -127,6 +138,13 @@ class DeadLetterPublisher:
         if key is None and value is None:
             value = b""  # Kafka needs a key or a value; the reason (null_value) says what it was
         self._send({"key": key, "value": value, "headers": headers})
+
+    @property
+    def producer(self) -> KafkaProducer:
+        """The producer (made on first use when a factory was given)."""
+        if self._producer is None:
+            self._producer = self._make_producer()
+        return self._producer
 
     def _send(self, record: dict[str, Any]) -> None:
         self.published += 1
@@ -172,6 +190,8 @@ class DeadLetterPublisher:
             ) from first
 
     def _flush_producer(self, timeout: float | None) -> None:
+        if self._producer is None and self._make_producer is not None:
+            return  # nothing was ever sent (or the producer could not be made: its failures are kept)
         try:
             self.producer.flush(timeout=timeout)
         except Exception as e:  # KafkaTimeoutError: records still in flight

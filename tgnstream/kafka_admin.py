@@ -84,3 +84,19 @@ def create_topic(
             time.sleep(0.05)
     finally:
         admin.close()
+
+
+def unreachable(bootstrap_servers: str, timeout: float = 2.0) -> str | None:
+    """None when a TCP connection to one of the bootstrap servers succeeds within ``timeout``
+    seconds, else why not (a quick check before clients that would retry for much longer)."""
+    import socket
+
+    errors = []
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout):
+                return None
+        except (OSError, ValueError) as e:
+            errors.append(f"{server.strip()}: {getattr(e, 'strerror', None) or e}")
+    return "; ".join(errors)

@@ -26,7 +26,7 @@ from tgnstream.health import HealthHttpServer, Readiness
 from tgnstream.hot_swap import HotSwapper
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.kafka_admin import create_topic
+from tgnstream.kafka_admin import create_topic, unreachable
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ReaderMetrics, ServerMetrics
 from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
@@ -213,11 +213,23 @@ class ServingProcess:
         self.metrics.memory_nodes.set(len(engine.ids))
 
         kafka = cfg.ingest.kafka
+        down = unreachable(kafka.bootstrap_servers)
+        if down is not None:
+            log.error(
+                "cannot reach the Kafka broker (%s): serving %s without ingest for now, not ready "
+                "while ingest retries with backoff. Check ingest.kafka.bootstrap_servers",
+                down,
+                version,
+            )
         dead_letters = None
         if cfg.ingest.dlq_enabled:
-            _ensure_topic(kafka, dlq_topic(topic))
-            producer = KafkaProducer(**kafka.client_kwargs(), acks="all", linger_ms=5, max_block_ms=10_000)
-            dead_letters = DeadLetterPublisher(producer, topic)
+            if down is None:
+                _ensure_topic(kafka, dlq_topic(topic))
+
+            def make_producer() -> KafkaProducer:
+                return KafkaProducer(**kafka.client_kwargs(), acks="all", linger_ms=5, max_block_ms=10_000)
+
+            dead_letters = DeadLetterPublisher(make_producer, topic)
         decoder = RecordDecoder.from_config(cfg.ingest, engine.config.edge_dim)
         self.loop = IngestLoop(
             cfg.ingest,
