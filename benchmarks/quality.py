@@ -174,12 +174,19 @@ def main() -> int:
             "targets": targets,
         }
         _print(name, rows, best, learned, targets)
-    report["seconds"] = time.perf_counter() - started
-    report["hardware"] = hardware_info(device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+        # Written after every dataset: a run stopped later keeps what it finished.
+        _write(args.out, report, started, device, complete=False)
+    _write(args.out, report, started, device, complete=True)
     print(f"wrote {args.out}")
     return 0
+
+
+def _write(out: Path, report: dict, started: float, device, complete: bool) -> None:
+    report["seconds"] = time.perf_counter() - started
+    report["hardware"] = hardware_info(device)
+    report["complete"] = complete
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
 
 
 def _print(name, rows, best, learned, targets) -> None:
