@@ -246,12 +246,14 @@ def run(name: str, args, work: Path) -> dict:
             feed_started = time.time()
             feed_s = _feed(broker.bootstrap, name, values[n0:], args.rate)
             feed_ended = time.time()
-            # Let the trainer finish its last round and the server swap it in.
+            # Let the trainer finish its last round and the server swap it in (a last partial
+            # batch never closes: caught up means less than a batch behind).
             deadline = time.monotonic() + args.drain_s
             while time.monotonic() < deadline:
                 tm = _scrape(tports["metrics_port"])
+                idle = tm.get("tgnstream_trainer_lag_records", batch) < batch
                 if (
-                    tm.get("tgnstream_trainer_lag_records", 1) == 0
+                    idle
                     and len(ModelStore(models).versions())
                     and ModelStore(models).latest().version == _served_version(sports["grpc_port"])
                 ):
