@@ -34,8 +34,16 @@ class StartModel(BaseModel):
     seed: int = Field(0, description="weight initialisation seed without a checkpoint")
     pres: bool = Field(
         True,
-        description="train with PRES (prediction-correction of the memory inside a large batch + "
-        "memory-coherence loss); turned on for a checkpoint trained without it (its statistics start empty)",
+        description="train with PRES (memory-coherence loss; prediction-correction with weight pres_gamma); "
+        "turned on for a checkpoint trained without it (its statistics start empty)",
+    )
+    pres_gamma: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="weight of PRES's predicted memory in every memory update (training and serving). 0: "
+        "the coherence loss only. Measured (README, 'Continual training'): the fusion costs ranking "
+        "quality, most in serving, where its statistics drift the memory batch after batch",
     )
 
 

@@ -53,14 +53,16 @@ def start_engine(start: StartModel, device: torch.device) -> MemoryEngine:
         )
         torch.manual_seed(start.seed)
         engine = MemoryEngine(cfg, 1024, device)
-    return with_pres(engine, start.pres)
+    return with_pres(engine, start.pres, start.pres_gamma)
 
 
-def with_pres(engine: MemoryEngine, pres: bool) -> MemoryEngine:
-    """``engine`` with PRES on (statistics start empty) when ``pres`` and it is off."""
+def with_pres(engine: MemoryEngine, pres: bool, gamma: float = 0.0) -> MemoryEngine:
+    """``engine`` with PRES on (statistics start empty, fusion weight ``gamma``) when ``pres``
+    and it is off; an engine that has PRES keeps its settings."""
     if not pres or engine.config.pres:
         return engine.eval()
-    out = MemoryEngine(engine.config.model_copy(update={"pres": True}), engine.capacity, engine.device)
+    config = engine.config.model_copy(update={"pres": True, "pres_gamma": gamma})
+    out = MemoryEngine(config, engine.capacity, engine.device)
     missing, unexpected = out.load_state_dict(engine.state_dict(), strict=False)
     if unexpected or any(not k.startswith(("pres.", "model.pres_")) for k in missing):
         raise ValueError(
@@ -136,7 +138,7 @@ class TrainerService:
             log.info(
                 "starting from published version %s at offsets %s", published.version, published.next_offsets
             )
-            engine = with_pres(engine, cfg.start.pres)
+            engine = with_pres(engine, cfg.start.pres, cfg.start.pres_gamma)
             return self._trainer(engine), published.next_offsets
         engine = start_engine(cfg.start, self.device)
         what = cfg.start.checkpoint or f"fresh {cfg.start.preset} weights (seed {cfg.start.seed})"
