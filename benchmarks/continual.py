@@ -140,7 +140,9 @@ def run(name: str, args, work: Path) -> dict:
     print(f"\n== {name}: {n} events, start model trained on the first {n0}", flush=True)
     t0 = time.perf_counter()
     models = work / "models"
-    publish_start_model(ModelStore(models), data, n0, batch, name, args.epochs, args.lr, args.seed)
+    publish_start_model(
+        ModelStore(models), data, n0, batch, name, args.epochs, args.lr, args.seed, pres_gamma=args.pres_gamma
+    )
     print(f"start model: {time.perf_counter() - t0:.0f} s", flush=True)
 
     values = [
@@ -179,6 +181,7 @@ def run(name: str, args, work: Path) -> dict:
                 "lr": args.continual_lr,
                 "epochs": 1,
             },
+            "start": {"pres_gamma": args.pres_gamma},
             "publish": {"dir": str(models), "keep": 100},
             "checkpoints": {"dir": str(work / "trainer"), "every_seconds": 30},
             "metrics_port": 0,
@@ -405,6 +408,9 @@ def main() -> int:
     )
     p.add_argument("--windows", type=int, default=10, help="points of the quality-over-time curve")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pres-gamma", type=float, default=0.0, help="PRES fusion weight (the trainer's start.pres_gamma)"
+    )
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "continual")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "continual.json")
     args = p.parse_args()

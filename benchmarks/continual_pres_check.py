@@ -7,11 +7,15 @@ published (PRES fusion in every serving apply), with its PRES statistics zeroed 
 ``pres_fuse`` returns the updater's output for nodes without statistics), and the frozen start
 model ``v000001`` replayed to the same offset.
 
-    python benchmarks/continual.py --datasets wikipedia --rate 1000   # writes runs/continual/
-    python benchmarks/continual_pres_check.py
+    python benchmarks/continual.py --datasets wikipedia --rate 1000 --pres-gamma 0.9 \
+        --work runs/continual_gamma09
+    python benchmarks/continual_pres_check.py --run runs/continual_gamma09/wikipedia
 """
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 import torch
 
@@ -22,9 +26,14 @@ from tgnstream.trainer.bootstrap import featureless, replay_as_served
 
 
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--run", type=Path, default=Path("runs/continual_gamma09/wikipedia"), help="a continual.py work dir"
+    )
+    args = p.parse_args()
     torch.set_num_threads(2)
     data = featureless(load_dataset("../shared/datasets/wikipedia.csv"))
-    store = ModelStore("runs/continual/wikipedia/models")
+    store = ModelStore(args.run / "models")
     settings = EvalSettings(batch_size=200, rank=True)
     version = store.get("v000002")
     start = version.next_offsets[0]

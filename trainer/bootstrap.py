@@ -35,7 +35,7 @@ def featureless(data: TemporalDataset) -> TemporalDataset:
 
 
 def train_on_prefix(
-    data: TemporalDataset, stop: int, epochs: int, lr: float = 1e-4, seed: int = 0
+    data: TemporalDataset, stop: int, epochs: int, lr: float = 1e-4, seed: int = 0, pres_gamma: float = 0.0
 ) -> MemoryEngine:
     """Weights trained on events ``[0, stop)`` only (TGN + pair + activity features, sampling
     correction: the ``make train`` recipe), PRES on (what the continual trainer fine-tunes)."""
@@ -52,7 +52,7 @@ def train_on_prefix(
         sampling_correction=True,
     )
     model_cfg = ModelConfig.preset("tgn", edge_dim=data.edge_dim, pair_features=True, activity_features=True)
-    return with_pres(train_offline(head, cfg, model_cfg, torch.device("cpu")).engine, True)
+    return with_pres(train_offline(head, cfg, model_cfg, torch.device("cpu")).engine, True, pres_gamma)
 
 
 def replay_as_served(
@@ -83,15 +83,16 @@ def publish_start_model(
     lr: float = 1e-4,
     seed: int = 0,
     checkpoint: Path | None = None,
+    pres_gamma: float = 0.0,
 ) -> PublishedModel:
     """Publish the first version: weights from ``checkpoint`` (with PRES turned on) or trained on
     ``[0, stop)``; state = that prefix replayed as served; offsets ``{0: stop}``."""
     if checkpoint is not None:
         engine, _ = load_checkpoint(checkpoint)
-        engine = with_pres(engine, True)
+        engine = with_pres(engine, True, pres_gamma)
         what = f"checkpoint {checkpoint}"
     else:
-        engine = train_on_prefix(data, stop, epochs, lr, seed)
+        engine = train_on_prefix(data, stop, epochs, lr, seed, pres_gamma)
         what = f"{epochs} epochs on the first {stop} events"
     engine.reset_state()
     engine = replay_as_served(engine.eval(), data, 0, stop, batch)
