@@ -255,8 +255,10 @@ def run(name: str, args, work: Path) -> dict:
             while time.monotonic() < deadline:
                 tm = _scrape(tports["metrics_port"])
                 idle = tm.get("tgnstream_trainer_lag_records", batch) < batch
+                rounds = sum(v for k, v in tm.items() if k.startswith("tgnstream_trainer_rounds_total{"))
                 if (
                     idle
+                    and rounds >= (n - n0) // args.every  # a round every `every` events: all of them ran
                     and len(ModelStore(models).versions())
                     and ModelStore(models).latest().version == _served_version(sports["grpc_port"])
                 ):
