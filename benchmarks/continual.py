@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -43,6 +42,7 @@ from tgnstream.broker import EmbeddedBroker
 from tgnstream.core.heuristics import HeuristicScorer
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
+from tgnstream.demo import scrape_metrics
 from tgnstream.ingest.replay import encode_event
 from tgnstream.kafka_admin import create_topic
 from tgnstream.models import ModelStore
@@ -85,19 +85,6 @@ class Client(threading.Thread):
                 except grpc.RpcError:
                     self.samples.append((time.time(), time.perf_counter() - t0, "", False))
                 self.done.wait(max(0.0, self.interval - (time.perf_counter() - t0)))
-
-
-def _scrape(port: int) -> dict[str, float]:
-    out = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                try:
-                    out[name] = float(value)
-                except ValueError:
-                    pass
-    return out
 
 
 def _feed(bootstrap: str, topic: str, values: list[bytes], rate: float) -> float:
@@ -226,7 +213,10 @@ def run(name: str, args, work: Path) -> dict:
             def watch():
                 while not stop_timeline.is_set():
                     try:
-                        sm, tm = _scrape(sports["metrics_port"]), _scrape(tports["metrics_port"])
+                        sm, tm = (
+                            scrape_metrics(sports["metrics_port"]),
+                            scrape_metrics(tports["metrics_port"]),
+                        )
                         timeline.append(
                             {
                                 "t": time.time(),
@@ -253,7 +243,7 @@ def run(name: str, args, work: Path) -> dict:
             # batch never closes: caught up means less than a batch behind).
             deadline = time.monotonic() + args.drain_s
             while time.monotonic() < deadline:
-                tm = _scrape(tports["metrics_port"])
+                tm = scrape_metrics(tports["metrics_port"])
                 idle = tm.get("tgnstream_trainer_lag_records", batch) < batch
                 rounds = sum(v for k, v in tm.items() if k.startswith("tgnstream_trainer_rounds_total{"))
                 if (
@@ -268,7 +258,7 @@ def run(name: str, args, work: Path) -> dict:
             client.join(15)
             stop_timeline.set()
             watcher.join(5)
-            final_server = _scrape(sports["metrics_port"])
+            final_server = scrape_metrics(sports["metrics_port"])
         finally:
             for proc in (server, trainer):
                 if proc.poll() is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DemoConfig", "add_parser", "run_demo"]
+__all__ = ["DemoConfig", "add_parser", "run_demo", "scrape_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class Observed:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _scrape(port: int) -> dict[str, float]:
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The samples a local ``/metrics`` endpoint exposes now: ``{series with labels: value}``."""
     out: dict[str, float] = {}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
         for line in r.read().decode().splitlines():
@@ -263,13 +264,13 @@ class Demo:
         while not self.stop.is_set():
             now = time.time()
             try:
-                sm = _scrape(ports["serve_metrics"])
+                sm = scrape_metrics(ports["serve_metrics"])
                 with self.observed.lock:
                     self.observed.server.append((now, sm))
             except OSError:
                 pass
             try:
-                tm = _scrape(ports["trainer_metrics"])
+                tm = scrape_metrics(ports["trainer_metrics"])
                 with self.observed.lock:
                     self.observed.trainer.append((now, tm))
             except OSError:

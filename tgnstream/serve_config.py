@@ -7,18 +7,17 @@ Environment variables win over the file: ``TGNSTREAM_SERVE_<SECTION>__<FIELD>``,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
 
 from tgnstream.health import HealthConfig
 from tgnstream.hot_swap import HotSwapConfig
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.model_server.config import GrpcConfig
+from tgnstream.settings import FileSettings, load_settings
 from tgnstream.snapshots import SnapshotConfig
 
 __all__ = ["ModelSource", "ServeConfig", "load_serve_config"]
@@ -55,7 +54,7 @@ class ModelSource(BaseModel):
     )
 
 
-class ServeConfig(BaseSettings):
+class ServeConfig(FileSettings):
     """Everything a serving process needs."""
 
     model_config = SettingsConfigDict(
@@ -96,37 +95,7 @@ class ServeConfig(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file is passed as init kwargs; the environment must override it.
-        return env_settings, init_settings
-
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:
     """Parse a TOML/JSON config file (or none: defaults) with environment overrides."""
-    if path is None:
-        return ServeConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ValueError(f"{path}: config must be .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    try:
-        return ServeConfig(**data)
-    except ValidationError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return load_settings(ServeConfig, path)

@@ -4,14 +4,13 @@ environment overrides ``TGNSTREAM_TRAINER_<SECTION>__<FIELD>`` (they win over th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
+from tgnstream.settings import FileSettings, load_settings
 from tgnstream.stream.config import KafkaConfig, StreamConfig
 
 __all__ = ["FineTuneConfig", "GateConfig", "StartModel", "TrainerConfig", "load_trainer_config"]
@@ -127,7 +126,7 @@ def _trainer_stream() -> StreamConfig:
     return StreamConfig(kafka=KafkaConfig(group_id="tgnstream-trainer"))
 
 
-class TrainerConfig(BaseSettings):
+class TrainerConfig(FileSettings):
     """Everything the continual trainer needs. ``stream`` must match the server's ``ingest``
     settings that shape batches (``batch_max_events`` and the bad-input rules), so that a
     published state and a server's catch-up cut the log the same way."""
@@ -151,36 +150,7 @@ class TrainerConfig(BaseSettings):
     ready_file: Path | None = Field(None, description="write {metrics_port, pid} here once running")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return env_settings, init_settings
-
 
 def load_trainer_config(path: str | Path | None) -> TrainerConfig:
     """Parse a TOML/JSON config file (or none: defaults) with environment overrides."""
-    if path is None:
-        return TrainerConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ValueError(f"{path}: config must be .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    try:
-        return TrainerConfig(**data)
-    except ValidationError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return load_settings(TrainerConfig, path)
