@@ -355,8 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     del args.verbose
     run = args.func if hasattr(args, "func") else {"train": _run_train}[args.command]
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return run(args)
+        # Log lines go through tqdm.write while a command runs: a line logged under a progress
+        # bar (ours or a library's) is printed above it instead of splitting it.
+        with logging_redirect_tqdm():
+            return run(args)
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
         return 2

@@ -25,6 +25,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.health import HealthHttpServer, Readiness
 from tgnstream.models import ModelStore
 from tgnstream.stream.assemble import RecordRejection
+from tgnstream.stream.consumers import TopicNotFoundError
 from tgnstream.stream.reader import BatchReader
 from tgnstream.sysinfo import resolve_device
 from tgnstream.trainer.continual import ContinualTrainer
@@ -34,6 +35,9 @@ from tgnstream.trainer.metrics import TrainerMetrics
 __all__ = ["TrainerService", "run_trainer", "start_engine"]
 
 log = logging.getLogger(__name__)
+# Waiting for a missing topic or a silent broker: first retry after 1 s, then doubling up to 30 s.
+_RETRY_INITIAL_S = 1.0
+_RETRY_MAX_S = 30.0
 
 CHECKPOINT_NAME = "trainer.pt"
 
@@ -174,17 +178,9 @@ class TrainerService:
 
     def run(self) -> None:
         """Read, train and publish until ``stop()``; a final checkpoint on the way out."""
-        head = self.trainer.head
-        reader = BatchReader(
-            self.cfg.stream,
-            self.positions,
-            head.config.edge_dim,
-            float(head.watermark),
-            self._register,
-            device="cpu",
-            topic_id=self.topic_id,
-            on_reject=self._reject,
-        )
+        reader = self._open_reader()
+        if reader is None:  # stopped while waiting for the topic
+            return
         if reader.fetcher.topic_id is not None:
             self.topic_id = reader.fetcher.topic_id
         self.positions = dict(reader.next_offsets)
@@ -218,6 +214,36 @@ class TrainerService:
                 bar.close()
             reader.close()
             self.checkpoint()
+
+    def _open_reader(self) -> BatchReader | None:
+        """The reader at the trainer's positions. A missing topic or a broker that does not
+        answer is retried with backoff (the reason in the log and in readiness) until it works
+        or ``stop()``; None when stopped first."""
+        head = self.trainer.head
+        delay = _RETRY_INITIAL_S
+        while not self._stop.is_set():
+            try:
+                reader = BatchReader(
+                    self.cfg.stream,
+                    self.positions,
+                    head.config.edge_dim,
+                    float(head.watermark),
+                    self._register,
+                    device="cpu",
+                    topic_id=self.topic_id,
+                    on_reject=self._reject,
+                )
+            except (TopicNotFoundError, TimeoutError, RuntimeError) as e:
+                if self._stop.is_set():
+                    break
+                self.readiness.set("topic_unavailable", str(e))
+                log.error("cannot read the topic: %s; retrying in %.0f s", e, delay)
+                self._stop.wait(delay)
+                delay = min(2 * delay, _RETRY_MAX_S)
+                continue
+            self.readiness.set("topic_unavailable", None)
+            return reader
+        return None
 
     def _agree(self, due: bool) -> bool:
         """Rank 0's decision, on every rank (ranks see the same batches, so they call this equally

@@ -4,6 +4,7 @@ partitions, and committed offsets."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -131,3 +132,17 @@ def test_several_partitions_from_the_start_or_from_offsets(client, kafka_bootstr
 def test_unknown_client_name_is_rejected():
     with pytest.raises(ValueError, match="client"):
         IngestConfig(kafka={"client": "librdkafka-turbo"})
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_missing_topic_is_reported_within_seconds_with_what_to_do(client, kafka_bootstrap):
+    from tgnstream.stream.consumers import TopicNotFoundError
+
+    topic = f"missing-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    with pytest.raises(TopicNotFoundError) as raised:
+        KafkaSource(_config(kafka_bootstrap, topic, client))
+    assert time.monotonic() - started < 15  # not the 30 s an unanswered metadata request waits
+    message = str(raised.value)
+    assert f"topic {topic!r} does not exist on {kafka_bootstrap}" in message
+    assert f"tgnstream broker --topic {topic}" in message

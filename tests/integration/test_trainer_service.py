@@ -144,3 +144,36 @@ def test_trainer_publishes_and_resumes_exactly_after_sigkill(tmp_path, kafka_boo
     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
     assert versions[-1].parent == versions[-2].version
     assert versions[-1].gate["decision"] == "published"
+
+
+def test_trainer_waits_for_a_missing_topic_then_reads_it(tmp_path, kafka_bootstrap):
+    """A trainer started before its topic exists says so (log and readiness), retries, and
+    trains once the topic is there: no crash, no traceback."""
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    from tgnstream.kafka_admin import create_topic
+
+    topic = f"later-{uuid.uuid4().hex[:8]}"
+    config = _config(tmp_path, kafka_bootstrap, topic)
+    log = tmp_path / "trainer.log"
+    proc = _start(config, log)
+    try:
+        _wait(lambda: "cannot read the topic" in log.read_text(), 60, proc, log)
+        port = json.loads((tmp_path / "ready.json").read_text())["metrics_port"]
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        assert not_ready.value.code == 503
+        assert "topic_unavailable" in not_ready.value.read().decode()
+        create_topic(kafka_bootstrap, topic, 1)
+        replay_events(kafka_bootstrap, topic, load_dataset(WIKI, limit=1_000), progress=False)
+        _wait(lambda: (m := _checkpoint(tmp_path)) and int(m["next_offsets"]["0"]) == 1_000, 120, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert f"topic {topic!r} does not exist" in text
+    assert "Traceback" not in text

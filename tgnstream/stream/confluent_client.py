@@ -11,7 +11,13 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from tgnstream.stream.config import KafkaConfig, StreamConfig
-from tgnstream.stream.consumers import Columns, ConnectionLogThrottle, OffsetOutOfRange
+from tgnstream.stream.consumers import (
+    UNKNOWN_TOPIC_GRACE_S,
+    Columns,
+    ConnectionLogThrottle,
+    OffsetOutOfRange,
+    TopicNotFoundError,
+)
 
 __all__ = ["ConfluentClient", "librdkafka_settings"]
 
@@ -94,7 +100,8 @@ class ConfluentClient:
         self._positions: dict[int, int] = {}
 
     def partitions(self, timeout_s: float = 30.0) -> list[int]:
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
         while True:
             try:
                 meta = self._consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
@@ -104,6 +111,10 @@ class ConfluentClient:
                 why = str(meta.error) if meta is not None and meta.error is not None else "no partitions"
             if meta is not None and meta.error is None and meta.partitions:
                 return sorted(meta.partitions)
+            unknown = meta is not None and meta.error is not None
+            if unknown and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                if time.monotonic() - start > UNKNOWN_TOPIC_GRACE_S:
+                    raise TopicNotFoundError(self.topic, self._bootstrap, meta.error.str())
             if time.monotonic() > deadline:
                 raise RuntimeError(f"topic {self.topic!r} not found on {self._bootstrap} ({why})")
             time.sleep(0.2)

@@ -26,6 +26,7 @@ __all__ = [
     "ConnectionLogThrottle",
     "ConsumerClient",
     "OffsetOutOfRange",
+    "TopicNotFoundError",
     "open_consumer",
     "resolve_client",
     "throttle_kafka_python_logs",
@@ -56,6 +57,25 @@ class OffsetOutOfRange(Exception):
         self.detail = detail
 
 
+#: A broker that answers "unknown topic" this long is believed (a topic being created, or
+#: auto-created by a first producer, shows up well within it); no answer at all is waited for
+#: longer, as a broker that is starting may need.
+UNKNOWN_TOPIC_GRACE_S = 5.0
+
+
+class TopicNotFoundError(RuntimeError):
+    """The broker answers, and the topic does not exist there (a typo, or it was never created).
+    The message says how to fix it; callers retry it with backoff rather than crash."""
+
+    def __init__(self, topic: str, bootstrap: str, detail: str = ""):
+        super().__init__(
+            f"topic {topic!r} does not exist on {bootstrap}{f' ({detail})' if detail else ''}: create it "
+            f"(the embedded broker: tgnstream broker --topic {topic}; Apache Kafka: kafka-topics.sh "
+            f"--create --topic {topic}), or set the kafka topic setting to an existing one"
+        )
+        self.topic = topic
+
+
 class ConsumerClient(Protocol):
     """What ``KafkaSource`` needs from a Kafka consumer of one topic.
 
@@ -64,7 +84,9 @@ class ConsumerClient(Protocol):
     """
 
     def partitions(self) -> list[int]:
-        """The topic's partitions (waits for the topic to exist, raises after a timeout)."""
+        """The topic's partitions. Raises ``TopicNotFoundError`` when the broker keeps saying the
+        topic is unknown for ``UNKNOWN_TOPIC_GRACE_S``, ``RuntimeError`` when no answer comes
+        within the timeout."""
 
     def assign(self, start_offsets: dict[int, int | None]) -> dict[int, int]:
         """Read these partitions from these offsets (None: the log start); returns the offsets."""

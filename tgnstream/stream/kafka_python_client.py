@@ -11,7 +11,7 @@ from kafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRange
 from kafka.structs import OffsetAndMetadata
 
 from tgnstream.stream.config import StreamConfig
-from tgnstream.stream.consumers import Columns, OffsetOutOfRange
+from tgnstream.stream.consumers import UNKNOWN_TOPIC_GRACE_S, Columns, OffsetOutOfRange, TopicNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,16 @@ class KafkaPythonClient:
         self._client_kwargs = k.client_kwargs()
 
     def partitions(self, timeout_s: float = 30.0) -> list[int]:
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
         while True:
             parts = self._consumer.partitions_for_topic(self.topic)
             if parts:
                 return sorted(parts)
+            # Metadata that came back without the topic: the broker answered, the topic is not there.
+            answered = bool(self._consumer._client.cluster.brokers())
+            if answered and time.monotonic() - start > UNKNOWN_TOPIC_GRACE_S:
+                raise TopicNotFoundError(self.topic, self._bootstrap)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"topic {self.topic!r} not found on {self._bootstrap}")
             time.sleep(0.2)
