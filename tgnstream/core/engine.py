@@ -41,6 +41,8 @@ from tgnstream.core.pres import TransitionStats, pres_fuse
 __all__ = ["MemoryEngine", "FreshMemory", "PreparedBatch", "AppliedMemory"]
 
 _INSTANCES = itertools.count(1)
+# Pair-feature ranking works on blocks of about this many (source, candidate) cells.
+_RANK_BLOCK_CELLS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -548,11 +550,20 @@ class MemoryEngine(nn.Module):
             vis,
         )
         z_src, z_c = z[: src.numel()], z[src.numel() :]
-        pair = None
-        if self.config.pair_features:
-            stats = ranking_stats(self.history, self.neighbors, src, candidates, context, visible)
-            pair = self.encode_pairs(stats, t.unsqueeze(1))
-        return self.model.decoder.rank(z_src, z_c, pair)
+        if not self.config.pair_features:
+            return self.model.decoder.rank(z_src, z_c)
+        stats = ranking_stats(self.history, self.neighbors, src, candidates, context, visible)
+        # Row blocks keep the [rows, Q, F] features and [rows, Q, hidden] activations in cache
+        # (ranking a batch against every node at once streams them through memory several times).
+        rows = max(1, _RANK_BLOCK_CELLS // max(q, 1))
+        return torch.cat(
+            [
+                self.model.decoder.rank(
+                    z_src[i : i + rows], z_c, self.encode_pairs(stats.rows(i, i + rows), t[i : i + rows, None])
+                )
+                for i in range(0, src.numel(), rows)
+            ]
+        )
 
     @torch.no_grad()
     def top_k(

@@ -8,7 +8,7 @@ own event or a later one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -38,6 +38,10 @@ class PairStats:
     common: torch.Tensor
     count_u: torch.Tensor
     count_v: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> PairStats:
+        """Rows ``start:stop`` of ``[P, Q]`` statistics (views)."""
+        return PairStats(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 def _latest(nb_ids: torch.Tensor, nb_ts: torch.Tensor) -> torch.Tensor:
