@@ -116,6 +116,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-pyg", action="store_true", help="skip PyG's TGN")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other datasets' sections of an existing --out file (each section records "
+        "the command, date and hardware it came from)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -123,6 +129,12 @@ def main() -> int:
     epochs = {k: int(v) for k, v in (x.split("=") for x in args.epochs.split(","))}
     lrs = {k: float(v) for k, v in (x.split("=") for x in args.lr.split(","))}
     report = {"benchmark": "quality", "command": " ".join(sys.argv), "datasets": {}}
+    if args.update and args.out.is_file():
+        kept = json.loads(args.out.read_text())
+        for section in kept["datasets"].values():
+            section.setdefault("command", kept["command"])
+            section.setdefault("hardware", kept.get("hardware"))
+        report["datasets"] = kept["datasets"]
     started = time.perf_counter()
     for name in args.datasets.split(","):
         data = load_dataset(DATASETS[name])
@@ -169,6 +181,9 @@ def main() -> int:
             "epochs": epochs[name],
             "lr": lrs[name],
             "seeds": args.seeds,
+            "command": report["command"],
+            "date": time.strftime("%Y-%m-%d"),
+            "hardware": hardware_info(device),
             "heuristics": rows,
             "learned": learned,
             "targets": targets,
