@@ -88,6 +88,17 @@ def _wait(what, timeout: float, proc: subprocess.Popen, log: Path):
     raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
 
 
+def _run_until_checkpointed(proc: subprocess.Popen, tmp: Path, offset: int, log: Path) -> None:
+    """Wait until the trainer's checkpoint reaches ``offset``, then stop it with SIGTERM (exit 0)."""
+    try:
+        _wait(lambda: (m := _checkpoint(tmp)) and int(m["next_offsets"]["0"]) == offset, 300, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _spans(meta: dict) -> list[tuple[int, int, int]]:
     return [
         (w["first_offsets"][0], w["next_offsets"][0], int(w["src"].numel()))
@@ -115,14 +126,7 @@ def test_trainer_publishes_and_resumes_exactly_after_sigkill(tmp_path, kafka_boo
             proc.kill()
     killed_at = int(_checkpoint(tmp_path)["next_offsets"]["0"])
     assert killed_at >= int(meta["next_offsets"]["0"])
-    proc = _start(config, log)
-    try:
-        _wait(lambda: (m := _checkpoint(tmp_path)) and int(m["next_offsets"]["0"]) == TOTAL, 300, proc, log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _run_until_checkpointed(_start(config, log), tmp_path, TOTAL, log)
     text = log.read_text()
     assert f"resuming from {tmp_path / 'trainer' / 'trainer.pt'}" in text
     final = _checkpoint(tmp_path)
@@ -168,12 +172,10 @@ def test_trainer_waits_for_a_missing_topic_then_reads_it(tmp_path, kafka_bootstr
         assert "topic_unavailable" in not_ready.value.read().decode()
         create_topic(kafka_bootstrap, topic, 1)
         replay_events(kafka_bootstrap, topic, load_dataset(WIKI, limit=1_000), progress=False)
-        _wait(lambda: (m := _checkpoint(tmp_path)) and int(m["next_offsets"]["0"]) == 1_000, 120, proc, log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    except BaseException:
+        proc.kill()
+        raise
+    _run_until_checkpointed(proc, tmp_path, 1_000, log)
     text = log.read_text()
     assert f"topic {topic!r} does not exist" in text
     assert "Traceback" not in text

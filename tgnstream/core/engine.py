@@ -556,14 +556,11 @@ class MemoryEngine(nn.Module):
         # Row blocks keep the [rows, Q, F] features and [rows, Q, hidden] activations in cache
         # (ranking a batch against every node at once streams them through memory several times).
         rows = max(1, _RANK_BLOCK_CELLS // max(q, 1))
-        return torch.cat(
-            [
-                self.model.decoder.rank(
-                    z_src[i : i + rows], z_c, self.encode_pairs(stats.rows(i, i + rows), t[i : i + rows, None])
-                )
-                for i in range(0, src.numel(), rows)
-            ]
-        )
+        blocks = []
+        for i in range(0, src.numel(), rows):
+            pair = self.encode_pairs(stats.rows(i, i + rows), t[i : i + rows, None])
+            blocks.append(self.model.decoder.rank(z_src[i : i + rows], z_c, pair))
+        return torch.cat(blocks)
 
     @torch.no_grad()
     def top_k(
