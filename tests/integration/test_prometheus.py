@@ -183,19 +183,34 @@ def test_prometheus_scrapes_evaluates_the_dashboard_and_fires_ingest_down(tmp_pa
             "a trainer round",
         )
         dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "tgnstream.json").read_text())
-        empty = []
+        empty, report = [], []
         for panel in dashboard["panels"]:
             for target in panel["targets"]:
                 reply = _query(prom_port, target["expr"])
                 assert reply["status"] == "success", (panel["title"], reply)
-                if not reply["data"]["result"]:
+                result = reply["data"]["result"]
+                if not result:
                     empty.append(panel["title"])
+                report.append(
+                    ("panel", panel["title"], len(result), result[0]["value"][1] if result else "-")
+                )
         assert not empty, f"panels without data: {empty}"
         for rule in test_rules["groups"][0]["rules"]:
             reply = _query(prom_port, rule["expr"])
             assert reply["status"] == "success", (rule["alert"], reply)
             for name in set(METRIC.findall(rule["expr"])):
                 assert _query(prom_port, name)["data"]["result"], (rule["alert"], name)
+            report.append(
+                (
+                    "alert",
+                    rule["alert"],
+                    len(reply["data"]["result"]),
+                    "firing now" if reply["data"]["result"] else "quiet",
+                )
+            )
+        # What Prometheus answered, shown with `pytest -s` (the closing note quotes it).
+        for kind, name, series, value in report:
+            print(f"{kind:<6} {name:<48} series {series:>3}  {value}")
         # Stop ingest: the broker goes away, the server loses its connection, the alert fires.
         broker.stop()
         _wait(
@@ -206,6 +221,7 @@ def test_prometheus_scrapes_evaluates_the_dashboard_and_fires_ingest_down(tmp_pa
             90,
             "TgnstreamIngestDown to fire",
         )
+        print("alert  TgnstreamIngestDown fired after the broker was stopped")
     finally:
         for p in procs:
             if p.poll() is None:
