@@ -25,7 +25,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.health import HealthHttpServer, Readiness
 from tgnstream.models import ModelStore
 from tgnstream.stream.assemble import RecordRejection
-from tgnstream.stream.consumers import TopicNotFoundError
+from tgnstream.stream.consumers import TopicUnavailableError
 from tgnstream.stream.reader import BatchReader
 from tgnstream.sysinfo import resolve_device
 from tgnstream.trainer.continual import ContinualTrainer
@@ -233,7 +233,7 @@ class TrainerService:
                     topic_id=self.topic_id,
                     on_reject=self._reject,
                 )
-            except (TopicNotFoundError, TimeoutError, RuntimeError) as e:
+            except TopicUnavailableError as e:  # not a log gap or a bug: those must not loop
                 if self._stop.is_set():
                     break
                 self.readiness.set("topic_unavailable", str(e))

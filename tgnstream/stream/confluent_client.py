@@ -17,6 +17,7 @@ from tgnstream.stream.consumers import (
     ConnectionLogThrottle,
     OffsetOutOfRange,
     TopicNotFoundError,
+    TopicUnavailableError,
 )
 
 __all__ = ["ConfluentClient", "librdkafka_settings"]
@@ -111,12 +112,15 @@ class ConfluentClient:
                 why = str(meta.error) if meta is not None and meta.error is not None else "no partitions"
             if meta is not None and meta.error is None and meta.partitions:
                 return sorted(meta.partitions)
-            unknown = meta is not None and meta.error is not None
-            if unknown and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                if time.monotonic() - start > UNKNOWN_TOPIC_GRACE_S:
-                    raise TopicNotFoundError(self.topic, self._bootstrap, meta.error.str())
+            unknown = (
+                meta is not None
+                and meta.error is not None
+                and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            )
+            if unknown and time.monotonic() - start > UNKNOWN_TOPIC_GRACE_S:
+                raise TopicNotFoundError(self.topic, self._bootstrap, meta.error.str())
             if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {self.topic!r} not found on {self._bootstrap} ({why})")
+                raise TopicUnavailableError(f"topic {self.topic!r} not found on {self._bootstrap} ({why})")
             time.sleep(0.2)
 
     def assign(self, start_offsets: dict[int, int | None]) -> dict[int, int]:
@@ -126,7 +130,7 @@ class ConfluentClient:
                 # The log start (ListOffsets "earliest"), so the offsets are known before a fetch.
                 marks = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
                 if marks is None:
-                    raise RuntimeError(f"no answer for the start of {self.topic}[{p}] within 30 s")
+                    raise TopicUnavailableError(f"no answer for the start of {self.topic}[{p}] within 30 s")
                 offset = max(int(marks[0]), 0)
             positions[p] = offset
         self._tps = {p: TopicPartition(self.topic, p) for p in positions}

@@ -27,6 +27,7 @@ __all__ = [
     "ConsumerClient",
     "OffsetOutOfRange",
     "TopicNotFoundError",
+    "TopicUnavailableError",
     "open_consumer",
     "resolve_client",
     "throttle_kafka_python_logs",
@@ -63,9 +64,14 @@ class OffsetOutOfRange(Exception):
 UNKNOWN_TOPIC_GRACE_S = 5.0
 
 
-class TopicNotFoundError(RuntimeError):
+class TopicUnavailableError(RuntimeError):
+    """The topic's metadata or offsets could not be had (no answer in time): a condition that may
+    pass, which callers retry with backoff rather than crash."""
+
+
+class TopicNotFoundError(TopicUnavailableError):
     """The broker answers, and the topic does not exist there (a typo, or it was never created).
-    The message says how to fix it; callers retry it with backoff rather than crash."""
+    The message says how to fix it."""
 
     def __init__(self, topic: str, bootstrap: str, detail: str = ""):
         super().__init__(
@@ -85,8 +91,8 @@ class ConsumerClient(Protocol):
 
     def partitions(self) -> list[int]:
         """The topic's partitions. Raises ``TopicNotFoundError`` when the broker keeps saying the
-        topic is unknown for ``UNKNOWN_TOPIC_GRACE_S``, ``RuntimeError`` when no answer comes
-        within the timeout."""
+        topic is unknown for ``UNKNOWN_TOPIC_GRACE_S``, ``TopicUnavailableError`` when no answer
+        comes within the timeout."""
 
     def assign(self, start_offsets: dict[int, int | None]) -> dict[int, int]:
         """Read these partitions from these offsets (None: the log start); returns the offsets."""

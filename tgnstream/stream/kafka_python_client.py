@@ -11,7 +11,13 @@ from kafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRange
 from kafka.structs import OffsetAndMetadata
 
 from tgnstream.stream.config import StreamConfig
-from tgnstream.stream.consumers import UNKNOWN_TOPIC_GRACE_S, Columns, OffsetOutOfRange, TopicNotFoundError
+from tgnstream.stream.consumers import (
+    UNKNOWN_TOPIC_GRACE_S,
+    Columns,
+    OffsetOutOfRange,
+    TopicNotFoundError,
+    TopicUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ class KafkaPythonClient:
             if answered and time.monotonic() - start > UNKNOWN_TOPIC_GRACE_S:
                 raise TopicNotFoundError(self.topic, self._bootstrap)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {self.topic!r} not found on {self._bootstrap}")
+                raise TopicUnavailableError(f"topic {self.topic!r} not found on {self._bootstrap}")
             time.sleep(0.2)
 
     def assign(self, start_offsets: dict[int, int | None]) -> dict[int, int]:

@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from tgnstream.stream.config import StreamConfig
-from tgnstream.stream.consumers import TopicNotFoundError
+from tgnstream.stream.consumers import TopicUnavailableError
 from tgnstream.stream.source import KafkaSource, LogGapError, LogReset, RecordBatch, SourceRecord
 
 try:
@@ -209,7 +209,7 @@ def _child(
                 break  # the server is gone
     except LogGapError as e:  # the message says it all: no traceback
         _send(out, ("fatal", str(e)))
-    except TopicNotFoundError as e:  # a set-up error the message explains; the parent retries
+    except TopicUnavailableError as e:  # the message explains it; the parent retries
         _send(out, ("error", f"{type(e).__name__}: {e}"))
     except BaseException as e:
         log.exception("fetch process failed")
