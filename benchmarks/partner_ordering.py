@@ -37,14 +37,17 @@ GAP_BINS = [0, 60, 600, 3600, 6 * 3600, 86400, 7 * 86400, math.inf]
 
 
 class _Pair:
-    __slots__ = ("last", "count", "decayed")
+    __slots__ = ("first", "last", "count", "decayed")
 
     def __init__(self) -> None:
-        self.last, self.count, self.decayed = -math.inf, 0, {s: 0.0 for s in SCALES}
+        self.first = self.last = -math.inf
+        self.count, self.decayed = 0, {s: 0.0 for s in SCALES}
 
     def add(self, t: float) -> None:
         for s, tau in SCALES.items():
             self.decayed[s] = self.decayed[s] * self._decay(t, tau) + 1.0
+        if self.count == 0:
+            self.first = t
         self.last, self.count = t, self.count + 1
 
     def _decay(self, t: float, tau: float) -> float:
@@ -55,6 +58,14 @@ class _Pair:
         out = {"recency": (self.last,), "count": (self.count,)}
         for s, tau in SCALES.items():
             out[f"decayed {s}"] = (self.decayed[s] * self._decay(t, tau),)
+        # Visits per unit of time since the last one (a power-law decay of the count).
+        out["count / age"] = (math.log(self.count) - math.log1p(t - self.last),)
+        # A periodic revisit: how close the time since the last visit is to the pair's mean gap.
+        if self.count > 1:
+            mean_gap = (self.last - self.first) / (self.count - 1)
+            out["periodic revisit"] = (1, -abs(math.log1p(t - self.last) - math.log1p(mean_gap)))
+        else:
+            out["periodic revisit"] = (0, 0.0)
         for name in [k for k in out if k != "recency"]:
             out[f"latest first, then {name}"] = (latest, *out[name])
         return out
