@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/datasets/wikipedia.csv
 OUT ?= runs/wikipedia
 EPOCHS ?= 5
-TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction
+TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction --lr 1e-3
 
 .PHONY: install demo train test test-tools test-faults test-all bench lint clean
 

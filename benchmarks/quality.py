@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--datasets", default="wikipedia,bitcoinotc")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", default="wikipedia=5,bitcoinotc=10", help="epochs per dataset (NAME=N,...)")
-    p.add_argument("--lr", default="wikipedia=1e-4,bitcoinotc=1e-3", help="learning rate per dataset")
+    p.add_argument("--lr", default="wikipedia=1e-3,bitcoinotc=1e-3", help="learning rate per dataset")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-pyg", action="store_true", help="skip PyG's TGN")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
