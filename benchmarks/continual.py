@@ -166,7 +166,7 @@ def run(name: str, args, work: Path) -> dict:
                 "min_new_events": args.every // 2,
                 "batch_size": args.train_batch,
                 "lr": args.continual_lr,
-                "epochs": 1,
+                "epochs": args.round_epochs,
             },
             "start": {"pres_gamma": args.pres_gamma},
             "publish": {"dir": str(models), "keep": 100},
@@ -386,8 +386,9 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="use only the first N events of each dataset")
     p.add_argument("--start-frac", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=5, help="offline epochs of the start model")
-    p.add_argument("--lr", type=float, default=1e-4, help="offline learning rate of the start model")
-    p.add_argument("--continual-lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="offline learning rate of the start model")
+    p.add_argument("--continual-lr", type=float, default=1e-3)
+    p.add_argument("--round-epochs", type=int, default=1, help="trainer's passes over the window per round")
     p.add_argument("--batch", type=int, default=200, help="stream batch (server and trainer)")
     p.add_argument("--train-batch", type=int, default=1000, help="trainer's training batch (PRES)")
     p.add_argument("--window", type=int, default=30_000)

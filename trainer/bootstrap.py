@@ -35,7 +35,7 @@ def featureless(data: TemporalDataset) -> TemporalDataset:
 
 
 def train_on_prefix(
-    data: TemporalDataset, stop: int, epochs: int, lr: float = 1e-4, seed: int = 0, pres_gamma: float = 0.0
+    data: TemporalDataset, stop: int, epochs: int, lr: float = 1e-3, seed: int = 0, pres_gamma: float = 0.0
 ) -> MemoryEngine:
     """Weights trained on events ``[0, stop)`` only (TGN + pair + activity features, sampling
     correction: the ``make train`` recipe), PRES on (what the continual trainer fine-tunes)."""
@@ -80,7 +80,7 @@ def publish_start_model(
     batch: int,
     topic: str,
     epochs: int = 5,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     seed: int = 0,
     checkpoint: Path | None = None,
     pres_gamma: float = 0.0,

@@ -67,7 +67,7 @@ class FineTuneConfig(BaseModel):
     batch_size: int = Field(
         1_000, ge=1, description="training batch (large temporal batches: PRES corrects them)"
     )
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     pres_beta: float = Field(0.1, ge=0, description="weight of PRES's memory-coherence loss")
     pipeline_depth: int | None = Field(
         1,
