@@ -49,7 +49,8 @@ from tgnstream.models import ModelStore
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.sysinfo import hardware_info
-from tgnstream.trainer.bootstrap import featureless, publish_start_model, replay_as_served
+from tgnstream.trainer.bootstrap import START_LR, featureless, publish_start_model, replay_as_served
+from tgnstream.trainer.continual_config import FineTuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -386,8 +387,10 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="use only the first N events of each dataset")
     p.add_argument("--start-frac", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=5, help="offline epochs of the start model")
-    p.add_argument("--lr", type=float, default=1e-3, help="offline learning rate of the start model")
-    p.add_argument("--continual-lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=START_LR, help="offline learning rate of the start model")
+    p.add_argument(
+        "--continual-lr", type=float, default=FineTuneConfig.model_fields["lr"].default, help="trainer's lr"
+    )
     p.add_argument("--round-epochs", type=int, default=1, help="trainer's passes over the window per round")
     p.add_argument("--batch", type=int, default=200, help="stream batch (server and trainer)")
     p.add_argument("--train-batch", type=int, default=1000, help="trainer's training batch (PRES)")

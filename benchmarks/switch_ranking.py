@@ -37,7 +37,9 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from tgnstream.core.evaluation import reciprocal_ranks, roc_auc
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import candidate_pool
 
@@ -59,17 +61,12 @@ RECENT = 10
 
 
 def _reciprocal_rank(score: np.ndarray, target: int) -> float:
-    """Rank of ``score[target]`` among ``score`` (higher first), ties counting half."""
-    s = score[target]
-    return 1.0 / (1.0 + float((score > s).sum()) + (float((score == s).sum()) - 1.0) / 2.0)
-
-
-def _reciprocal_rank_lex(k1: np.ndarray, k2: np.ndarray, target: int) -> float:
-    """As ``_reciprocal_rank`` for the lexicographic key ``(k1, k2)``."""
-    a, b = k1[target], k2[target]
-    above = float(((k1 > a) | ((k1 == a) & (k2 > b))).sum())
-    ties = float(((k1 == a) & (k2 == b)).sum()) - 1.0
-    return 1.0 / (1.0 + above + ties / 2.0)
+    """Rank of candidate ``target`` among the pool by ``score`` (``[J]``, or ``[J, K]`` keys compared
+    lexicographically), through the evaluation's own ``reciprocal_ranks`` (ties count half)."""
+    s = torch.from_numpy(score)
+    others = torch.ones(1, s.shape[0], dtype=torch.bool)
+    others[0, target] = False
+    return float(reciprocal_ranks(s[target : target + 1], s.unsqueeze(0), others)[0])
 
 
 class _Stream:
@@ -117,17 +114,6 @@ class _Stream:
                 self.popularity_t[p] = t
 
 
-def _auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC with ties counting half (Mann-Whitney)."""
-    order = np.argsort(score, kind="mergesort")
-    _, inverse, counts = np.unique(score[order], return_inverse=True, return_counts=True)
-    ranks = np.empty(score.size)
-    ranks[order] = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
-    pos = float(positive.sum())
-    neg = positive.size - pos
-    return float((ranks[positive].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
 class _KindRegression:
     """Multinomial logistic regression ``features [F] -> P(kind) [3]`` (standardised features and
     their squares), fitted by full-batch gradient descent."""
@@ -168,9 +154,12 @@ class _KindRates:
         own = self.per_source[u]
         return (own + PRIOR_WEIGHT * prior) / (own.sum() + PRIOR_WEIGHT)
 
-    def older_rank_probabilities(self, n: int) -> np.ndarray:
+    def _cover(self, n: int) -> None:
         if n > self.older_rank.size:
             self.older_rank = np.concatenate([self.older_rank, np.ones(n - self.older_rank.size)])
+
+    def older_rank_probabilities(self, n: int) -> np.ndarray:
+        self._cover(n)
         h = self.older_rank[:n]
         return h / h.sum()
 
@@ -178,7 +167,7 @@ class _KindRates:
         self.per_source[u][kind] += 1
         self.per_gap[gap_bin, kind] += 1
         if older_rank is not None:
-            self.older_rank_probabilities(older_rank)
+            self._cover(older_rank)
             self.older_rank[older_rank - 1] += 1
 
 
@@ -220,7 +209,7 @@ def measure(path: Path) -> dict:
             pair_last[partner_pos[ok]] = partner_t[ok]
             name = KINDS[kind]
             rr["recency>global_recency"][name].append(
-                _reciprocal_rank_lex(pair_last, stream.global_last, target)
+                _reciprocal_rank(np.stack([pair_last, stream.global_last], -1), target)
             )
             # P(candidate | kind) for every kind, then mixed by P(kind | source).
             within = np.zeros((3, pool.size))
@@ -259,7 +248,7 @@ def measure(path: Path) -> dict:
         "candidates": int(pool.size),
         "share": share,
         "rankers": out,
-        "learned_switch_auc": _auc(switch[:, 0], switch[:, 1].astype(bool)),
+        "learned_switch_auc": roc_auc(torch.from_numpy(switch[:, 0]), torch.from_numpy(switch[:, 1] > 0)),
     }
 
 
