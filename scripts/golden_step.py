@@ -95,11 +95,19 @@ def run(pair: bool) -> dict:
     }
 
 
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+
+
 def record() -> dict:
     torch.set_num_threads(1)  # bitwise reproducible reductions
     return {
         "torch": torch.__version__,
         "machine": platform.machine(),
+        # Float kernels are chosen per CPU capability (AVX2, AVX512, ...): bits match only within one.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),  # and per vendor: MKL/oneDNN dispatch differs on Intel and AMD
         "runs": {"tgn": run(False), "tgn+pair": run(True)},
     }
 

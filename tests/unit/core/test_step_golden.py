@@ -23,7 +23,8 @@ def _golden_module():
     return mod
 
 
-def test_step_matches_the_pre_refactor_record(wikipedia_csv):
+@pytest.fixture(scope="module")
+def golden_and_now(wikipedia_csv):
     mod = _golden_module()
     if not mod.DATA.exists():
         pytest.skip(f"{mod.DATA} not present")
@@ -33,14 +34,43 @@ def test_step_matches_the_pre_refactor_record(wikipedia_csv):
         now = mod.record()
     finally:
         torch.set_num_threads(threads)
-    same_build = golden["torch"] == torch.__version__ and golden["machine"] == platform.machine()
+    return golden, now
+
+
+def _same_build(golden: dict) -> bool:
+    """Same torch build, architecture, CPU capability and CPU model: the same float kernels run."""
+    return _fingerprint(golden) == _fingerprint(
+        {
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": _golden_module().cpu_model(),
+        }
+    )
+
+
+def _fingerprint(record: dict) -> tuple:
+    return tuple(record.get(k) for k in ("torch", "machine", "cpu_capability", "cpu_model"))
+
+
+def test_step_matches_the_pre_refactor_record_bit_for_bit(golden_and_now):
+    golden, now = golden_and_now
+    if not _same_build(golden):
+        pytest.skip(
+            f"recorded on {_fingerprint(golden)}; bits are compared only on the same torch build, "
+            "architecture, CPU capability and CPU model (the tolerance test runs everywhere)"
+        )
+    for model, old in golden["runs"].items():
+        assert now["runs"][model] == old, f"{model}: the step no longer reproduces the recorded run"
+
+
+def test_step_matches_the_pre_refactor_record_within_tolerance(golden_and_now):
+    """Holds on any build and CPU: another torch build or CPU capability (AVX2 vs AVX512 kernels)
+    rounds float reductions differently, so losses agree within 1e-3 relative and the state's
+    absolute sums within 1e-2 (the drift of 20k events), not bit for bit."""
+    golden, now = golden_and_now
     for model, old in golden["runs"].items():
         new = now["runs"][model]
-        if same_build:
-            # Same torch build and CPU architecture: bit for bit.
-            assert new == old, f"{model}: the step no longer reproduces the recorded run"
-            continue
-        # Another torch build reorders float reductions: close, not identical.
         assert len(new["losses"]) == len(old["losses"])
         for a, b in zip(new["losses"], old["losses"]):
             assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
