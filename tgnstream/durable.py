@@ -26,7 +26,9 @@ __all__ = [
     "file_sha256",
     "fsync_dir",
     "manifest_digest",
+    "parse_manifest",
     "read_manifest",
+    "seal_manifest",
     "write_manifest",
 ]
 
@@ -63,10 +65,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` with its ``manifest_sha256`` added."""
+    return {**manifest, DIGEST_FIELD: manifest_digest(manifest)}
+
+
 def write_manifest(path: Path, manifest: dict) -> dict:
     """Seal the directory ``path``: add ``manifest_sha256`` to ``manifest``, write it atomically
     as ``path/manifest.json`` and make the directory entry durable. Returns the sealed manifest."""
-    manifest = {**manifest, DIGEST_FIELD: manifest_digest(manifest)}
+    manifest = seal_manifest(manifest)
     tmp = path / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -82,17 +89,25 @@ def read_manifest(path: Path, formats: set[int], unprotected_formats: frozenset[
     """The manifest of the directory ``path``, verified: its ``format`` must be in ``formats``
     (or in ``unprotected_formats``: older ones without a manifest checksum), its checksum must
     match. Raises ``UntrustedManifest``, or ``ValueError`` for one that is not JSON."""
-    m = json.loads((path / MANIFEST).read_text())
+    return parse_manifest((path / MANIFEST).read_text(), path, formats, unprotected_formats)
+
+
+def parse_manifest(
+    text: str | bytes, where: object, formats: set[int], unprotected_formats: frozenset[int] = frozenset()
+) -> dict:
+    """``read_manifest`` of a manifest's text (read from anywhere: an object store); ``where``
+    names the directory in the error messages."""
+    m = json.loads(text)
     if not isinstance(m, dict):
-        raise UntrustedManifest(f"{path}: manifest is not a JSON object, ignored")
+        raise UntrustedManifest(f"{where}: manifest is not a JSON object, ignored")
     fmt = m.get("format")
     if fmt in formats:
         if m.get(DIGEST_FIELD) != manifest_digest(m):
             raise UntrustedManifest(
-                f"{path}: manifest checksum does not match: the manifest was edited or damaged; ignored"
+                f"{where}: manifest checksum does not match: the manifest was edited or damaged; ignored"
             )
     elif fmt not in unprotected_formats:
-        raise UntrustedManifest(f"{path}: unsupported format {fmt!r}, ignored")
+        raise UntrustedManifest(f"{where}: unsupported format {fmt!r}, ignored")
     return m
 
 

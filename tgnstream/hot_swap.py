@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,11 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.step import TemporalStep
 from tgnstream.live import LiveEngine
-from tgnstream.models import ModelStore, PublishedModel
+from tgnstream.models import ModelStore, ModelUnavailable, PublishedModel
+from tgnstream.store_location import StoreLocation
 from tgnstream.stream.config import StreamConfig
 from tgnstream.stream.reader import BatchReader
 
-__all__ = ["HotSwapConfig", "HotSwapper", "ReadyModel", "version_number"]
+__all__ = ["HotSwapConfig", "HotSwapper", "ReadyModel", "open_store", "version_number"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,21 @@ class HotSwapConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dir: Path | None = Field(
+    dir: StoreLocation | None = Field(
         None,
-        description="the trainer's publish.dir; the server starts from its newest version when it has "
+        description="the trainer's publish.dir (a directory, or an object-store URL such as "
+        "s3://bucket/models: needs tgnstream[s3]); the server starts from its newest version when it has "
         "no snapshot, and hot-swaps every newer one (None: off)",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="with a URL: options of its fsspec filesystem, e.g. {endpoint_url = "
+        '"http://minio:9000"} for s3:// (credentials: better from the environment, AWS_ACCESS_KEY_ID ...)',
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="with a URL: where versions are downloaded and verified before they are loaded "
+        "(default: a directory under the system's temporary directory)",
     )
     watch_interval_s: float = Field(5.0, gt=0, description="how often the directory is looked at")
     wait_for_first: bool = Field(
@@ -54,6 +67,13 @@ class HotSwapConfig(BaseModel):
         description="with no snapshot and no published version yet, wait for the first one (the trainer "
         "publishes its start model when it starts) instead of serving [model]",
     )
+
+
+def open_store(config: HotSwapConfig) -> ModelStore:
+    """The store of ``config.dir`` (a directory or an object-store URL) with its options."""
+    if config.dir is None:
+        raise ValueError("no models.dir configured")
+    return ModelStore(config.dir, storage_options=config.storage_options, cache_dir=config.cache_dir)
 
 
 def version_number(version: str) -> int:
@@ -100,7 +120,7 @@ class HotSwapper:
         self.config = config
         self.stream = stream
         self.live = live
-        self.store = ModelStore(config.dir)
+        self.store = open_store(config)
         self.served = version_number(served_version)
         self.refused: set[str] = set()
         self.topic_id = topic_id
@@ -115,9 +135,10 @@ class HotSwapper:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop watching; a candidate being prepared is abandoned (its thread is a daemon)."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
 
     def take_ready(self, at: dict[int, int]) -> ReadyModel | None:
         """The parked shadow if it stands exactly at ``at`` (the live position now; called by
@@ -178,6 +199,11 @@ class HotSwapper:
         live_engine = self.live.engine
         try:
             shadow = published.load(live_engine.device)
+        except ModelUnavailable as e:  # the object store cannot be read now: not the version's fault
+            log.warning(
+                "hot swap: version %s cannot be fetched now (%s); trying again later", published.version, e
+            )
+            return
         except (ValueError, OSError, RuntimeError, KeyError) as e:
             self._refuse(published, f"it does not load or verify: {e}")
             return

@@ -12,6 +12,12 @@ it, is never loaded.
 Versions are numbered monotonically (the next number is one above every ``v*`` directory
 present, complete or not, so a crashed write's name is never reused); the newest ``keep`` are
 kept. One store has one writer (the trainer); any number of servers read it.
+
+The directory may also be an object store: a URL with a scheme (``s3://bucket/models``,
+``gs://...``, ``file:///...``; any fsspec filesystem, an optional dependency:
+``pip install 'tgnstream[s3]'``). There is no atomic rename there, so a version's files are
+uploaded first and its manifest last, and readers download a version into a local cache
+directory, verifying every checksum, before it is loaded (``tgnstream.remote_models``).
 """
 
 from __future__ import annotations
@@ -21,16 +27,27 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.durable import MANIFEST, UntrustedManifest, discard, file_sha256, read_manifest, write_manifest
+from tgnstream.store_location import StoreLocation, is_url, parse_location
 
-__all__ = ["MODEL_FORMAT", "ModelStore", "PublishedModel"]
+__all__ = [
+    "MODEL_FORMAT",
+    "ModelStore",
+    "ModelUnavailable",
+    "PublishedModel",
+    "StoreLocation",
+    "is_url",
+    "parse_location",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +59,11 @@ _NAME = re.compile(r"^v(\d{6,})$")
 
 def version_name(number: int) -> str:
     return f"v{number:06d}"
+
+
+class ModelUnavailable(OSError):
+    """A published version could not be fetched from its object store for now (network,
+    permissions): not a damaged version, so it is worth trying again later."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +85,23 @@ class PublishedModel:
     parent: str | None
     gate: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    # On an object store: the version's URL; ``path`` is then its local copy (made by ``fetch``).
+    url: str | None = None
+    fetch: Callable[[PublishedModel], None] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def where(self) -> str:
+        """Where it was published: its URL, or its directory."""
+        return self.url if self.url is not None else str(self.path)
 
     def verify(self) -> None:
-        """Raise ``ValueError`` when a file is missing or does not match its checksum."""
-        for name, digest in self.files.items():
-            path = self.path / name
-            if not path.is_file():
-                raise ValueError(f"{self.path}: {name} is missing")
-            if file_sha256(path) != digest:
-                raise ValueError(f"{self.path}: {name} does not match the manifest checksum")
+        """Raise ``ValueError`` when a file is missing or does not match its checksum. A version
+        on an object store is downloaded (or its cached copy reused) and verified; one that cannot
+        be downloaded now raises ``ModelUnavailable`` (an ``OSError``)."""
+        if self.fetch is not None:
+            self.fetch(self)
+        else:
+            verify_files(self.path, self.files, self.path)
 
     def load(self, device: torch.device | str = "cpu") -> MemoryEngine:
         """The engine (weights and state) of this version, verified first, in eval mode."""
@@ -80,10 +110,41 @@ class PublishedModel:
         return engine.eval()
 
 
-class ModelStore:
-    """Publishes, lists, loads and prunes versions in one directory (created if missing)."""
+def verify_files(directory: Path, files: dict[str, str], where: object) -> None:
+    """Raise ``ValueError`` when a file of ``files`` (name -> SHA-256) is missing from
+    ``directory`` or does not match; ``where`` names the version in the message."""
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{where}: {name} is missing")
+        if file_sha256(path) != digest:
+            raise ValueError(f"{where}: {name} does not match the manifest checksum")
 
-    def __init__(self, root: str | Path, keep: int = 5):
+
+class ModelStore:
+    """Publishes, lists, loads and prunes versions in one directory (created if missing).
+
+    ``root`` may instead be an object-store URL (``s3://bucket/models``): the store is then a
+    ``tgnstream.remote_models.RemoteModelStore`` (same API), ``storage_options`` go to the fsspec
+    filesystem (credentials otherwise come from the backend's usual environment) and versions are
+    downloaded into ``cache_dir`` (default: a directory under the system's temp directory) before
+    they are loaded. Both are ignored for a local directory."""
+
+    def __new__(cls, root: str | Path | None = None, *args: Any, **kwargs: Any) -> ModelStore:
+        if cls is ModelStore and is_url(root):
+            from tgnstream.remote_models import RemoteModelStore
+
+            return super().__new__(RemoteModelStore)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int = 5,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
@@ -115,19 +176,7 @@ class ModelStore:
             save_checkpoint(path / _STATE, engine, {"model_version": version, "parent": parent})
             (path / _CONFIG).write_text(json.dumps(engine.config.model_dump(), indent=1, sort_keys=True))
             files = {name: file_sha256(path / name) for name in (_STATE, _CONFIG)}
-            manifest = {
-                "format": MODEL_FORMAT,
-                "version": version,
-                "parent": parent,
-                "topic": topic,
-                "topic_id": topic_id,
-                "next_offsets": {str(p): int(o) for p, o in sorted(next_offsets.items())},
-                "events_applied": int(engine.events_applied),
-                "created_at": created,
-                "model": engine.config.label,
-                "gate": gate or {},
-                "files": files,
-            }
+            manifest = _manifest(engine, version, next_offsets, topic, topic_id, parent, gate, created, files)
             write_manifest(path, manifest)
         except BaseException:
             discard(path)
@@ -154,23 +203,7 @@ class ModelStore:
             log.warning("%s", message)
 
     def _read(self, path: Path) -> PublishedModel:
-        m = read_manifest(path, {MODEL_FORMAT})
-        number = int(_NAME.match(path.name).group(1))
-        if m["version"] != path.name:
-            raise UntrustedManifest(f"{path}: the manifest names version {m['version']!r}, not {path.name!r}")
-        return PublishedModel(
-            path,
-            m["version"],
-            number,
-            {int(p): int(o) for p, o in m["next_offsets"].items()},
-            int(m["events_applied"]),
-            float(m["created_at"]),
-            m.get("topic") or "",
-            m.get("topic_id"),
-            m.get("parent"),
-            dict(m.get("gate") or {}),
-            {str(k): str(v) for k, v in m["files"].items()},
-        )
+        return _from_manifest(read_manifest(path, {MODEL_FORMAT}), path.name, path, path)
 
     def versions(self) -> list[PublishedModel]:
         """Complete versions, oldest first. Unreadable, edited or unsupported manifests are
@@ -205,8 +238,12 @@ class ModelStore:
         for published in reversed(self.versions()):
             try:
                 return published, published.load(device)
+            except ModelUnavailable as e:
+                log.error(
+                    "published version %s cannot be fetched now (%s); trying an older one", published.where, e
+                )
             except (ValueError, OSError, RuntimeError) as e:
-                log.error("published version %s is damaged (%s); trying an older one", published.path, e)
+                log.error("published version %s is damaged (%s); trying an older one", published.where, e)
         return None
 
     def prune(self) -> None:
@@ -223,3 +260,58 @@ class ModelStore:
                     doomed.append(path)
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _manifest(
+    engine: MemoryEngine,
+    version: str,
+    next_offsets: dict[int, int],
+    topic: str,
+    topic_id: str | None,
+    parent: str | None,
+    gate: dict | None,
+    created: float,
+    files: dict[str, str],
+) -> dict:
+    """A version's manifest, before it is sealed."""
+    return {
+        "format": MODEL_FORMAT,
+        "version": version,
+        "parent": parent,
+        "topic": topic,
+        "topic_id": topic_id,
+        "next_offsets": {str(p): int(o) for p, o in sorted(next_offsets.items())},
+        "events_applied": int(engine.events_applied),
+        "created_at": created,
+        "model": engine.config.label,
+        "gate": gate or {},
+        "files": files,
+    }
+
+
+def _from_manifest(
+    m: dict,
+    name: str,
+    path: Path,
+    where: object,
+    url: str | None = None,
+    fetch: Callable[[PublishedModel], None] | None = None,
+) -> PublishedModel:
+    """The version ``name`` described by its verified manifest ``m``."""
+    if m["version"] != name:
+        raise UntrustedManifest(f"{where}: the manifest names version {m['version']!r}, not {name!r}")
+    return PublishedModel(
+        path,
+        m["version"],
+        int(_NAME.match(name).group(1)),
+        {int(p): int(o) for p, o in m["next_offsets"].items()},
+        int(m["events_applied"]),
+        float(m["created_at"]),
+        m.get("topic") or "",
+        m.get("topic_id"),
+        m.get("parent"),
+        dict(m.get("gate") or {}),
+        {str(k): str(v) for k, v in m["files"].items()},
+        url,
+        fetch,
+    )

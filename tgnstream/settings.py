@@ -4,10 +4,10 @@ shared by every process kind's config (``ServeConfig``, ``TrainerConfig``)."""
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import TypeVar
 
-import tomllib
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 

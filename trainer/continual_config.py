@@ -5,13 +5,17 @@ environment overrides ``TGNSTREAM_TRAINER_<SECTION>__<FIELD>`` (they win over th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tgnstream.settings import FileSettings, load_settings
+from tgnstream.store_location import StoreLocation
 from tgnstream.stream.config import KafkaConfig, StreamConfig
+
+if TYPE_CHECKING:
+    from tgnstream.models import ModelStore
 
 __all__ = ["FineTuneConfig", "GateConfig", "StartModel", "TrainerConfig", "load_trainer_config"]
 
@@ -106,8 +110,28 @@ class GateConfig(BaseModel):
 class PublishConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dir: Path = Field(Path("runs/models"), description="where versions are published (models/<version>/)")
+    dir: StoreLocation = Field(
+        Path("runs/models"),
+        description="where versions are published (<dir>/<version>/): a directory, or an object-store URL "
+        "such as s3://bucket/models (needs tgnstream[s3]; the manifest is uploaded last)",
+    )
     keep: int = Field(5, ge=1, description="versions kept")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="with a URL: options of its fsspec filesystem, e.g. {endpoint_url = "
+        '"http://minio:9000"} for s3:// (credentials: better from the environment, AWS_ACCESS_KEY_ID ...)',
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="with a URL: local copies of versions (the staged upload, a version loaded at start); "
+        "default: a directory under the system's temporary directory",
+    )
+
+    def open_store(self) -> ModelStore:
+        """The store of ``dir`` with these options."""
+        from tgnstream.models import ModelStore
+
+        return ModelStore(self.dir, self.keep, storage_options=self.storage_options, cache_dir=self.cache_dir)
 
 
 class TrainerCheckpointConfig(BaseModel):

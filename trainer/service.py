@@ -23,7 +23,6 @@ from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.health import HealthHttpServer, Readiness
-from tgnstream.models import ModelStore
 from tgnstream.stream.assemble import RecordRejection
 from tgnstream.stream.consumers import TopicUnavailableError
 from tgnstream.stream.reader import BatchReader
@@ -87,7 +86,7 @@ class TrainerService:
         self.rank, self.world = rank, world
         self.device = resolve_device(cfg.device)
         self.metrics = metrics if metrics is not None else TrainerMetrics()
-        self.store = ModelStore(cfg.publish.dir, cfg.publish.keep)
+        self.store = cfg.publish.open_store()
         self.checkpoint_path = Path(cfg.checkpoints.dir) / CHECKPOINT_NAME
         self.topic = cfg.stream.kafka.topic
         self._stop = threading.Event()
