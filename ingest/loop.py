@@ -71,6 +71,12 @@ class IngestLoop:
         self.topic_id = topic_id  # the Kafka topic id the state was built from (None: unknown)
         self.quality = PrequentialQuality(config.quality)
         self._stop = threading.Event()
+        self._stop_deadline: float | None = None  # time.monotonic() by which a stop must be done
+        # Held while a step or a snapshot changes or reads the state: another thread may write the
+        # final snapshot only between two steps (a stop whose ingest thread is stuck elsewhere).
+        self._turn = threading.Lock()
+        self.last_snapshot_s = 0.0  # how long the last snapshot took (sizes the stop's reserve)
+        self.running = False  # inside run(): steps may hold the state
         self._since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
         self._dirty_since = time.time()  # when the oldest change no snapshot holds happened
@@ -87,8 +93,16 @@ class IngestLoop:
         )
 
     # ----------------------------------------------------------------------------- control
-    def stop(self) -> None:
+    def stop(self, deadline: float | None = None) -> None:
+        """Ask ``run`` to return; with ``deadline`` (``time.monotonic()``), the final snapshot's
+        dead-letter flush and the fetcher's stop are cut to what is left of it."""
+        self._stop_deadline = deadline
         self._stop.set()
+
+    def _left(self, default: float) -> float:
+        if self._stop_deadline is None:
+            return default
+        return max(0.1, min(default, self._stop_deadline - time.monotonic()))
 
     def run(self) -> None:
         """Loop until ``stop()`` (then the final snapshot is written, its outcome in
@@ -98,12 +112,16 @@ class IngestLoop:
         if self.fetcher is None:
             raise RuntimeError("IngestLoop.run needs a fetcher")
         log.info("ingest loop started")
+        self.running = True
         try:
             while not self._stop.is_set():
-                self.step()
-            self.final_snapshot_ok = self.final_snapshot()
+                with self._turn:
+                    self.step()
+            with self._turn:
+                self.final_snapshot_ok = self._final_snapshot()
         finally:
-            self.fetcher.stop()
+            self.running = False
+            self.fetcher.stop(timeout=self._left(10.0))
             log.info("ingest loop stopped")
 
     def step(self) -> int:
@@ -378,9 +396,19 @@ class IngestLoop:
         cfg = self.snapshot_config
         return self._since_snapshot >= cfg.every_events or now - self._last_snapshot_at >= cfg.every_seconds
 
-    def final_snapshot(self) -> bool:
-        """The snapshot on the way out (call after ``run`` returned): True when the state on
-        disk reflects everything applied (written now, or nothing changed since the last)."""
+    def final_snapshot(self, timeout: float = -1) -> bool | None:
+        """The snapshot on the way out, from a thread other than ``run``'s (after ``run`` returned,
+        or while the ingest thread is stuck outside a step): True when the state on disk reflects
+        everything applied (written now, or nothing changed since the last), False when writing
+        failed, None when a step still held the state after ``timeout`` seconds (-1: wait)."""
+        if not self._turn.acquire(timeout=timeout):
+            return None
+        try:
+            return self._final_snapshot()
+        finally:
+            self._turn.release()
+
+    def _final_snapshot(self) -> bool:
         if self.snapshots is None or self._since_snapshot == 0:
             return True
         return self.snapshot(final=True)
@@ -398,7 +426,7 @@ class IngestLoop:
         started = time.perf_counter()
         try:
             if self.dead_letters is not None:
-                self.dead_letters.flush(timeout=30)
+                self.dead_letters.flush(timeout=self._left(30.0) if final else 30.0)
             # This thread is the only writer, so reading without the lock sees a batch boundary.
             snap = self.snapshots.write(
                 self.live.engine, self.live.model_version, self.live.next_offsets, self.topic, self.topic_id
@@ -406,8 +434,9 @@ class IngestLoop:
         except Exception as e:
             self._snapshot_failed(e, final)
             return False
+        self.last_snapshot_s = time.perf_counter() - started
         self.metrics.snapshots.labels("ok").inc()
-        self.metrics.snapshot_seconds.observe(time.perf_counter() - started)
+        self.metrics.snapshot_seconds.observe(self.last_snapshot_s)
         if self._snapshot_failures:
             log.warning("snapshots work again after %d failed attempts", self._snapshot_failures)
         self._snapshot_failures = 0

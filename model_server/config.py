@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from tgnstream.rpc.limits import MAX_MESSAGE_BYTES
+
 __all__ = ["GrpcConfig", "RESERVED_WORKERS"]
 
 # Worker threads kept free of admitted LinkPrediction calls, so that health checks, reflection
@@ -26,8 +28,13 @@ class GrpcConfig(BaseModel):
         None,
         ge=0,
         description="reader processes answering gRPC on the same port (SO_REUSEPORT) from the state "
-        "in shared memory, while the serving process only ingests; None: one per core; 0: the "
-        "serving process answers itself (one process, one interpreter lock for ingest and queries)",
+        "in shared memory, while the serving process only ingests; None: one per CPU the process may "
+        "use (affinity and cgroup quota, so a container's CPU limit), at most max_default_readers; 0: "
+        "the serving process answers itself (one process, one interpreter lock for ingest and queries). "
+        "Each reader is a Python process with torch: budget ~350 MB of memory per reader",
+    )
+    max_default_readers: int = Field(
+        8, ge=1, description="cap of the default reader count (readers unset); an explicit readers wins"
     )
     reader_torch_threads: int = Field(1, ge=1, description="torch intra-op threads of each reader process")
     max_workers: int = Field(
@@ -78,7 +85,7 @@ class GrpcConfig(BaseModel):
     max_candidates: int = Field(100_000, ge=1, description="most explicit candidates in one TopK request")
     max_embed_nodes: int = Field(10_000, ge=1, description="most nodes in one Embed request")
     max_message_bytes: int = Field(
-        16 * 1024 * 1024,
+        MAX_MESSAGE_BYTES,
         ge=1024,
         description="largest request and reply, bytes (an Embed reply is about nodes x dim x 5 "
         "bytes); grpc refuses larger requests with RESOURCE_EXHAUSTED",
@@ -124,6 +131,11 @@ class GrpcConfig(BaseModel):
         None, description="PEM certificate chain; with tls_key_file enables TLS"
     )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="mutual TLS: PEM of the CA(s) that sign client certificates; clients without "
+        "one are refused at the handshake (needs tls_cert_file)",
+    )
     auth_token: SecretStr | None = Field(
         None,
         description="when set, every RPC except grpc.health.v1 must carry metadata "
@@ -142,6 +154,8 @@ class GrpcConfig(BaseModel):
     def _check(self) -> GrpcConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.max_inflight + self.max_queued > self.max_workers - RESERVED_WORKERS:
             raise ValueError(
                 f"max_inflight + max_queued ({self.max_inflight} + {self.max_queued}) must be <= "

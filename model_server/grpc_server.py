@@ -32,7 +32,7 @@ from tgnstream.model_server.servicer import SERVICE_NAME, LinkPredictionServicer
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.shared_state import SharedLiveView
 
-__all__ = ["build_server", "stop_server", "SERVICE_NAME", "HEALTH_SERVICE"]
+__all__ = ["build_server", "stop_server", "close_servicer", "SERVICE_NAME", "HEALTH_SERVICE"]
 
 # Which servicer each built server runs, so that stop_server can release its resources.
 _SERVICERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -97,7 +97,15 @@ def _credentials(config: GrpcConfig) -> grpc.ServerCredentials:
     except OSError as exc:
         raise ValueError(f"cannot read TLS key/certificate: {exc}") from exc
     _check_tls_pair(config.tls_cert_file, config.tls_key_file, cert, key)
-    return grpc.ssl_server_credentials([(key, cert)])
+    if config.tls_client_ca_file is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    try:
+        client_ca = config.tls_client_ca_file.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the client CA file (tls_client_ca_file): {exc}") from exc
+    if b"-----BEGIN CERTIFICATE-----" not in client_ca:
+        raise ValueError(f"tls_client_ca_file {config.tls_client_ca_file} holds no PEM certificate")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
 
 
 def build_server(
@@ -169,6 +177,11 @@ def stop_server(server: grpc.Server, health_servicer: health.HealthServicer, gra
     the servicer's background thread, if any, has been told to stop)."""
     health_servicer.enter_graceful_shutdown()
     server.stop(grace_s).wait()
+    close_servicer(server)
+
+
+def close_servicer(server: grpc.Server) -> None:
+    """Release the servicer of a stopped ``server`` (its background thread, if any)."""
     servicer = _SERVICERS.pop(server, None)
     if servicer is not None:
         servicer.close()

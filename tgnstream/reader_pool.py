@@ -198,11 +198,17 @@ class ReaderPool:
     def set_ready(self, ready: bool) -> None:
         self.board.set_ready(ready)
 
-    def stop(self, grace_s: float) -> None:
-        """Ask every reader to drain and stop; waits ``grace_s`` (+ a margin), then kills."""
+    def begin_stop(self) -> None:
+        """Ask every reader to drain and stop (health NOT_SERVING, in-flight RPCs finish); returns
+        at once, so the drain overlaps the writer's final snapshot."""
         self._stopping.set()
         self.board.request_stop()
-        deadline = time.monotonic() + grace_s + 10
+
+    def stop(self, grace_s: float, deadline: float | None = None) -> None:
+        """Ask every reader to drain and stop; waits ``grace_s`` (+ a margin), or until
+        ``deadline`` (``time.monotonic()``) when that comes first, then kills."""
+        self.begin_stop()
+        deadline = min(time.monotonic() + grace_s + 10, float("inf") if deadline is None else deadline)
         for proc in self._procs:
             if proc is not None:
                 proc.join(max(0.0, deadline - time.monotonic()))

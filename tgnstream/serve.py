@@ -23,14 +23,13 @@ from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.health import HealthHttpServer, Readiness
-from tgnstream.hot_swap import HotSwapper
+from tgnstream.hot_swap import HotSwapper, open_store
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.kafka_admin import create_topic, unreachable
 from tgnstream.live import LiveEngine
 from tgnstream.metrics import ReaderMetrics, ServerMetrics
-from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
-from tgnstream.models import ModelStore
+from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, close_servicer
 from tgnstream.reader_pool import ReaderPool
 from tgnstream.serve_config import ModelSource, ServeConfig
 from tgnstream.snapshots import SnapshotStore
@@ -38,7 +37,7 @@ from tgnstream.stream.config import KafkaConfig
 from tgnstream.stream.consumers import throttle_kafka_python_logs
 from tgnstream.stream.prefetch import FatalIngestError, Prefetcher
 from tgnstream.stream.records import RecordDecoder
-from tgnstream.sysinfo import resolve_device
+from tgnstream.sysinfo import resolve_device, usable_cpus
 
 __all__ = ["initial_engine", "run_server", "ServingProcess"]
 
@@ -251,13 +250,20 @@ class ServingProcess:
             )
             self.loop.swapper = self.swapper
             self.loop.on_swap = self._swapped
-        readers = cfg.grpc.readers if cfg.grpc.readers is not None else (os.cpu_count() or 1)
+        readers = cfg.grpc.readers
+        if readers is None:
+            readers = min(usable_cpus(), cfg.grpc.max_default_readers)
+        # Readers drain in-flight RPCs for at most half the stop's grace.
+        grpc_cfg = cfg.grpc.model_copy(
+            update={"shutdown_grace_s": min(cfg.grpc.shutdown_grace_s, cfg.stop_grace_s / 2)}
+        )
         self.pool: ReaderPool | None = None
         self.server = self.health = None
+        self.stop_seconds = 0.0
         if readers > 0:
             self.pool = ReaderPool(
                 self.live,
-                cfg.grpc,
+                grpc_cfg,
                 readers,
                 self.metrics,
                 self.readiness,
@@ -279,7 +285,7 @@ class ServingProcess:
     def _first_published(self, device: torch.device):
         """The newest published version; with ``models.wait_for_first``, waits for one."""
         cfg = self.config.models
-        store = ModelStore(cfg.dir)
+        store = open_store(cfg)
         found = store.load_latest(device)
         if found is None and cfg.wait_for_first:
             self.readiness.set("restoring", f"waiting for the first published version in {cfg.dir}")
@@ -362,6 +368,9 @@ class ServingProcess:
             started_at, applied_before = time.monotonic(), int(self.live.engine.events_applied)
             try:
                 self.loop.fetcher = self._start_fetcher()
+                if self._stopped.is_set():  # stopped while connecting: stop() writes the snapshot
+                    self.loop.fetcher.stop(timeout=0)
+                    return
                 # Until the first fetch reports the log end, the lag is unknown: not ready yet.
                 self.readiness.set("catching_up", "log end not known yet")
                 self.readiness.set("ingest_down", None)
@@ -429,33 +438,56 @@ class ServingProcess:
             os.replace(tmp, cfg.ready_file)
 
     def stop(self, grace: float | None = None) -> int:
-        """Stop ingest, write the final snapshot, then drain gRPC (health says NOT_SERVING
-        first). Returns the exit code: non-zero when ingest failed for good or the final
-        snapshot could not be written."""
+        """Stop within ``stop_grace_s`` whatever the broker does: health says NOT_SERVING and
+        gRPC starts draining at once, ingest stops, the final snapshot is written (by the ingest
+        thread, or here when that thread is stuck outside a step, e.g. reconnecting to a broker
+        that is gone), then the drain is awaited. Returns the exit code: non-zero when ingest
+        failed for good or the final snapshot could not be written in time."""
         if self._stopped.is_set():
             return self.exit_code
+        started = time.monotonic()
+        deadline = started + self.config.stop_grace_s
         self._stopped.set()
+        grace = self.config.grpc.shutdown_grace_s if grace is None else grace
+        # In-flight RPCs drain while ingest stops; the drain may not eat the snapshot's time.
+        grace = min(grace, self.config.stop_grace_s / 2)
         if self.pool is not None:
             self.pool.set_ready(False)
+            self.pool.begin_stop()
+            drained = None
         else:
             self.health.enter_graceful_shutdown()
+            drained = self.server.stop(grace)
         if self.swapper is not None:
-            self.swapper.stop()
-        self.loop.stop()
-        if self._ingest_thread.is_alive():
-            self._ingest_thread.join(timeout=60)
+            self.swapper.stop(timeout=max(0.0, deadline - time.monotonic()) / 4)
+        # Keep what a final snapshot took last time (at least 1 s) for writing it here if needed.
+        reserve = max(1.0, 2 * self.loop.last_snapshot_s)
+        self.loop.stop(deadline=deadline - reserve / 2)
+        # The loop writes the final snapshot after its current step; an ingest thread outside the
+        # loop (reconnecting, backing off) holds no state, so the snapshot is written from here.
+        while time.monotonic() < deadline - reserve and self._ingest_thread.is_alive():
+            if self.loop.final_snapshot_ok is not None or not self.loop.running:
+                break
+            self._ingest_thread.join(0.02)
         final_ok = self.loop.final_snapshot_ok
-        if final_ok is None:  # ingest was down: the loop did not get to write it
-            final_ok = self.loop.final_snapshot()
+        if final_ok is None:  # ingest was down or stuck outside a step: write it from here
+            final_ok = self.loop.final_snapshot(timeout=max(0.0, deadline - reserve / 2 - time.monotonic()))
+            if final_ok is None:
+                log.error("ingest did not reach a batch boundary in time: no final snapshot")
         if not final_ok:
             log.error("the final snapshot failed: events since the last snapshot will be re-read on restart")
             self.exit_code = 1
-        grace = self.config.grpc.shutdown_grace_s if grace is None else grace
+        # The loop stops its fetch process itself (within the deadline); one still starting is killed.
+        self._ingest_thread.join(timeout=max(0.0, min(1.0, deadline - reserve / 2 - time.monotonic())))
+        if self._ingest_thread.is_alive() and self.loop.fetcher is not None and not self.loop.running:
+            self.loop.fetcher.stop(timeout=0)
         if self.pool is not None:
-            self.pool.stop(grace)
+            self.pool.stop(grace, deadline=deadline)
         else:
-            stop_server(self.server, self.health, grace)
+            drained.wait(max(0.0, deadline - time.monotonic()))
+            close_servicer(self.server)
         self.http.stop()
+        self.stop_seconds = time.monotonic() - started
         return self.exit_code
 
 
@@ -474,4 +506,6 @@ def run_server(config: ServeConfig) -> int:
     proc.start()
     while not proc.done.wait(0.5):
         pass
-    return proc.stop()
+    code = proc.stop()
+    log.info("stopped in %.1f s, exit code %d", proc.stop_seconds, code)
+    return code

@@ -94,6 +94,14 @@ class ServeConfig(FileSettings):
         None, description="write {grpc_port, metrics_port, pid} here once serving (for scripts and tests)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stop_grace_s: float = Field(
+        8.0,
+        ge=2.0,
+        description="SIGTERM to exit, whatever the broker does: gRPC drains (at most half of it, "
+        "grpc.shutdown_grace_s), ingest stops and the final snapshot is written within it. Keep it "
+        "below the orchestrator's grace (Docker 10 s, Kubernetes terminationGracePeriodSeconds 30 s) "
+        "and above twice a snapshot's duration",
+    )
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:

@@ -215,3 +215,30 @@ def test_valid_pair_still_builds(served, self_signed):
     key, cert = self_signed
     server, health, _ = build_server(served.live, _tls_config(key, cert), ServerMetrics())
     stop_server(server, health, 0)
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate(served, self_signed, other_self_signed):
+    key, cert = self_signed
+    client_key, client_cert = other_self_signed  # self-signed: its own CA
+    cfg = GrpcConfig(**TEST_CONFIG, tls_key_file=key, tls_cert_file=cert, tls_client_ca_file=client_cert)
+    server, health, port = build_server(served.live, cfg, ServerMetrics())
+    server.start()
+    try:
+        mutual = grpc.ssl_channel_credentials(
+            root_certificates=cert.read_bytes(),
+            private_key=client_key.read_bytes(),
+            certificate_chain=client_cert.read_bytes(),
+        )
+        with grpc.secure_channel(f"localhost:{port}", mutual) as ch:
+            assert len(pb_grpc.LinkPredictionStub(ch).Score(REQ, timeout=5).probabilities) == 1
+        server_only = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{port}", server_only) as ch, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.LinkPredictionStub(ch).Score(REQ, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop_server(server, health, 0)
+
+
+def test_mutual_tls_needs_server_tls():
+    with pytest.raises(ValueError, match="tls_client_ca_file"):
+        GrpcConfig(**TEST_CONFIG, tls_client_ca_file="/etc/ca.pem")
