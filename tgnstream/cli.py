@@ -1,4 +1,21 @@
-"""``tgnstream`` command line: one entry point, one subcommand per job."""
+"""``tgnstream`` command line: one entry point, one subcommand per job.
+
+Only the chosen subcommand's parser is built (``tgnstream --help`` and ``tgnstream query ...``
+import neither torch nor pydantic); :func:`build_parser` with ``full=True`` builds them all.
+The global options (``-v``, ``--log-level``) are accepted before or after the subcommand.
+
+Exit status, the same for every subcommand (:data:`EXIT_CODES`):
+
+- 0 (``EXIT_OK``): success;
+- 1 (``EXIT_FAILURE``): the command failed while running (an error reply from the server, a
+  broker or a replay that failed, an ingest failure the server cannot recover from, ...);
+- 2 (``EXIT_USAGE``): usage or configuration error: a wrong command line (argparse's own
+  status), settings that fail validation, an input file that is missing or malformed;
+- 3 (``EXIT_UNREACHABLE``): the server could not be reached (``tgnstream query``: UNAVAILABLE
+  after the retries);
+- 130: interrupted by Ctrl-C (commands that stop gracefully on SIGINT, such as ``serve``,
+  ``trainer`` and ``broker``, return their own status instead).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +23,43 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-__all__ = ["main"]
+from tgnstream.query_cli import HELP as QUERY_HELP
+
+__all__ = [
+    "main",
+    "build_parser",
+    "COMMANDS",
+    "EXIT_OK",
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
+    "EXIT_UNREACHABLE",
+    "EXIT_INTERRUPTED",
+]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EXIT_CODES = """exit status (every command):
+  0    success
+  1    the command failed while running (an error reply, a failed broker, replay or ingest)
+  2    usage or configuration error: a wrong command line, settings that fail validation,
+       an input file that is missing or malformed
+  3    the server could not be reached (query: UNAVAILABLE after the retries)
+  130  interrupted (Ctrl-C), where the command does not stop gracefully by itself"""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _help(command: str) -> str:
+    return COMMANDS[command][0]
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="offline training + evaluation on a recorded stream",
+        help=_help("train"),
         description="Train on the first 70% of a stream (chronological), early-stop on the next "
         "15%, report test AP/AUC/MRR/hits@10 (transductive and inductive) on the last 15%. "
         "Writes OUT/checkpoint.pt and OUT/results.json. Every option can also be set with an "
@@ -135,6 +181,7 @@ def _train_parser(sub) -> None:
         help="fetch memory as early as K allows instead of as late as possible (worst-case staleness)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
@@ -147,7 +194,9 @@ def _run_train(args) -> int:
     from tgnstream.trainer.offline import train_offline, write_outputs
 
     given = {
-        k: v for k, v in vars(args).items() if v is not None and k not in ("command", "memory_dim", "func")
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("command", "memory_dim", "func", "log_level")
     }
     if given.get("pipeline_mitigation") == -1.0:
         given["pipeline_mitigation"] = None
@@ -200,7 +249,7 @@ def _baseline_parser(sub) -> None:
 
     p = sub.add_parser(
         "baseline",
-        help="evaluate memorization heuristics on a dataset with the models' evaluation protocol",
+        help=_help("baseline"),
         description="Score the validation and test spans of a dataset's chronological split with "
         "heuristic baselines (no learning), through the same evaluation code, negatives and "
         f"candidates as `tgnstream train`. Heuristics: {', '.join(HEURISTICS)}; 'a>b' breaks a's "
@@ -262,7 +311,7 @@ def _run_baseline(args) -> int:
 def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="ingest a Kafka topic into live memory and answer gRPC link-prediction queries",
+        help=_help("serve"),
         description="Restore the newest snapshot (or start a model from scratch / a checkpoint), "
         "apply the topic's events from the snapshot's offsets, serve tgnstream.rpc.v1.LinkPrediction "
         "plus grpc.health.v1 and reflection, export Prometheus metrics, snapshot state + offsets "
@@ -283,8 +332,9 @@ def _run_serve(args) -> int:
     if args.print_config:
         print(cfg.model_dump_json(indent=2))
         return 0
-    logging.getLogger().setLevel(cfg.log_level)
-    if cfg.log_level != "DEBUG":
+    level = args.log_level or cfg.log_level  # the command line wins over the file
+    logging.getLogger().setLevel(level)
+    if level != "DEBUG":
         # kafka-python logs every connection event at INFO; keep the server's log readable.
         logging.getLogger("kafka").setLevel(logging.WARNING)
     return run_server(cfg)
@@ -293,7 +343,7 @@ def _run_serve(args) -> int:
 def _trainer_parser(sub) -> None:
     p = sub.add_parser(
         "trainer",
-        help="continual training on the topic: fine-tune, gate, publish versions for servers to hot-swap",
+        help=_help("trainer"),
         description="Read the topic through the shared stream path from the trainer's own checkpointed "
         "offsets (or the newest published version's, or the start), keep a window of recent events, "
         "and every M events or T seconds fine-tune a candidate on it (large batches with PRES, "
@@ -315,10 +365,60 @@ def _run_trainer(args) -> int:
     if args.print_config:
         print(cfg.model_dump_json(indent=2))
         return 0
-    logging.getLogger().setLevel(cfg.log_level)
-    if cfg.log_level != "DEBUG":
+    level = args.log_level or cfg.log_level  # the command line wins over the file
+    logging.getLogger().setLevel(level)
+    if level != "DEBUG":
         logging.getLogger("kafka").setLevel(logging.WARNING)
     return run_trainer(cfg)
+
+
+def _broker_parser(sub) -> None:
+    from tgnstream.broker import add_parser
+
+    add_parser(sub)
+
+
+def _replay_parser(sub) -> None:
+    from tgnstream.ingest.replay import add_parser
+
+    add_parser(sub)
+
+
+def _query_parser(sub) -> None:
+    from tgnstream.query_cli import add_parser
+
+    add_parser(sub)
+
+
+def _demo_parser(sub) -> None:
+    from tgnstream.demo import add_parser
+
+    add_parser(sub)
+
+
+#: name -> (one-line help shown by ``tgnstream --help``, the function that adds the full
+#: parser). The help of a command whose parser lives in another module repeats that module's
+#: (tests/unit/test_cli_parsing.py checks that they agree), so that listing the commands
+#: imports none of them.
+COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
+    "train": ("offline training + evaluation on a recorded stream", _train_parser),
+    "baseline": (
+        "evaluate memorization heuristics on a dataset with the models' evaluation protocol",
+        _baseline_parser,
+    ),
+    "serve": ("ingest a Kafka topic into live memory and answer gRPC link-prediction queries", _serve_parser),
+    "trainer": (
+        "continual training on the topic: fine-tune, gate, publish versions for servers to hot-swap",
+        _trainer_parser,
+    ),
+    "broker": ("run the embedded Kafka-compatible broker (Tansu, in-memory) until Ctrl-C", _broker_parser),
+    "replay": ("publish a recorded stream to a Kafka topic, in time order", _replay_parser),
+    "query": (QUERY_HELP, _query_parser),
+    "demo": (
+        "the whole loop on this machine: broker, server, trainer, replay, queries, live view",
+        _demo_parser,
+    ),
+}
 
 
 def _version() -> str:
@@ -330,41 +430,114 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tgnstream", description="Streaming temporal GNN service.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"tgnstream {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    _baseline_parser(sub)
-    _serve_parser(sub)
-    _trainer_parser(sub)
-    from tgnstream.broker import add_parser as add_broker_parser
-    from tgnstream.demo import add_parser as add_demo_parser
-    from tgnstream.ingest.replay import add_parser as add_replay_parser
-    from tgnstream.query_cli import add_parser as add_query_parser
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for."""
 
-    add_broker_parser(sub)
-    add_replay_parser(sub)
-    add_query_parser(sub)
-    add_demo_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser._print_message(f"tgnstream {_version()}\n", sys.stdout)
+        parser.exit()
+
+
+def _global_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """``-v`` and ``--log-level``. The top-level parser holds the defaults; each subcommand's
+    copy (``suppress``) sets only what is given after the subcommand, so that an option given
+    before it is not reset."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    g = p.add_argument_group("global options (before or after the command)") if suppress else p
+    g.add_argument("-v", "--verbose", action="store_true", default=default(False), help="debug logging")
+    g.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        default=default(None),
+        help=f"{', '.join(LOG_LEVELS)} (default INFO, or the settings file's for serve and trainer)",
     )
+
+
+def _with_global_options(p: argparse.ArgumentParser) -> None:
+    """Add the global options to ``p`` and to every parser below it (query's queries)."""
+    _global_options(p, suppress=True)
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in {id(c): c for c in action.choices.values()}.values():
+                _with_global_options(child)
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first command name before ``--``), or None."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if arg in COMMANDS:
+            return arg
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None, *, full: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``tgnstream``. Only the subcommand named in ``argv`` gets its full parser
+    (the others are listed with their help, and building theirs would import what they need);
+    ``full``: every subcommand's."""
+    parser = argparse.ArgumentParser(
+        prog="tgnstream",
+        description="Streaming temporal GNN service.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _global_options(parser, suppress=False)
+    parser.add_argument("--version", action=_VersionAction, help="show program's version number and exit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = None if full else _command_in(sys.argv[1:] if argv is None else argv)
+    for name, (help_, add) in COMMANDS.items():
+        if full or name == chosen:
+            add(sub)
+            _with_global_options(sub.choices[name])
+        else:
+            sub.add_parser(name, help=help_)  # listed only: never parsed
+    return parser
+
+
+_INPUT_FILES = ("data", "config")  # options naming a file a command reads first
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """A file named on the command line that does not exist is a usage error (status 2) for
+    every command, before anything starts."""
+    for name in _INPUT_FILES:
+        value = getattr(args, name, None)
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"--{name} {value}: no such file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tgnstream``; returns the exit status (the module docstring's convention; argparse
+    itself exits with 2 on a wrong command line and 0 after ``--help``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    level = args.log_level or ("DEBUG" if args.verbose else None)
+    logging.basicConfig(level=level or logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     del args.verbose
-    run = args.func if hasattr(args, "func") else {"train": _run_train}[args.command]
+    args.log_level = level  # explicit on the command line, or None
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
+        _check_inputs(args)
         # Log lines go through tqdm.write while a command runs: a line logged under a progress
         # bar (ours or a library's) is printed above it instead of splitting it.
         with logging_redirect_tqdm():
-            return run(args)
+            return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        logging.error("interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

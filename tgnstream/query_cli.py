@@ -1,31 +1,79 @@
-"""``tgnstream query``: ask a running server from the shell (readable tables, or ``--json``)."""
+"""``tgnstream query``: ask a running server from the shell (readable tables, or ``--json``).
+
+The connection and output options (``--target``, ``--json``, ``--tls-ca``, ...) may come
+before or after the query's name: ``tgnstream query --json info`` and ``tgnstream query info
+--json`` are the same command. Exit status (the CLI's convention, ``tgnstream --help``): 0 the
+answer was printed (``health``: SERVING), 1 the server answered with an error (``health``: not
+SERVING), 2 the command line is wrong, 3 the server could not be reached (UNAVAILABLE after
+the retries).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
-from google.protobuf.json_format import MessageToDict
+from tgnstream.rpc.limits import MAX_MESSAGE_BYTES
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "HELP", "run"]
+
+HELP = "ask a running server: score, topk, embed, info, health"
+
+
+def _common_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every query takes. ``suppress``: the copy on each query's own parser sets
+    only what is given there; the ``query`` parser holds the defaults."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--target", default=default("127.0.0.1:50051"), help="server host:port")
+    p.add_argument("--timeout", type=float, default=default(5.0), help="deadline of each attempt, seconds")
+    p.add_argument(
+        "--retries", type=int, default=default(5), help="attempts after the first while unavailable"
+    )
+    p.add_argument(
+        "--token", default=default(os.environ.get("TGNSTREAM_TOKEN")), help="bearer token (grpc.auth_token)"
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=default(None),
+        help="PEM of the CA that signed the server's certificate (enables TLS)",
+    )
+    p.add_argument("--json", action="store_true", default=default(False), help="print the reply as JSON")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="TLS; without --tls-ca the server is checked against the system's roots",
+    )
+    p.add_argument(
+        "--tls-cert", default=default(None), help="client certificate, PEM (mutual TLS; with --tls-key)"
+    )
+    p.add_argument("--tls-key", default=default(None), help="private key of --tls-cert, PEM")
+    p.add_argument(
+        "--tls-server-name", default=default(None), help="name the server's certificate is checked against"
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=default(MAX_MESSAGE_BYTES),
+        help=f"largest reply accepted, bytes (default {MAX_MESSAGE_BYTES}: the server's default limit)",
+    )
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "query",
-        help="ask a running server: score, topk, embed, info, health",
+        help=HELP,
         description="Query a tgnstream server over gRPC (retries with backoff while it is unavailable). "
-        "The token may also come from TGNSTREAM_TOKEN.",
+        "The token may also come from TGNSTREAM_TOKEN. The options below may also follow the "
+        "query's name. Exit status: 0 answered, 1 an error reply, 2 a wrong command line, 3 the "
+        "server unreachable.",
     )
-    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
-    p.add_argument("--timeout", type=float, default=5.0, help="deadline of each attempt, seconds")
-    p.add_argument("--retries", type=int, default=5, help="attempts after the first while unavailable")
-    p.add_argument(
-        "--token", default=os.environ.get("TGNSTREAM_TOKEN"), help="bearer token (grpc.auth_token)"
-    )
-    p.add_argument("--tls-ca", help="PEM of the CA that signed the server's certificate (enables TLS)")
-    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _common_options(p, suppress=False)
     q = p.add_subparsers(dest="query", required=True)
     s = q.add_parser("score", help="probability of each SRC DST pair")
     s.add_argument("pairs", nargs="+", metavar="SRC DST", help="node ids, in pairs")
@@ -43,6 +91,9 @@ def add_parser(sub) -> None:
     e.add_argument("--time", type=float)
     q.add_parser("info", help="the served model version, events applied, offsets")
     q.add_parser("health", help="gRPC health of the LinkPrediction service")
+    for name, query in q.choices.items():
+        common = query.add_argument_group(f"options of every query (also before '{name}')")
+        _common_options(common, suppress=True)
     p.set_defaults(func=run)
 
 
@@ -51,24 +102,41 @@ def _stamp(state) -> str:
 
 
 def run(args) -> int:
+    """Run one query; the exit status of the module docstring. A wrong argument (pairs not in
+    pairs, a TLS certificate without its key) raises ValueError, which ``tgnstream`` turns
+    into status 2; an unreadable TLS file raises OSError."""
     import grpc
 
+    from tgnstream.cli import EXIT_FAILURE, EXIT_UNREACHABLE
+
+    if args.query == "score" and len(args.pairs) % 2:
+        raise ValueError("score takes node ids in pairs: SRC DST [SRC DST ...]")
     try:
         return _run(args)
     except grpc.RpcError as e:
-        print(f"error: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
+        code = e.code()
+        print(f"error: {args.target}: {code.name}: {e.details()}", file=sys.stderr)
+        return EXIT_UNREACHABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_FAILURE
 
 
 def _run(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
     from tgnstream.client import LinkPredictionClient
 
     with LinkPredictionClient(
-        args.target, timeout_s=args.timeout, retries=args.retries, token=args.token, tls_ca_file=args.tls_ca
+        args.target,
+        timeout_s=args.timeout,
+        retries=args.retries,
+        token=args.token,
+        tls=args.tls,
+        tls_ca_file=args.tls_ca,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        max_message_bytes=args.max_message_bytes,
     ) as client:
         if args.query == "score":
-            if len(args.pairs) % 2:
-                raise ValueError("score takes node ids in pairs: SRC DST [SRC DST ...]")
             pairs = list(zip(args.pairs[0::2], args.pairs[1::2], strict=True))
             reply = client.score(pairs, args.time)
             rows = [
@@ -117,6 +185,8 @@ def _unknown(src: bool, dst: bool) -> str:
 
 
 def _show(args, reply, header, rows, state) -> int:
+    from google.protobuf.json_format import MessageToDict
+
     if args.json:
         print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=1))
         return 0

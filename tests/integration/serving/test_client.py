@@ -1,6 +1,8 @@
 """``tgnstream.client.LinkPredictionClient`` and ``tgnstream query`` against a live server:
 replies equal the raw stub's, the token is sent, errors that retrying cannot fix are raised at
-once, and a call made while the server restarts succeeds once it is back."""
+once, and a call made while the server restarts succeeds once it is back; an Embed of the most
+nodes a request may ask for is received (over gRPC's 4 MiB default), and a reply over the
+client's own limit fails once, without retries."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from tgnstream.broker import free_port
 from tgnstream.client import LinkPredictionClient
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.testing import serve_config_dict
 
-from .conftest import event_values, produce, serve_config
+from .conftest import SMALL_MODEL, event_values, produce, serve_config
 
 pytestmark = pytest.mark.kafka
 
@@ -107,10 +110,63 @@ def test_query_command_prints_tables_and_json(tmp_path, kafka_bootstrap, kafka_t
     assert lines[0].split() == ["rank", "dst", "probability", "note"] and len(lines) == 2 + 3 + 1
     info = subprocess.run([*cli, "info"], capture_output=True, text=True, timeout=60)
     assert "events_applied" in info.stdout and "600" in info.stdout
+    # Options after the query's name (the README's `tgnstream query info --json`).
+    info_json = subprocess.run(
+        [sys.executable, "-m", "tgnstream.cli", "query", "info", "--json", "--target", target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert info_json.returncode == 0, info_json.stderr
+    assert json.loads(info_json.stdout)["events_applied"] == "600"  # int64 in JSON: a string
+    # Exit status 3: the server cannot be reached.
     down = subprocess.run(
         [sys.executable, "-m", "tgnstream.cli", "query", "--target", "127.0.0.1:1", "--retries", "0", "info"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr and "Traceback" not in down.stderr
+    assert down.returncode == 3 and "UNAVAILABLE" in down.stderr and "Traceback" not in down.stderr
+
+
+class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Counts the attempts the client makes (each goes through the interceptor)."""
+
+    def __init__(self):
+        self.methods: list[str] = []
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        self.methods.append(client_call_details.method.rsplit("/", 1)[-1])
+        return continuation(client_call_details, request)
+
+
+def test_embed_of_10000_nodes_and_no_retry_of_a_local_error(
+    tmp_path, kafka_bootstrap, kafka_topic, server_factory
+):
+    produce(kafka_bootstrap, kafka_topic, event_values(WIKI, 600))
+    model = {**SMALL_MODEL, "memory_dim": 172}  # the reply of 10,000 is ~7 MB, as in the issue
+    server = server_factory(serve_config_dict(tmp_path, kafka_bootstrap, kafka_topic, model)).start()
+    server.wait_applied(600)
+    target = f"127.0.0.1:{server.ports['grpc_port']}"
+    nodes = [str(i) for i in range(10_000)]  # the server's max_embed_nodes
+    with LinkPredictionClient(target, retries=3, timeout_s=60) as client:
+        reply = client.embed(nodes)
+    assert len(reply.embeddings) == 10_000 and reply.ByteSize() > 4 * 1024 * 1024
+
+    # A client whose limit is below the reply: RESOURCE_EXHAUSTED from this process, once.
+    attempts = CountingInterceptor()
+    with LinkPredictionClient(
+        target,
+        retries=3,
+        backoff_s=5.0,
+        timeout_s=60,
+        max_message_bytes=4 * 1024 * 1024,
+        interceptors=[attempts],
+    ) as small:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            small.embed(nodes)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in info.value.details()
+        assert attempts.methods == ["Embed"] and time.monotonic() - t0 < 5.0
+        assert small.model_info(timeout_s=10).events_applied >= 600  # the channel still works
