@@ -31,14 +31,14 @@ demo: install
 train: install
 	$(VENV)/bin/tgnstream train --data $(DATA) --out $(OUT) --epochs $(EPOCHS) $(TRAIN_ARGS)
 
-## Debian tools the tests need: prometheus + promtool (tests/integration/test_prometheus.py).
+## Debian tools the tests need: prometheus + promtool (tests/integration/test_prometheus.py), kcat
+## (tests/integration/test_broker_clients.py: the Kafka CLI users reach for, against the embedded broker).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 test-tools:
-	@command -v promtool >/dev/null || { \
-	  echo "installing Debian's prometheus package (a real Prometheus for the monitoring test)"; \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
-	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	       --no-install-recommends prometheus; }; }
+	@command -v promtool >/dev/null && command -v kcat >/dev/null || { \
+	  echo "installing Debian's prometheus and kcat packages (monitoring and broker-client tests)"; \
+	  $(APT_INSTALL) prometheus kcat || { $(SUDO) apt-get update -q && $(APT_INSTALL) prometheus kcat; }; }
 
 ## Default test suite: fast unit + integration tests (no slow/gpu markers).
 test: install test-tools
