@@ -9,7 +9,7 @@ OUT ?= runs/wikipedia
 EPOCHS ?= 5
 TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction --lr 1e-3
 
-.PHONY: install demo train test test-tools test-faults test-all bench lint clean
+.PHONY: install demo train test test-tools test-faults test-all wheel-check constraints bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,16 @@ test: install test-tools
 ## Fault-injection suite: hostile input, broker loss, dead ingest, full disk... (README, "Faults").
 test-faults: install
 	$(PY) -m pytest -q -m faults tests/faults
+
+## The installed package, not the checkout: build the wheel, install it into new virtualenvs as a
+## non-root user (tested and freshly resolved dependencies) and run the compose loop from it.
+wheel-check: install
+	bash scripts/wheel_check.sh both
+
+## Pin what the test virtualenv runs (constraints/tested.txt, used by wheel-check's tested set).
+constraints: install
+	{ echo "# The versions the test suite runs (make constraints: pip freeze of the test virtualenv)."; \
+	  $(PY) -m pip freeze --exclude-editable --exclude tgnstream; } > constraints/tested.txt
 
 test-all: install
 	$(PY) -m pytest -q -m ""
