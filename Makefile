@@ -9,7 +9,7 @@ OUT ?= runs/wikipedia
 EPOCHS ?= 5
 TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction --lr 1e-3
 
-.PHONY: install demo train test test-tools test-faults test-all wheel-check constraints bench lint clean
+.PHONY: install demo train test test-tools test-faults test-all wheel-check image-test constraints bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ test-faults: install
 ## non-root user (tested and freshly resolved dependencies) and run the compose loop from it.
 wheel-check: install
 	bash scripts/wheel_check.sh both
+
+## Images for real (scripts/image_test.sh --help): the CPU image built with podman on a
+## debootstrapped Debian bookworm base (no registry, no Docker daemon), and the compose loop run
+## from it as uid 1000: broker, server, trainer, feeder; Score, TopK, swap, SIGTERM, exact
+## restart, down/up. Needs root or sudo; ~6 min cold, ~3.5 min with its cache.
+image-test: install
+	bash scripts/image_test.sh
 
 ## Pin what the test virtualenv runs (constraints/tested.txt, used by wheel-check's tested set).
 constraints: install

@@ -193,7 +193,15 @@ def main() -> int:
         broker = Proc(
             root,
             "broker",
-            ["broker", "--port", bootstrap.split(":")[1], "--topic", "events", "--log-file", str(root / "tansu.log")],
+            [
+                "broker",
+                "--port",
+                bootstrap.split(":")[1],
+                "--topic",
+                "events",
+                "--log-file",
+                str(root / "tansu.log"),
+            ],
             {},
         )
         procs.append(broker)
@@ -203,13 +211,24 @@ def main() -> int:
 
         def replay(start: int, limit: int) -> None:
             cmd = [str(Path(sys.executable).parent / "tgnstream"), "replay", "--data", str(args.data)]
-            cmd += ["--topic", "events", "--bootstrap", bootstrap, "--start", str(start), "--limit", str(limit)]
+            cmd += [
+                "--topic",
+                "events",
+                "--bootstrap",
+                bootstrap,
+                "--start",
+                str(start),
+                "--limit",
+                str(limit),
+            ]
             subprocess.run([*cmd, "--no-progress"], check=True, timeout=args.timeout_s, capture_output=True)
 
         step = "replay of the first half"
         replay(0, half)
         step = "trainer start (publishes its start model)"
-        trainer = Proc(root, "trainer", ["trainer", "--config", str(args.deploy / "trainer.toml")], trainer_env)
+        trainer = Proc(
+            root, "trainer", ["trainer", "--config", str(args.deploy / "trainer.toml")], trainer_env
+        )
         procs.append(trainer)
         step = "server start (waits for the first published version)"
         server = Proc(root, "server", ["serve", "--config", str(args.deploy / "serve.toml")], server_env)
@@ -224,7 +243,9 @@ def main() -> int:
         wait_for(lambda: client.model_info().events_applied >= half, args.timeout_s, "the first half")
         step = "Score and TopK"
         first = answers(client, pairs, srcs[0])
-        print(f"served {first['model_version']} at {first['events_applied']} events: Score, TopK ok", flush=True)
+        print(
+            f"served {first['model_version']} at {first['events_applied']} events: Score, TopK ok", flush=True
+        )
 
         step = "second half, a new version published and swapped"
         replay(half, args.events - half)
@@ -262,7 +283,9 @@ def main() -> int:
 
         step = "server restart from its snapshot"
         (root / "server.ready").unlink()
-        server = Proc(root, "server-restarted", ["serve", "--config", str(args.deploy / "serve.toml")], server_env)
+        server = Proc(
+            root, "server-restarted", ["serve", "--config", str(args.deploy / "serve.toml")], server_env
+        )
         procs.append(server)
         wait_for(lambda: read_ready(root / "server.ready"), args.timeout_s, "the restarted server")
         client = LinkPredictionClient(f"127.0.0.1:{grpc_port}", timeout_s=10, retries=10)
@@ -282,7 +305,9 @@ def main() -> int:
     finally:
         for proc in reversed(procs):
             proc.kill()
-    print("PASS: installed wheel, non-root, deploy configs: replay, Score, TopK, swap, SIGTERM, restart exact")
+    print(
+        "PASS: installed wheel, non-root, deploy configs: replay, Score, TopK, swap, SIGTERM, restart exact"
+    )
     return 0
 
 

@@ -35,9 +35,16 @@ else
   as_user() { "$@"; }
 fi
 
-echo "== building the wheel"
-rm -rf "$WORK/dist"
-"$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$REPO" 2>&1 | grep -v -i warning || true
+echo "== building the wheel (from a copy of the files git would hand a user: no stale build/)"
+rm -rf "$WORK/dist" "$WORK/src"
+mkdir -p "$WORK/src"
+if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
+  # A tracked file deleted in the work tree is skipped (cp's complaint only).
+  (cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$WORK/src" 2>/dev/null) || true
+else
+  tar -C "$REPO" --exclude=./.venv --exclude=./build --exclude=./runs -c . | tar -C "$WORK/src" -x
+fi
+"$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src" 2>&1 | grep -v -i warning || true
 WHEEL="$(ls "$WORK"/dist/tgnstream-*.whl)"
 chmod -R a+rX "$WORK/dist"
 # The loop runs from here: owned by root (or read-only), so any relative path the services

@@ -100,7 +100,7 @@ def test_the_dashboard_covers_what_operators_watch():
 def test_compose_files_ports_and_settings_exist(monkeypatch):
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"kafka", "topic", "server", "trainer", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "topic", "server", "trainer", "feeder", "prometheus", "grafana"}
     for name, svc in services.items():
         for mount in svc.get("volumes", []):
             src = mount.split(":")[0]
@@ -129,10 +129,54 @@ def test_compose_files_ports_and_settings_exist(monkeypatch):
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_copy_what_exists(dockerfile):
-    for line in (DEPLOY / "docker" / dockerfile).read_text().splitlines():
-        if line.startswith("COPY "):
+    text = (DEPLOY / "docker" / dockerfile).read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
+    for line in text.splitlines():
+        if line.startswith("COPY ") and not line.startswith("COPY --from="):
             for src in line.split()[1:-1]:
+                src = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], src)
                 assert (ROOT / src).exists(), src
+    # Everything the package build reads is copied (setup.py finds the packages).
+    copied = " ".join(line for line in text.splitlines() if line.startswith("COPY "))
+    needs = ("pyproject.toml", "setup.py", "README.md", "tgnstream", "ingest", "model_server", "trainer")
+    for needed in needs:
+        assert needed in copied, needed
+    assert "ARG BASE=" in text and "FROM ${BASE}" in text and "AS builder" in text
+    assert "HEALTHCHECK" in text and "/readyz" in text and "USER 1000:1000" in text
+
+
+def test_deploy_configs_use_the_image_volumes():
+    serve = load_serve_config(DEPLOY / "serve.toml")
+    trainer = load_trainer_config(DEPLOY / "trainer.toml")
+    assert str(serve.snapshots.dir) == "/data/snapshots" and str(serve.models.dir) == "/models"
+    assert str(trainer.publish.dir) == "/models" and str(trainer.checkpoints.dir) == "/data/trainer"
+
+
+def test_compose_runs_the_loop_and_survives_down_up():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "kafka:/var/lib/kafka/data" in services["kafka"]["volumes"] and "kafka" in compose["volumes"]
+    for name in ("kafka", "server", "trainer", "prometheus", "grafana"):
+        assert services[name]["restart"] == "unless-stopped", name
+    for name in ("server", "trainer"):
+        grace = services[name]["stop_grace_period"]
+        assert grace.endswith("s") and int(grace[:-1]) > 8, name  # above the server's default grace
+        assert "/readyz" in " ".join(services[name]["healthcheck"]["test"]) or "readyz" in str(
+            services[name]["environment"]
+        )
+    assert services["feeder"]["depends_on"]["server"]["condition"] == "service_healthy"
+    assert services["feeder"]["volumes"][0].endswith(":/datasets:ro")
+
+    class ComposeLoader(yaml.SafeLoader):  # Compose's merge tags (!override, !reset)
+        pass
+
+    ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node))
+    local = yaml.load((DEPLOY / "compose.local.yml").read_text(), Loader=ComposeLoader)["services"]
+    assert set(local) <= set(services)
+    assert local["kafka"]["image"].startswith("tgnstream:")
+    assert "tgnstream broker" in local["kafka"]["entrypoint"][-1]
+    assert local["server"]["environment"]["TGNSTREAM_SERVE_INGEST__ON_LOG_GAP"] == "reset"
+    assert local["prometheus"]["profiles"] == ["monitoring"] == local["grafana"]["profiles"]
 
 
 def test_kubernetes_manifests(tmp_path):
