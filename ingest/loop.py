@@ -129,7 +129,7 @@ class IngestLoop:
         batch = self.fetcher.get(timeout=self.config.poll_timeout_ms / 1000)
         self._handle_resets()
         if self.fetcher.topic_id is not None:
-            self.topic_id = self.fetcher.topic_id
+            self.adopt_topic_id(self.fetcher.topic_id)
         if batch is not None:
             self._handle(batch)
         else:
@@ -141,6 +141,12 @@ class IngestLoop:
         if self._snapshot_due():
             self.snapshot()
         return 0 if batch is None else batch.num_records
+
+    def adopt_topic_id(self, topic_id: str) -> None:
+        """Follow the topic's incarnation the fetch side reads; the hot swap judges versions by it."""
+        self.topic_id = topic_id
+        if self.swapper is not None:
+            self.swapper.set_topic_id(topic_id)
 
     def _handle_resets(self) -> None:
         """Positions the fetch side moved to the log start (policy on_log_gap=reset)."""

@@ -132,6 +132,16 @@ class HotSwapper:
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------------------ control
+    def set_topic_id(self, topic_id: str) -> None:
+        """The topic's incarnation the live state now follows (after a ``reset`` log gap the server
+        reads a recreated topic): versions trained on it are accepted, those of the old one refused,
+        and a shadow parked for the old incarnation is dropped."""
+        with self._lock:
+            if topic_id == self.topic_id:
+                return
+            self.topic_id = topic_id
+            self._ready = None
+
     def start(self) -> None:
         self._thread.start()
 

@@ -358,7 +358,7 @@ class ServingProcess:
             # A fresh start learns where the log begins; a restored one keeps its offsets.
             self.live.next_offsets = {**fetcher.start_offsets, **offsets}
         if fetcher.topic_id is not None:
-            self.loop.topic_id = fetcher.topic_id
+            self.loop.adopt_topic_id(fetcher.topic_id)
         return fetcher
 
     def _supervise_ingest(self) -> None:

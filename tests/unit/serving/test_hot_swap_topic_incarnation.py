@@ -1,0 +1,77 @@
+"""After a ``reset`` log gap the server follows a recreated topic (a new topic id): the hot swap
+must judge versions by that new incarnation. (Found by the image test: after a compose down/up
+with the in-memory broker every new version was refused as 'another incarnation'.)"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import torch
+
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.engine import MemoryEngine
+from tgnstream.hot_swap import HotSwapConfig, HotSwapper
+from tgnstream.ingest.loop import IngestLoop
+from tgnstream.live import LiveEngine
+from tgnstream.models import ModelStore
+from tgnstream.stream.config import StreamConfig
+
+
+class _NoNewEvents:
+    """The catch-up reader on a topic with nothing past the published offsets."""
+
+    def __init__(self, stream, offsets, *args, **kwargs):
+        self.next_offsets = dict(offsets)
+
+    def poll(self, until=None):
+        return []
+
+    def close(self):
+        pass
+
+
+def _engine(seed: int) -> MemoryEngine:
+    torch.manual_seed(seed)
+    return MemoryEngine(
+        ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=4
+    ).eval()
+
+
+def _wait(cond, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, monkeypatch):
+    monkeypatch.setattr("tgnstream.hot_swap.BatchReader", _NoNewEvents)
+    stream = StreamConfig()
+    store = ModelStore(tmp_path / "models")
+    served = _engine(1)
+    store.publish(served, {}, stream.kafka.topic, topic_id="old-topic")
+    live = LiveEngine(served, "v000001", {})
+    refused: list[tuple[str, str]] = []
+    config = HotSwapConfig(dir=tmp_path / "models", watch_interval_s=0.05)
+    swapper = HotSwapper(
+        config, stream, live, "v000001", on_refused=lambda v, r: refused.append((v, r)), topic_id="old-topic"
+    )
+    # The ingest loop adopts the fetch side's topic id and hands it to the swapper.
+    loop = SimpleNamespace(topic_id="old-topic", swapper=swapper)
+    IngestLoop.adopt_topic_id(loop, "new-topic")
+    assert (loop.topic_id, swapper.topic_id) == ("new-topic", "new-topic")
+    swapper.start()
+    try:
+        store.publish(_engine(2), {}, stream.kafka.topic, topic_id="new-topic", parent="v000001")
+        ready = _wait(lambda: swapper.take_ready({}))
+        assert ready.version == "v000002" and not refused
+        # A version trained on the old incarnation is refused, with the reason.
+        store.publish(_engine(3), {}, stream.kafka.topic, topic_id="old-topic", parent="v000002")
+        _wait(lambda: refused)
+        assert refused[0][0] == "v000003" and "another incarnation" in refused[0][1]
+    finally:
+        swapper.stop()
