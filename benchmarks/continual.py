@@ -38,17 +38,17 @@ from pathlib import Path
 import grpc
 import torch
 
-from tgnstream.broker import EmbeddedBroker
+from tgnstream.apps.broker import EmbeddedBroker
+from tgnstream.apps.demo import scrape_metrics
+from tgnstream.apps.replay import encode_event
 from tgnstream.core.heuristics import HeuristicScorer
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
-from tgnstream.demo import scrape_metrics
-from tgnstream.ingest.replay import encode_event
-from tgnstream.kafka_admin import create_topic
-from tgnstream.models import ModelStore
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.sysinfo import hardware_info
+from tgnstream.runtime.models import ModelStore
+from tgnstream.runtime.sysinfo import hardware_info
+from tgnstream.stream.kafka_admin import create_topic
 from tgnstream.trainer.bootstrap import START_LR, featureless, publish_start_model, replay_as_served
 from tgnstream.trainer.continual_config import FineTuneConfig
 
@@ -180,7 +180,7 @@ def run(name: str, args, work: Path) -> dict:
         (work / "serve.json").write_text(json.dumps(serve_cfg))
         (work / "trainer.json").write_text(json.dumps(trainer_cfg))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        cli = [sys.executable, "-m", "tgnstream.cli"]
+        cli = [sys.executable, "-m", "tgnstream"]
         server = subprocess.Popen(
             [*cli, "serve", "--config", str(work / "serve.json")],
             stdout=open(work / "server.log", "wb"),

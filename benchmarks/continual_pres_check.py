@@ -21,7 +21,7 @@ import torch
 
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
-from tgnstream.models import ModelStore
+from tgnstream.runtime.models import ModelStore
 from tgnstream.trainer.bootstrap import featureless, replay_as_served
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tgnstream.ingest.replay import encode_event
+from tgnstream.apps.replay import encode_event
+from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.stream.records import RecordDecoder
-from tgnstream.sysinfo import hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"

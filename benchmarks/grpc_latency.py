@@ -30,7 +30,7 @@ import torch
 
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.sysinfo import hardware_info
+from tgnstream.runtime.sysinfo import hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
@@ -43,7 +43,7 @@ def _build_live(args):
     from tgnstream.core.engine import MemoryEngine
     from tgnstream.core.events import EventBatch
     from tgnstream.core.loaders import load_dataset
-    from tgnstream.live import LiveEngine
+    from tgnstream.runtime.live import LiveEngine
 
     data = load_dataset(args.data, limit=args.events or None)
     if args.checkpoint:
@@ -66,11 +66,11 @@ def _build_live(args):
 
 
 def _server_main(args, conn) -> None:
-    from tgnstream.metrics import ServerMetrics
     from tgnstream.model_server.config import GrpcConfig
     from tgnstream.model_server.grpc_server import build_server, stop_server
     from tgnstream.model_server.queries import CandidateCache
     from tgnstream.model_server.servicer import LinkPredictionServicer
+    from tgnstream.runtime.metrics import ServerMetrics
 
     torch.set_num_threads(args.threads)
     if args.switch_interval:

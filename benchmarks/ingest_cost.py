@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tgnstream.apps.replay import iter_records
+from tgnstream.apps.serve import initial_engine
+from tgnstream.apps.serve_config import ServeConfig
 from tgnstream.core.loaders import load_dataset
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.replay import iter_records
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
-from tgnstream.serve import initial_engine
-from tgnstream.serve_config import ServeConfig
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ServerMetrics
+from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.stream.prefetch import FetchedBatch
 from tgnstream.stream.records import RecordDecoder
-from tgnstream.sysinfo import hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"

@@ -130,7 +130,7 @@ def _fmt(config: dict[str, Any]) -> str:
 
 
 def run(bootstrap: str, n: int, repeats: int) -> dict[str, Any]:
-    from tgnstream.kafka_admin import create_topic
+    from tgnstream.stream.kafka_admin import create_topic
 
     records = make_records(n)
     record_bytes = statistics.mean(len(k) + len(v) for k, v in records)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from tgnstream.broker import EmbeddedBroker
+    from tgnstream.apps.broker import EmbeddedBroker
 
     with ExitStack() as stack:
         if args.bootstrap:

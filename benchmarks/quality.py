@@ -30,7 +30,7 @@ from tgnstream.core.baselines import evaluate_baselines
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings
-from tgnstream.sysinfo import hardware_info, resolve_device
+from tgnstream.runtime.sysinfo import hardware_info, resolve_device
 from tgnstream.trainer.config import OfflineTrainConfig
 from tgnstream.trainer.offline import train_offline
 

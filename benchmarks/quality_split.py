@@ -24,7 +24,7 @@ from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.heuristics import HeuristicScorer
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream
-from tgnstream.sysinfo import hardware_info
+from tgnstream.runtime.sysinfo import hardware_info
 
 
 def event_kinds(src: list[int], dst: list[int], start: int) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.modules import encode_pair_features
 from tgnstream.core.pair_stats import pairwise_stats
-from tgnstream.sysinfo import hardware_info
+from tgnstream.runtime.sysinfo import hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"

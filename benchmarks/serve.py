@@ -45,18 +45,18 @@ from kafka import KafkaConsumer, TopicPartition
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpc_latency import closed_loop, open_loop  # noqa: E402  (sibling script)
 
-from tgnstream.broker import EmbeddedBroker  # noqa: E402
+from tgnstream.apps.broker import EmbeddedBroker  # noqa: E402
+from tgnstream.apps.replay import make_producer, replay_events  # noqa: E402
+from tgnstream.apps.serve import ServingProcess  # noqa: E402
+from tgnstream.apps.serve_config import ServeConfig  # noqa: E402
 from tgnstream.core.events import EventBatch  # noqa: E402
 from tgnstream.core.loaders import load_dataset  # noqa: E402
 from tgnstream.ingest.config import IngestConfig  # noqa: E402
-from tgnstream.ingest.replay import make_producer, replay_events  # noqa: E402
-from tgnstream.kafka_admin import create_topic  # noqa: E402
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb  # noqa: E402
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc  # noqa: E402
-from tgnstream.serve import ServingProcess  # noqa: E402
-from tgnstream.serve_config import ServeConfig  # noqa: E402
+from tgnstream.runtime.sysinfo import hardware_info  # noqa: E402
+from tgnstream.stream.kafka_admin import create_topic  # noqa: E402
 from tgnstream.stream.prefetch import Prefetcher  # noqa: E402
-from tgnstream.sysinfo import hardware_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
@@ -231,7 +231,7 @@ def under_load(args, bootstrap: str, data, work: Path) -> dict:
     (work / "serve.json").write_text(json.dumps(cfg))
     log = open(work / "server.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(work / "serve.json")],
+        [sys.executable, "-m", "tgnstream", "serve", "--config", str(work / "serve.json")],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -31,11 +31,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tgnstream.broker import EmbeddedBroker
+from tgnstream.apps.broker import EmbeddedBroker
 from tgnstream.core.loaders import load_dataset
-from tgnstream.kafka_admin import create_topic
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
-from tgnstream.sysinfo import hardware_info
+from tgnstream.runtime.sysinfo import hardware_info
+from tgnstream.stream.kafka_admin import create_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
@@ -180,7 +180,7 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
     }
     (work / "serve.json").write_text(json.dumps(cfg))
     server = subprocess.Popen(
-        [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(work / "serve.json")],
+        [sys.executable, "-m", "tgnstream", "serve", "--config", str(work / "serve.json")],
         stdout=open(work / "server.log", "wb"),
         stderr=subprocess.STDOUT,
     )

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
-from tgnstream.live import LiveEngine
 from tgnstream.model_server.queries import CandidateCache
-from tgnstream.sysinfo import hardware_info
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

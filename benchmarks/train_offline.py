@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tgnstream.core.config import ModelConfig  # noqa: E402
 from tgnstream.core.loaders import load_dataset  # noqa: E402
-from tgnstream.sysinfo import hardware_info, resolve_device  # noqa: E402
+from tgnstream.runtime.sysinfo import hardware_info, resolve_device  # noqa: E402
 from tgnstream.trainer.config import OfflineTrainConfig  # noqa: E402
 from tgnstream.trainer.offline import train_offline  # noqa: E402
 

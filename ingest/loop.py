@@ -14,13 +14,13 @@ import torch
 from tgnstream.core.engine import PreparedBatch
 from tgnstream.core.events import EventBatch
 from tgnstream.core.step import TemporalStep
-from tgnstream.health import Readiness
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.dlq import DeadLetterPublisher
 from tgnstream.ingest.quality import PrequentialQuality
-from tgnstream.live import LiveEngine, OpenBatch
-from tgnstream.metrics import ServerMetrics
-from tgnstream.snapshots import SnapshotConfig, SnapshotStore
+from tgnstream.runtime.health import Readiness
+from tgnstream.runtime.live import LiveEngine, OpenBatch
+from tgnstream.runtime.metrics import ServerMetrics
+from tgnstream.runtime.snapshots import SnapshotConfig, SnapshotStore
 from tgnstream.stream.assemble import BatchAssembler, RecordRejection
 from tgnstream.stream.batcher import ClosedBatch
 from tgnstream.stream.prefetch import FetchedBatch, Prefetcher
@@ -85,7 +85,7 @@ class IngestLoop:
         self._quality_published_at = float("-inf")
         self.batches = 0
         self.final_snapshot_ok: bool | None = None  # set when run() returns after stop()
-        # Offers a shadow engine to swap in between two batches (tgnstream.hot_swap); None: off.
+        # Offers a shadow engine to swap in between two batches (tgnstream.runtime.hot_swap); None: off.
         self.swapper = None
         self.on_swap: Callable[[str, float, float], None] | None = None  # (version, total s, pause s)
         self.assembler = BatchAssembler(

@@ -12,7 +12,7 @@ from tgnstream.core.evaluation import average_precision, reciprocal_ranks
 from tgnstream.core.events import EventBatch
 from tgnstream.core.step import TemporalStep
 from tgnstream.ingest.config import QualityConfig
-from tgnstream.live import LiveEngine
+from tgnstream.runtime.live import LiveEngine
 
 __all__ = ["PrequentialQuality"]
 

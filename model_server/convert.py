@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 from tgnstream.core.events import MAX_ABS_EVENT_TIME_S
 from tgnstream.core.idmap import MAX_ID_BYTES
-from tgnstream.live import StateStamp
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
+from tgnstream.runtime.live import StateStamp
 
 if TYPE_CHECKING:  # queries imports RequestError from here; results are only annotations
     from tgnstream.model_server.queries import EmbedResult, ModelInfoResult, ScoreResult, TopKResult

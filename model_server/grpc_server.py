@@ -18,8 +18,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server.admission import Admission, AdmissionInterceptor
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.interceptors import (
@@ -30,7 +28,9 @@ from tgnstream.model_server.interceptors import (
 )
 from tgnstream.model_server.servicer import SERVICE_NAME, LinkPredictionServicer
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.shared_state import SharedLiveView
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ServerMetrics
+from tgnstream.runtime.shared_state import SharedLiveView
 
 __all__ = ["build_server", "stop_server", "close_servicer", "SERVICE_NAME", "HEALTH_SERVICE"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from tgnstream.metrics import ServerMetrics
+from tgnstream.runtime.metrics import ServerMetrics
 
 __all__ = [
     "CachingInterceptor",

@@ -38,8 +38,8 @@ import torch
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.pair_stats import ranking_stats
-from tgnstream.live import LiveEngine, StateStamp
 from tgnstream.model_server.convert import EmbedQuery, RequestError, ScoreQuery, TopKQuery
+from tgnstream.runtime.live import LiveEngine, StateStamp
 
 __all__ = [
     "CandidateCache",

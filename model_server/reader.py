@@ -1,6 +1,6 @@
 """A reader process: answers gRPC from the writer's state in shared memory.
 
-Started by the serving process (``tgnstream.serve``) once per ``grpc.readers``, with the
+Started by the serving process (``tgnstream.apps.serve``) once per ``grpc.readers``, with the
 ``torch.multiprocessing`` spawn method. Every reader binds the same port with SO_REUSEPORT, so
 the kernel spreads connections over them; each has its own interpreter (no lock shared with
 ingest or with the other readers), its own admission control, auth and health service, and
@@ -17,11 +17,11 @@ import time
 import torch
 from grpc_health.v1 import health_pb2
 
-from tgnstream.metrics import ServerMetrics, reader_families
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, stop_server
 from tgnstream.model_server.servicer import LinkPredictionServicer
-from tgnstream.shared_state import Layout, SharedHandles, SharedLiveView
+from tgnstream.runtime.metrics import ServerMetrics, reader_families
+from tgnstream.runtime.shared_state import Layout, SharedHandles, SharedLiveView
 
 __all__ = ["run_reader"]
 

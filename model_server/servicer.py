@@ -15,14 +15,14 @@ from typing import TypeVar
 
 import grpc
 
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server import convert, queries
 from tgnstream.model_server.coalesce import Coalescer
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.convert import RequestError
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ServerMetrics
 
 __all__ = ["LinkPredictionServicer", "SERVICE_NAME"]
 

@@ -284,7 +284,7 @@ wait_healthy() {  # service timeout_s: the service's own healthcheck, run by han
     sleep 2
   done
 }
-q() { "$HOST_PY" -m tgnstream.cli query --target "127.0.0.1:$GP" --timeout 10 --retries 3 --json "$@"; }
+q() { "$HOST_PY" -m tgnstream query --target "127.0.0.1:$GP" --timeout 10 --retries 3 --json "$@"; }
 events_applied() { q info | "$HOST_PY" -c "
 import json, sys
 d = json.load(sys.stdin)

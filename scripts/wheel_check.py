@@ -112,8 +112,8 @@ def read_ready(path: Path) -> dict | None:
 
 def first_ids(data: Path, n: int) -> tuple[list[str], list[str]]:
     """Source and destination ids of the first ``n`` events, exactly as the replayer sends them."""
+    from tgnstream.apps.replay import iter_records
     from tgnstream.core.loaders import load_dataset
-    from tgnstream.ingest.replay import iter_records
 
     events = [json.loads(value) for _, value in iter_records(load_dataset(data, limit=n), 0, n)]
     return [str(e["src"]) for e in events], [str(e["dst"]) for e in events]

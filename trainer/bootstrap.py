@@ -16,7 +16,7 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch, TemporalDataset
 from tgnstream.core.step import TemporalStep
-from tgnstream.models import ModelStore, PublishedModel
+from tgnstream.runtime.models import ModelStore, PublishedModel
 from tgnstream.trainer.config import OfflineTrainConfig
 from tgnstream.trainer.offline import train_offline
 from tgnstream.trainer.service import with_pres

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from tgnstream.settings import FileSettings, load_settings
-from tgnstream.store_location import StoreLocation
+from tgnstream.runtime.settings import FileSettings, load_settings
+from tgnstream.runtime.store_location import StoreLocation
 from tgnstream.stream.config import KafkaConfig, StreamConfig
 
 if TYPE_CHECKING:
-    from tgnstream.models import ModelStore
+    from tgnstream.runtime.models import ModelStore
 
 __all__ = ["FineTuneConfig", "GateConfig", "StartModel", "TrainerConfig", "load_trainer_config"]
 
@@ -129,7 +129,7 @@ class PublishConfig(BaseModel):
 
     def open_store(self) -> ModelStore:
         """The store of ``dir`` with these options."""
-        from tgnstream.models import ModelStore
+        from tgnstream.runtime.models import ModelStore
 
         return ModelStore(self.dir, self.keep, storage_options=self.storage_options, cache_dir=self.cache_dir)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from tgnstream.metrics import standard_collectors
+from tgnstream.runtime.metrics import standard_collectors
 
 __all__ = ["ROUND_RESULTS", "TrainerMetrics"]
 

@@ -19,7 +19,7 @@ from tgnstream.core.events import TemporalDataset
 from tgnstream.core.negatives import NegativeSampler
 from tgnstream.core.step import TemporalStep
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, inductive_mask, summarise
-from tgnstream.sysinfo import hardware_info
+from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
 from tgnstream.trainer.pipeline import PipelinedBatches, SequentialBatches, StalenessStats
 

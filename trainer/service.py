@@ -9,9 +9,7 @@ configured start model with an empty state, from the start of the topic.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -22,16 +20,16 @@ from tqdm.auto import tqdm
 from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.health import HealthHttpServer, Readiness
+from tgnstream.runtime.health import Readiness
+from tgnstream.runtime.sysinfo import resolve_device
 from tgnstream.stream.assemble import RecordRejection
 from tgnstream.stream.consumers import TopicUnavailableError
 from tgnstream.stream.reader import BatchReader
-from tgnstream.sysinfo import resolve_device
 from tgnstream.trainer.continual import ContinualTrainer
 from tgnstream.trainer.continual_config import StartModel, TrainerConfig
 from tgnstream.trainer.metrics import TrainerMetrics
 
-__all__ = ["TrainerService", "run_trainer", "start_engine"]
+__all__ = ["TrainerService", "start_engine"]
 
 log = logging.getLogger(__name__)
 # Waiting for a missing topic or a silent broker: first retry after 1 s, then doubling up to 30 s.
@@ -369,38 +367,3 @@ class TrainerService:
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
         return True
-
-
-def run_trainer(cfg: TrainerConfig) -> int:
-    """``tgnstream trainer``: run until SIGTERM/SIGINT; 0 on a clean stop."""
-    import signal
-
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    from tgnstream.trainer.distributed import init_distributed
-
-    rank, world = init_distributed(resolve_device(cfg.device))
-    if world > 1:
-        log.info("rank %d of %d (torch.distributed, %s)", rank, world, torch.distributed.get_backend())
-    service = TrainerService(cfg, rank=rank, world=world)
-    port = cfg.metrics_port + rank if cfg.metrics_port else 0
-    http = HealthHttpServer(cfg.metrics_host, port, service.metrics.registry, service.readiness, lambda: True)
-    http.start()
-
-    def _stop(signum, frame):
-        log.info("signal %d: stopping after the current step", signum)
-        service.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stop)
-    if cfg.ready_file is not None and rank == 0:
-        cfg.ready_file.write_text(json.dumps({"metrics_port": http.port, "pid": os.getpid()}))
-    log.info("trainer metrics on http://%s:%d/metrics", cfg.metrics_host, http.port)
-    try:
-        service.run()
-    finally:
-        http.stop()
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    return 0

@@ -26,11 +26,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaProducer
 
-from tgnstream.broker import EmbeddedBroker, free_port
-from tgnstream.kafka_admin import create_topic
+from tgnstream.apps.broker import EmbeddedBroker, free_port
+from tgnstream.apps.testing import child_pids, serve_config_dict
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.testing import child_pids, serve_config_dict
+from tgnstream.stream.kafka_admin import create_topic
 
 SMALL_MODEL = {"preset": "tgn", "memory_dim": 32, "seed": 0, "pair_features": True}
 TOPIC = "events"
@@ -113,7 +113,7 @@ class Server:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "tgnstream", "serve", "--config", str(self.config_path)],
             stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

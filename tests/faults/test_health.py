@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tgnstream.snapshots import SnapshotStore
+from tgnstream.runtime.snapshots import SnapshotStore
 
 from .conftest import LINK_PREDICTION, NOT_SERVING, SERVING, produce, server_config, stream, wait_for
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tgnstream.snapshots import SnapshotStore
+from tgnstream.runtime.snapshots import SnapshotStore
 
 from .conftest import produce, server_config, stream, wait_for
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tgnstream.broker import EmbeddedBroker
-from tgnstream.kafka_admin import create_topic
+from tgnstream.apps.broker import EmbeddedBroker
+from tgnstream.stream.kafka_admin import create_topic
 
 
 @pytest.fixture(scope="session")

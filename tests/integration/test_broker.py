@@ -20,9 +20,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from tgnstream.broker import BrokerError, EmbeddedBroker, add_parser
-from tgnstream.kafka_admin import create_topic
-from tgnstream.testing import consume_records, free_port
+from tgnstream.apps.broker import BrokerError, EmbeddedBroker, add_parser
+from tgnstream.apps.testing import consume_records, free_port
+from tgnstream.stream.kafka_admin import create_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -186,7 +186,7 @@ def test_cli_runs_until_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "broker.log"
     script = (
         "import argparse, sys\n"
-        "from tgnstream.broker import add_parser\n"
+        "from tgnstream.apps.broker import add_parser\n"
         "p = argparse.ArgumentParser(); add_parser(p.add_subparsers())\n"
         "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tgnstream.testing import consume_records
+from tgnstream.apps.testing import consume_records
 
 pytestmark = pytest.mark.kafka
 

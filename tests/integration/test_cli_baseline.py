@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tgnstream.cli import main
+from tgnstream.apps.cli import main
 from tgnstream.core.heuristics import HeuristicScorer
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tgnstream.cli import main
+from tgnstream.apps.cli import main
 
 
 def test_cli_train_writes_checkpoint_and_results(wikipedia_csv, tmp_path, capsys):

@@ -45,7 +45,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.timeout(400)
 def test_demo_runs_and_stops_cleanly_on_sigint(tmp_path):
     cmd = [
-        sys.executable, "-m", "tgnstream.cli", "demo", "--data", str(WIKI), "--duration-s", "300",
+        sys.executable, "-m", "tgnstream", "demo", "--data", str(WIKI), "--duration-s", "300",
         "--rate", "800", "--epochs", "2", "--every-events", "4000", "--out", str(tmp_path), "--no-live-view",
     ]  # fmt: skip
     log = tmp_path / "demo.log"

@@ -11,7 +11,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tgnstream.ingest.config import IngestConfig
-from tgnstream.kafka_admin import create_topic
+from tgnstream.stream.kafka_admin import create_topic
 from tgnstream.stream.source import KafkaSource
 
 pytestmark = pytest.mark.kafka

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tgnstream.broker import EmbeddedBroker, free_port
+from tgnstream.apps.broker import EmbeddedBroker, free_port
 from tgnstream.client import LinkPredictionClient
-from tgnstream.kafka_admin import create_topic
+from tgnstream.stream.kafka_admin import create_topic
 
 from .serving.conftest import event_values, produce
 
@@ -119,7 +119,7 @@ def test_prometheus_scrapes_evaluates_the_dashboard_and_fires_ingest_down(tmp_pa
             (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
             procs.append(
                 _start(
-                    [sys.executable, "-m", "tgnstream.cli", name, "--config", str(tmp_path / f"{name}.json")],
+                    [sys.executable, "-m", "tgnstream", name, "--config", str(tmp_path / f"{name}.json")],
                     tmp_path / f"{name}.log",
                 )
             )

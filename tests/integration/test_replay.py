@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from tgnstream.apps.replay import ReplayError, TokenBucket, add_parser, replay_events
 from tgnstream.core.loaders import load_dataset
 from tgnstream.ingest.dlq import (
     DLQ_HEADERS,
@@ -21,8 +22,7 @@ from tgnstream.ingest.dlq import (
     dlq_topic,
     read_dead_letters,
 )
-from tgnstream.ingest.replay import ReplayError, TokenBucket, add_parser, replay_events
-from tgnstream.kafka_admin import create_topic
+from tgnstream.stream.kafka_admin import create_topic
 from tgnstream.stream.records import RecordDecoder
 
 pytestmark = pytest.mark.kafka

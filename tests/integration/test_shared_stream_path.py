@@ -17,15 +17,15 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
+from tgnstream.apps.replay import encode_event
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.idmap import IdMap
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.replay import encode_event
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
-from tgnstream.snapshots import SnapshotConfig
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ServerMetrics
+from tgnstream.runtime.snapshots import SnapshotConfig
 from tgnstream.stream.batcher import ClosedBatch
 from tgnstream.stream.prefetch import Prefetcher
 from tgnstream.stream.reader import BatchReader

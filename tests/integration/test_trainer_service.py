@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tgnstream.apps.replay import replay_events
 from tgnstream.core.loaders import load_dataset
-from tgnstream.ingest.replay import replay_events
-from tgnstream.models import ModelStore
+from tgnstream.runtime.models import ModelStore
 
 pytestmark = pytest.mark.kafka
 
@@ -62,7 +62,7 @@ def _config(tmp: Path, bootstrap: str, topic: str) -> Path:
 
 def _start(config: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tgnstream.cli", "trainer", "--config", str(config)],
+        [sys.executable, "-m", "tgnstream", "trainer", "--config", str(config)],
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -157,7 +157,7 @@ def test_trainer_waits_for_a_missing_topic_then_reads_it(tmp_path, kafka_bootstr
     import urllib.request
     import uuid
 
-    from tgnstream.kafka_admin import create_topic
+    from tgnstream.stream.kafka_admin import create_topic
 
     topic = f"later-{uuid.uuid4().hex[:8]}"
     config = _config(tmp_path, kafka_bootstrap, topic)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tgnstream.broker import free_port
+from tgnstream.apps.broker import free_port
+from tgnstream.apps.replay import replay_events
 from tgnstream.core.loaders import load_dataset
-from tgnstream.ingest.replay import replay_events
-from tgnstream.models import ModelStore
+from tgnstream.runtime.models import ModelStore
 
 from .test_trainer_service import WIKI, _config
 
@@ -37,7 +37,7 @@ def test_two_ranks_train_and_rank_zero_publishes(tmp_path, kafka_bootstrap, kafk
             "--master-port",
             str(free_port()),
             "-m",
-            "tgnstream.cli",
+            "tgnstream",
             "trainer",
             "--config",
             str(config),

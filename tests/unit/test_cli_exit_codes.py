@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tgnstream import cli
+from tgnstream.apps import cli
 
 
 def test_the_codes():
@@ -109,9 +109,9 @@ def test_the_log_level_reaches_the_command(monkeypatch):
 
 
 def test_entry_point_exit_status():
-    """The statuses reach the shell through ``python -m tgnstream.cli`` (the console script is
+    """The statuses reach the shell through ``python -m tgnstream`` (the console script is
     the same ``main``)."""
-    run = [sys.executable, "-m", "tgnstream.cli"]
+    run = [sys.executable, "-m", "tgnstream"]
     assert subprocess.run([*run, "nonsense"], capture_output=True, timeout=60).returncode == 2
     down = subprocess.run(
         [*run, "query", "info", "--target", "127.0.0.1:1", "--retries", "0"], capture_output=True, timeout=60

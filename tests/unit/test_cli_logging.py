@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from tgnstream import cli
+from tgnstream.apps import cli
 
 
 def test_a_log_line_under_a_progress_bar_does_not_split_it(monkeypatch, capsys):

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from tgnstream.metrics import ServerMetrics
-from tgnstream.serve_config import load_serve_config
+from tgnstream.apps.serve_config import load_serve_config
+from tgnstream.runtime.metrics import ServerMetrics
 from tgnstream.trainer.continual_config import load_trainer_config
 from tgnstream.trainer.metrics import TrainerMetrics
 

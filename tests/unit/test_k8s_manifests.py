@@ -491,7 +491,7 @@ def _setting(config, var: str, prefix: str):
 
 @pytest.mark.parametrize("kind", ["StatefulSet", "Deployment"])
 def test_env_overrides_and_secret_files_name_real_settings(kind, tmp_path, monkeypatch):
-    from tgnstream.serve_config import load_serve_config
+    from tgnstream.apps.serve_config import load_serve_config
     from tgnstream.trainer.continual_config import load_trainer_config
 
     doc = _one(kind)
@@ -524,7 +524,7 @@ def test_env_overrides_and_secret_files_name_real_settings(kind, tmp_path, monke
 
 
 def test_server_memory_covers_its_readers_and_grace_covers_its_stop(tmp_path):
-    from tgnstream.serve_config import load_serve_config
+    from tgnstream.apps.serve_config import load_serve_config
 
     sts = _one("StatefulSet")
     serve = load_serve_config(_config_file(sts, tmp_path))

@@ -86,7 +86,7 @@ def test_the_wheel_carries_the_generated_stubs_and_the_entry_point(wheel):
     assert "tgnstream/rpc/v1/link_prediction_pb2.py" in names
     assert "tgnstream/rpc/v1/link_prediction_pb2.pyi" in names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-    assert "tgnstream = tgnstream.cli:main" in wheel.read(entry_points).decode()
+    assert "tgnstream = tgnstream.apps.cli:main" in wheel.read(entry_points).decode()
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     text = wheel.read(metadata).decode()
     assert "Requires-Python: >=3.11" in text

@@ -15,13 +15,13 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
+from tgnstream.apps.testing import child_pids, serve_config_dict
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.loaders import load_dataset
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.testing import child_pids, serve_config_dict
 
 SMALL_MODEL = {"preset": "tgn", "memory_dim": 32, "seed": 0, "pair_features": True}
 
@@ -97,7 +97,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tgnstream.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "tgnstream", "serve", "--config", str(self.config_path)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -13,11 +13,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tgnstream.apps.serve import ServingProcess
+from tgnstream.apps.serve_config import ServeConfig
 from tgnstream.ingest.dlq import read_dead_letters
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.serve import ServingProcess
-from tgnstream.serve_config import ServeConfig
 
 from .conftest import apply_reference, event_values, fresh_engine, produce, serve_config
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tgnstream.broker import free_port
+from tgnstream.apps.broker import free_port
+from tgnstream.apps.testing import serve_config_dict
 from tgnstream.client import LinkPredictionClient
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.testing import serve_config_dict
 
 from .conftest import SMALL_MODEL, event_values, produce, serve_config
 
@@ -97,7 +97,7 @@ def test_query_command_prints_tables_and_json(tmp_path, kafka_bootstrap, kafka_t
     server = server_factory(serve_config(tmp_path, kafka_bootstrap, kafka_topic)).start()
     server.wait_applied(600)
     target = f"127.0.0.1:{server.ports['grpc_port']}"
-    cli = [sys.executable, "-m", "tgnstream.cli", "query", "--target", target]
+    cli = [sys.executable, "-m", "tgnstream", "query", "--target", target]
     out = subprocess.run(
         [*cli, "--json", "score", "0", "8227", "nobody", "8227"], capture_output=True, text=True, timeout=60
     )
@@ -112,7 +112,7 @@ def test_query_command_prints_tables_and_json(tmp_path, kafka_bootstrap, kafka_t
     assert "events_applied" in info.stdout and "600" in info.stdout
     # Options after the query's name (the README's `tgnstream query info --json`).
     info_json = subprocess.run(
-        [sys.executable, "-m", "tgnstream.cli", "query", "info", "--json", "--target", target],
+        [sys.executable, "-m", "tgnstream", "query", "info", "--json", "--target", target],
         capture_output=True,
         text=True,
         timeout=60,
@@ -121,7 +121,7 @@ def test_query_command_prints_tables_and_json(tmp_path, kafka_bootstrap, kafka_t
     assert json.loads(info_json.stdout)["events_applied"] == "600"  # int64 in JSON: a string
     # Exit status 3: the server cannot be reached.
     down = subprocess.run(
-        [sys.executable, "-m", "tgnstream.cli", "query", "--target", "127.0.0.1:1", "--retries", "0", "info"],
+        [sys.executable, "-m", "tgnstream", "query", "--target", "127.0.0.1:1", "--retries", "0", "info"],
         capture_output=True,
         text=True,
         timeout=60,

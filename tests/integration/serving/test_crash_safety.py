@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from tgnstream.snapshots import SnapshotStore
+from tgnstream.runtime.snapshots import SnapshotStore
 
 from .conftest import event_values, produce, reference_engine, serve_config
 

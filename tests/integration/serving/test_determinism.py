@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tgnstream.apps.serve import ServingProcess
+from tgnstream.apps.serve_config import ServeConfig
 from tgnstream.core.events import EventBatch
-from tgnstream.kafka_admin import create_topic
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.serve import ServingProcess
-from tgnstream.serve_config import ServeConfig
+from tgnstream.stream.kafka_admin import create_topic
 
 from .conftest import apply_reference, event_values, fresh_engine, produce, serve_config
 

@@ -18,13 +18,13 @@ import grpc
 import pytest
 import torch
 
+from tgnstream.apps.testing import prefix_answer, serve_config_dict
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
-from tgnstream.models import ModelStore
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.testing import prefix_answer, serve_config_dict
+from tgnstream.runtime.models import ModelStore
 
 from .conftest import event_values, produce
 
@@ -61,7 +61,7 @@ def _trainer(tmp: Path, bootstrap: str, topic: str) -> subprocess.Popen:
     path = tmp / "trainer.json"
     path.write_text(json.dumps(cfg))
     return subprocess.Popen(
-        [sys.executable, "-m", "tgnstream.cli", "trainer", "--config", str(path)],
+        [sys.executable, "-m", "tgnstream", "trainer", "--config", str(path)],
         stdout=open(tmp / "trainer.log", "ab"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

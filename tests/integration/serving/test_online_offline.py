@@ -9,10 +9,10 @@ import grpc
 import pytest
 import torch
 
+from tgnstream.apps.serve import ServingProcess
+from tgnstream.apps.serve_config import ServeConfig
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.serve import ServingProcess
-from tgnstream.serve_config import ServeConfig
 
 from .conftest import event_values, produce, reference_engine, serve_config
 

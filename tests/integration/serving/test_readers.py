@@ -19,22 +19,22 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tgnstream.apps.reader_pool import ReaderPool
+from tgnstream.apps.replay import encode_event
+from tgnstream.apps.testing import StubFetcher, feed_in_chunks, prefix_answer
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.replay import encode_event
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server import queries
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.convert import TopKQuery
-from tgnstream.reader_pool import ReaderPool
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
-from tgnstream.snapshots import SnapshotConfig
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ServerMetrics
+from tgnstream.runtime.snapshots import SnapshotConfig
 from tgnstream.stream.records import RecordDecoder
-from tgnstream.testing import StubFetcher, feed_in_chunks, prefix_answer
 
 BATCH, TOTAL = 40, 1200
 MODEL = ModelConfig.preset("tgn", width=8, pair_features=True, num_neighbors=4)

@@ -8,16 +8,16 @@ import time
 
 import torch
 
+from tgnstream.apps.replay import encode_event
+from tgnstream.apps.testing import StubFetcher, feed_in_chunks
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.replay import encode_event
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import DLQ_REASONS, ServerMetrics
-from tgnstream.snapshots import SnapshotConfig, SnapshotStore
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import DLQ_REASONS, ServerMetrics
+from tgnstream.runtime.snapshots import SnapshotConfig, SnapshotStore
 from tgnstream.stream.records import RecordDecoder
-from tgnstream.testing import StubFetcher, feed_in_chunks
 
 
 def _loop(tmp_path, total: int, metrics: ServerMetrics, store: SnapshotStore | None = None) -> IngestLoop:

@@ -9,7 +9,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.ingest.config import QualityConfig
 from tgnstream.ingest.quality import PrequentialQuality
-from tgnstream.live import LiveEngine
+from tgnstream.runtime.live import LiveEngine
 
 
 def _bipartite(n: int, seed: int) -> EventBatch:

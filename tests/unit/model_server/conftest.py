@@ -14,11 +14,11 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.synthetic import generate_stream
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.grpc_server import build_server, stop_server
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ServerMetrics
 
 SMALL = dict(memory_dim=16, time_dim=8, embedding_dim=16, num_neighbors=5, decoder_hidden=16)
 NUM_SRC, NUM_DST, NUM_EVENTS, BATCH = 40, 25, 600, 100

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from tgnstream.live import LiveEngine
 from tgnstream.model_server import queries
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.convert import TopKQuery
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
+from tgnstream.runtime.live import LiveEngine
 
 from .conftest import TEST_CONFIG, feed, make_engine, make_stream, node_name, serve, shutdown
 

@@ -7,9 +7,9 @@ import grpc
 import pytest
 import torch
 
-from tgnstream.live import LiveEngine
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
+from tgnstream.runtime.live import LiveEngine
 
 from .conftest import TEST_CONFIG, feed, make_engine, make_stream, node_name, serve, shutdown
 

@@ -10,11 +10,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.grpc_server import build_server, stop_server
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.runtime.metrics import ServerMetrics
 
 from .conftest import TEST_CONFIG, serve, shutdown
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from tgnstream.live import LiveEngine
 from tgnstream.model_server import queries
 from tgnstream.model_server.convert import TopKQuery
+from tgnstream.runtime.live import LiveEngine
 
 from .conftest import BATCH, make_engine, make_stream, node_name
 
@@ -122,7 +122,7 @@ def test_an_entry_copied_from_another_reader_is_a_base_for_later_refreshes():
     copy gets the state's signatures, so the copying reader's next refresh reuses its rows."""
     import multiprocessing
 
-    from tgnstream.shared_state import SharedCandidates
+    from tgnstream.runtime.shared_state import SharedCandidates
 
     stream = make_stream()
     engine = make_engine()

@@ -8,7 +8,7 @@ import urllib.request
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from tgnstream.health import HealthHttpServer, Readiness
+from tgnstream.runtime.health import HealthHttpServer, Readiness
 from tgnstream.stream.consumers import ConnectionLogThrottle
 
 

@@ -11,10 +11,10 @@ import torch
 
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.hot_swap import HotSwapConfig, HotSwapper
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.live import LiveEngine
-from tgnstream.models import ModelStore
+from tgnstream.runtime.hot_swap import HotSwapConfig, HotSwapper
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.models import ModelStore
 from tgnstream.stream.config import StreamConfig
 
 
@@ -49,7 +49,7 @@ def _wait(cond, timeout: float = 30.0):
 
 
 def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, monkeypatch):
-    monkeypatch.setattr("tgnstream.hot_swap.BatchReader", _NoNewEvents)
+    monkeypatch.setattr("tgnstream.runtime.hot_swap.BatchReader", _NoNewEvents)
     stream = StreamConfig()
     store = ModelStore(tmp_path / "models")
     served = _engine(1)

@@ -10,7 +10,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.live import LiveEngine, ReadWriteLock
+from tgnstream.runtime.live import LiveEngine, ReadWriteLock
 
 
 def test_writer_excludes_readers_and_waiting_writer_blocks_new_readers():

@@ -10,12 +10,12 @@ import logging
 import pytest
 import torch
 
+from tgnstream.apps.serve import ServingProcess, checkpoint_version, initial_engine
+from tgnstream.apps.serve_config import ModelSource, ServeConfig
 from tgnstream.core.checkpoint import save_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.serve import ServingProcess, checkpoint_version, initial_engine
-from tgnstream.serve_config import ModelSource, ServeConfig
-from tgnstream.snapshots import SnapshotStore
+from tgnstream.runtime.snapshots import SnapshotStore
 
 
 def _checkpoint(path, seed: int):
@@ -74,7 +74,7 @@ def test_settings_that_contradict_the_checkpoint_are_an_error(tmp_path):
 
 
 def test_fresh_weights_are_served_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="tgnstream.serve"):
+    with caplog.at_level(logging.INFO, logger="tgnstream.apps.serve"):
         proc = _serving(_config(tmp_path))
     assert proc.live.model_version == "init-tgn-s0"
     warnings = [

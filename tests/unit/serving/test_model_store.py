@@ -10,11 +10,11 @@ import logging
 import pytest
 import torch
 
-from tgnstream import models
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.models import ModelStore
+from tgnstream.runtime import models
+from tgnstream.runtime.models import ModelStore
 
 
 def _engine(events: int, seed: int = 0) -> MemoryEngine:
@@ -82,7 +82,7 @@ def test_a_damaged_version_is_refused_and_the_previous_one_loads(tmp_path, caplo
     state.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         store.get(bad.version).load()
-    with caplog.at_level(logging.ERROR, logger="tgnstream.models"):
+    with caplog.at_level(logging.ERROR, logger="tgnstream.runtime.models"):
         published, engine = store.load_latest()
     assert published.version == good.version and int(engine.events_applied) == 20
     assert any("damaged" in r.getMessage() for r in caplog.records)
@@ -95,7 +95,7 @@ def test_an_edited_manifest_is_ignored(tmp_path, caplog):
     m = json.loads((edited.path / "manifest.json").read_text())
     m["next_offsets"] = {"0": 10}  # would replay events the state already holds
     (edited.path / "manifest.json").write_text(json.dumps(m))
-    with caplog.at_level(logging.WARNING, logger="tgnstream.models"):
+    with caplog.at_level(logging.WARNING, logger="tgnstream.runtime.models"):
         assert store.latest().version == good.version
     assert any("checksum" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="checksum"):

@@ -11,19 +11,19 @@ import threading
 import numpy as np
 import torch
 
+from tgnstream.apps.replay import encode_event
+from tgnstream.apps.testing import StubFetcher, feed_in_chunks, prefix_answer
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.ingest.replay import encode_event
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ServerMetrics
 from tgnstream.model_server import queries
 from tgnstream.model_server.convert import ScoreQuery
-from tgnstream.snapshots import SnapshotConfig
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ServerMetrics
+from tgnstream.runtime.snapshots import SnapshotConfig
 from tgnstream.stream.prefetch import FetchedBatch
 from tgnstream.stream.records import RecordDecoder
-from tgnstream.testing import StubFetcher, feed_in_chunks, prefix_answer
 
 BATCH, TOTAL = 50, 600
 MODEL = ModelConfig.preset("tgn", width=8, pair_features=True, num_neighbors=4)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tgnstream.metrics import ReaderMetrics, ServerMetrics, reader_families
-from tgnstream.reader_pool import reserve_port
+from tgnstream.apps.reader_pool import reserve_port
+from tgnstream.runtime.metrics import ReaderMetrics, ServerMetrics, reader_families
 
 
 def test_a_port_another_server_answers_on_is_refused():
@@ -70,10 +70,10 @@ def test_topk_candidates_are_computed_by_one_reader_and_copied_by_the_others():
     from tgnstream.core.config import ModelConfig
     from tgnstream.core.engine import MemoryEngine
     from tgnstream.core.events import EventBatch
-    from tgnstream.live import LiveEngine
     from tgnstream.model_server import queries
     from tgnstream.model_server.convert import TopKQuery
-    from tgnstream.shared_state import SharedLiveView, StateBoard
+    from tgnstream.runtime.live import LiveEngine
+    from tgnstream.runtime.shared_state import SharedLiveView, StateBoard
 
     torch.manual_seed(0)
     engine = MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 16).eval()
@@ -111,9 +111,9 @@ def test_topk_candidates_are_computed_by_one_reader_and_copied_by_the_others():
 def test_topk_before_any_event_is_an_empty_ranking():
     from tgnstream.core.config import ModelConfig
     from tgnstream.core.engine import MemoryEngine
-    from tgnstream.live import LiveEngine
     from tgnstream.model_server import queries
     from tgnstream.model_server.convert import TopKQuery
+    from tgnstream.runtime.live import LiveEngine
 
     live = LiveEngine(MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 4).eval(), "v0")
     q = TopKQuery(src="a", k=3, candidates=None, exclude_seen=False, time=None, strict=False)
@@ -130,8 +130,8 @@ def test_an_answer_is_recomputed_when_a_batch_lands_during_its_reads_but_not_aft
     from tgnstream.core.config import ModelConfig
     from tgnstream.core.engine import MemoryEngine
     from tgnstream.core.events import EventBatch
-    from tgnstream.live import LiveEngine, OpenBatch
-    from tgnstream.shared_state import SharedLiveView, StateBoard
+    from tgnstream.runtime.live import LiveEngine, OpenBatch
+    from tgnstream.runtime.shared_state import SharedLiveView, StateBoard
 
     engine = MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 16).eval()
     engine.ids.lookup(["a", "b", "c", "d"])  # registered up front: no id store grows below
@@ -192,8 +192,8 @@ def test_a_reallocation_is_attached_only_when_no_query_of_the_reader_is_computin
 
     from tgnstream.core.config import ModelConfig
     from tgnstream.core.engine import MemoryEngine
-    from tgnstream.live import LiveEngine
-    from tgnstream.shared_state import SharedLiveView, StateBoard
+    from tgnstream.runtime.live import LiveEngine
+    from tgnstream.runtime.shared_state import SharedLiveView, StateBoard
 
     engine = MemoryEngine(ModelConfig.preset("tgn", width=8, num_neighbors=3), 16).eval()
     live = LiveEngine(engine, "v1")

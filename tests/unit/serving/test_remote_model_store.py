@@ -22,9 +22,9 @@ from pydantic import ValidationError
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.hot_swap import HotSwapConfig, HotSwapper
-from tgnstream.live import LiveEngine
-from tgnstream.models import ModelStore, ModelUnavailable, parse_location
+from tgnstream.runtime.hot_swap import HotSwapConfig, HotSwapper
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.models import ModelStore, ModelUnavailable, parse_location
 from tgnstream.stream.config import StreamConfig
 
 pytest.importorskip("fsspec", reason="published models on an object store need fsspec (tgnstream[s3])")
@@ -216,7 +216,7 @@ def test_a_corrupted_payload_is_refused_after_download(remote, caplog):
         reader.get(bad.version).load()
     assert not (reader.cache_dir / bad.version).exists()  # nothing unverified is left in the cache
     assert [p.name for p in reader.cache_dir.iterdir()] == []
-    with caplog.at_level(logging.ERROR, logger="tgnstream.models"):
+    with caplog.at_level(logging.ERROR, logger="tgnstream.runtime.models"):
         published, engine = reader.load_latest()
     assert published.version == good.version and int(engine.events_applied) == 20
     assert any("damaged" in r.getMessage() and bad.version in r.getMessage() for r in caplog.records)
@@ -269,7 +269,7 @@ def test_a_failed_write_leaves_no_version(remote, monkeypatch):
     if remote.url.startswith("s3://"):
         monkeypatch.setattr(store.fs, "pipe_file", manifest_upload_fails)
     else:
-        monkeypatch.setattr("tgnstream.remote_models.write_manifest", manifest_upload_fails)
+        monkeypatch.setattr("tgnstream.runtime.remote_models.write_manifest", manifest_upload_fails)
     with pytest.raises(OSError, match="manifest"):
         store.publish(_engine(20), {0: 20}, "events")
     monkeypatch.undo()
@@ -337,7 +337,7 @@ def _wait(cond, timeout: float = 30.0):
 
 
 def test_a_server_hot_swaps_versions_from_an_object_store(remote, monkeypatch):
-    monkeypatch.setattr("tgnstream.hot_swap.BatchReader", _NoNewEvents)
+    monkeypatch.setattr("tgnstream.runtime.hot_swap.BatchReader", _NoNewEvents)
     writer = remote.store()
     stream = StreamConfig()
     served = _engine(40, seed=1)
@@ -397,7 +397,7 @@ def test_a_server_hot_swaps_versions_from_an_object_store(remote, monkeypatch):
 
 # --------------------------------------------------------------------------- configuration
 def test_models_dir_is_a_directory_or_a_url(tmp_path, monkeypatch):
-    from tgnstream.serve_config import load_serve_config
+    from tgnstream.apps.serve_config import load_serve_config
     from tgnstream.trainer.continual_config import TrainerConfig
 
     assert parse_location(str(tmp_path)) == tmp_path
@@ -437,11 +437,11 @@ def test_models_dir_is_a_directory_or_a_url(tmp_path, monkeypatch):
 def test_a_local_directory_needs_no_fsspec(tmp_path):
     code = (
         "import sys; sys.modules['fsspec'] = None\n"
-        "from tgnstream.hot_swap import HotSwapConfig\n"
-        "from tgnstream.models import ModelStore\n"
+        "from tgnstream.runtime.hot_swap import HotSwapConfig\n"
+        "from tgnstream.runtime.models import ModelStore\n"
         f"cfg = HotSwapConfig(dir={str(tmp_path)!r})\n"
         "assert ModelStore(cfg.dir).versions() == []\n"
-        "assert 'tgnstream.remote_models' not in sys.modules\n"
+        "assert 'tgnstream.runtime.remote_models' not in sys.modules\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, timeout=120

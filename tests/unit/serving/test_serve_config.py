@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tgnstream.serve_config import load_serve_config
+from tgnstream.apps.serve_config import load_serve_config
 
 
 def test_toml_file_with_nested_environment_override(tmp_path, monkeypatch):
@@ -48,8 +48,8 @@ def test_the_example_config_in_deploy_parses():
 def test_config_errors_name_the_file_and_say_what_is_wrong(tmp_path):
     import pytest
 
-    from tgnstream.serve_config import load_serve_config
-    from tgnstream.sysinfo import resolve_device
+    from tgnstream.apps.serve_config import load_serve_config
+    from tgnstream.runtime.sysinfo import resolve_device
 
     bad = tmp_path / "serve.toml"
     bad.write_text("[model\n")
@@ -70,7 +70,7 @@ def test_a_metrics_port_in_use_is_a_clear_error():
     import pytest
     from prometheus_client import CollectorRegistry
 
-    from tgnstream.health import HealthHttpServer, Readiness
+    from tgnstream.runtime.health import HealthHttpServer, Readiness
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,11 +10,11 @@ import logging
 import pytest
 import torch
 
-from tgnstream import durable, snapshots
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.snapshots import SNAPSHOT_FORMAT, SnapshotStore
+from tgnstream.runtime import durable, snapshots
+from tgnstream.runtime.snapshots import SNAPSHOT_FORMAT, SnapshotStore
 
 
 def _engine(events: int) -> MemoryEngine:
@@ -131,7 +131,7 @@ def test_an_edited_manifest_is_ignored_and_the_older_snapshot_restored(tmp_path,
     older = store.write(_engine(30), "v1", {0: 30}, "events")
     newer = store.write(_engine(40), "v1", {0: 40}, "events")
     _rewrite_manifest(newer.path, edit)
-    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="tgnstream.runtime.snapshots"):
         snap, engine = store.restore_latest()
     assert snap.path == older.path and snap.next_offsets == {0: 30} and int(engine.events_applied) == 30
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -143,7 +143,7 @@ def test_an_edited_manifest_is_ignored_and_the_older_snapshot_restored(tmp_path,
     with pytest.raises(ValueError, match="edited or damaged"):
         newer.load()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="tgnstream.runtime.snapshots"):
         store.write(_engine(50), "v1", {0: 50}, "events")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [s.events_applied for s in store.complete()] == [30, 50]
@@ -158,7 +158,7 @@ def test_a_format_1_manifest_still_restores_with_a_warning(tmp_path, caplog):
         del m["manifest_sha256"], m["topic"]
 
     _rewrite_manifest(snap.path, to_format_1)
-    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="tgnstream.runtime.snapshots"):
         got, engine = store.restore_latest(topic="events")  # no topic recorded: counts as matching
     assert (got.path, got.next_offsets, got.events_applied, got.topic) == (snap.path, {0: 30, 1: 2}, 30, "")
     assert int(engine.events_applied) == 30
@@ -169,7 +169,7 @@ def test_an_unsupported_format_is_ignored_with_a_warning(tmp_path, caplog):
     store = SnapshotStore(tmp_path, keep=1)
     snap = store.write(_engine(30), "v1", {0: 30}, "events")
     _rewrite_manifest(snap.path, lambda m: m.update(format=3))
-    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="tgnstream.runtime.snapshots"):
         assert store.restore_latest() is None
     assert any(str(snap.path) in r.getMessage() and "unsupported" in r.getMessage() for r in caplog.records)
     # Not this writer's crash leftover (e.g. written by a newer version): prune leaves it alone.
@@ -182,7 +182,7 @@ def test_restore_skips_snapshots_of_another_topic(tmp_path, caplog):
     store.write(_engine(30), "v1", {0: 30}, "a")
     newest_a = store.write(_engine(40), "v1", {0: 40}, "a")
     b = store.write(_engine(50), "v1", {0: 50}, "b")
-    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="tgnstream.runtime.snapshots"):
         snap, engine = store.restore_latest(topic="a")
     assert snap.path == newest_a.path and snap.topic == "a" and int(engine.events_applied) == 40
     message = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -255,7 +255,7 @@ def test_a_failed_cleanup_does_not_mask_the_write_error(tmp_path, monkeypatch, c
             raise PermissionError(errno.EACCES, "read-only", str(path))
 
     monkeypatch.setattr(snapshots.shutil, "rmtree", rmtree_fails)
-    with caplog.at_level(logging.WARNING, logger="tgnstream.snapshots"):
+    with caplog.at_level(logging.WARNING, logger="tgnstream.runtime.snapshots"):
         with pytest.raises(OSError) as info:
             store.write(_engine(20), "v1", {0: 20}, "events")
     assert info.value.errno == errno.ENOSPC

@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tgnstream.apps.serve import initial_engine
+from tgnstream.apps.serve_config import ModelSource
 from tgnstream.core.checkpoint import load_checkpoint, restore_optimizer
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.negatives import NegativeSampler
-from tgnstream.live import LiveEngine
 from tgnstream.model_server.convert import ScoreQuery
 from tgnstream.model_server.queries import score
-from tgnstream.serve import initial_engine
-from tgnstream.serve_config import ModelSource
+from tgnstream.runtime.live import LiveEngine
 from tgnstream.trainer.config import OfflineTrainConfig
 from tgnstream.trainer.offline import make_optimizer, train_epoch, train_offline, write_outputs
 

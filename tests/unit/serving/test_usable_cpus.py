@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tgnstream.sysinfo import usable_cpus
+from tgnstream.runtime.sysinfo import usable_cpus
 
 
 def _cgroup(tmp_path, v2: str | None = None, v1: tuple[int, int] | None = None):

@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 
-from tgnstream.ingest.replay import encode_event
+from tgnstream.apps.replay import encode_event
 from tgnstream.rpc.v1.event_pb2 import Event
 from tgnstream.stream.records import MAX_ID_BYTES, REASONS, DecodedBatch, RecordDecoder, Rejected
 

@@ -3,7 +3,7 @@ restart finishes a publication the crash interrupted, and does not repeat one th
 
 from __future__ import annotations
 
-from tgnstream.models import ModelStore
+from tgnstream.runtime.models import ModelStore
 from tgnstream.trainer.continual_config import TrainerConfig
 from tgnstream.trainer.service import TrainerService
 

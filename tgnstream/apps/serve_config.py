@@ -13,12 +13,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
-from tgnstream.health import HealthConfig
-from tgnstream.hot_swap import HotSwapConfig
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.model_server.config import GrpcConfig
-from tgnstream.settings import FileSettings, load_settings
-from tgnstream.snapshots import SnapshotConfig
+from tgnstream.runtime.health import HealthConfig
+from tgnstream.runtime.hot_swap import HotSwapConfig
+from tgnstream.runtime.settings import FileSettings, load_settings
+from tgnstream.runtime.snapshots import SnapshotConfig
 
 __all__ = ["ModelSource", "ServeConfig", "load_serve_config"]
 

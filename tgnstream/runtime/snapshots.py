@@ -27,7 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.durable import MANIFEST, UntrustedManifest, discard, file_sha256, read_manifest, write_manifest
+from tgnstream.runtime.durable import (
+    MANIFEST,
+    UntrustedManifest,
+    discard,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
 
 __all__ = ["Snapshot", "SnapshotConfig", "SnapshotStore", "SNAPSHOT_FORMAT"]
 

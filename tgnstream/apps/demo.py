@@ -101,11 +101,11 @@ class Demo:
 
     # ------------------------------------------------------------------------------ run
     def run(self) -> dict:
-        from tgnstream.broker import EmbeddedBroker
+        from tgnstream.apps.broker import EmbeddedBroker
+        from tgnstream.apps.replay import encode_event
         from tgnstream.core.loaders import load_dataset
-        from tgnstream.ingest.replay import encode_event
-        from tgnstream.kafka_admin import create_topic
-        from tgnstream.models import ModelStore
+        from tgnstream.runtime.models import ModelStore
+        from tgnstream.stream.kafka_admin import create_topic
         from tgnstream.trainer.bootstrap import featureless, publish_start_model
 
         cfg = self.cfg
@@ -197,7 +197,7 @@ class Demo:
         (d / "serve.json").write_text(json.dumps(serve, indent=1))
         (d / "trainer.json").write_text(json.dumps(trainer, indent=1))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        cli = [sys.executable, "-m", "tgnstream.cli"]
+        cli = [sys.executable, "-m", "tgnstream"]
         for name in ("serve", "trainer"):
             self.procs[name] = subprocess.Popen(
                 [*cli, name, "--config", str(d / f"{name}.json")],

@@ -107,7 +107,7 @@ def run(args) -> int:
     into status 2; an unreadable TLS file raises OSError."""
     import grpc
 
-    from tgnstream.cli import EXIT_FAILURE, EXIT_UNREACHABLE
+    from tgnstream.apps.cli import EXIT_FAILURE, EXIT_UNREACHABLE
 
     if args.query == "score" and len(args.pairs) % 2:
         raise ValueError("score takes node ids in pairs: SRC DST [SRC DST ...]")

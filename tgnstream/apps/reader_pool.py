@@ -18,12 +18,12 @@ import time
 
 import torch.multiprocessing as tmp
 
-from tgnstream.health import Readiness
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ReaderMetrics, ServerMetrics
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.reader import run_reader
-from tgnstream.shared_state import StateBoard
+from tgnstream.runtime.health import Readiness
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ReaderMetrics, ServerMetrics
+from tgnstream.runtime.shared_state import StateBoard
 
 __all__ = ["ReaderPool", "reserve_port"]
 

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tgnstream.query_cli import HELP as QUERY_HELP
+from tgnstream.apps.query_cli import HELP as QUERY_HELP
 
 __all__ = [
     "main",
@@ -189,7 +189,7 @@ def _run_train(args) -> int:
 
     from tgnstream.core.config import ModelConfig
     from tgnstream.core.loaders import load_dataset
-    from tgnstream.sysinfo import resolve_device
+    from tgnstream.runtime.sysinfo import resolve_device
     from tgnstream.trainer.config import OfflineTrainConfig
     from tgnstream.trainer.offline import train_offline, write_outputs
 
@@ -325,8 +325,8 @@ def _serve_parser(sub) -> None:
 
 
 def _run_serve(args) -> int:
-    from tgnstream.serve import run_server
-    from tgnstream.serve_config import load_serve_config
+    from tgnstream.apps.serve import run_server
+    from tgnstream.apps.serve_config import load_serve_config
 
     cfg = load_serve_config(args.config)
     if args.print_config:
@@ -358,8 +358,8 @@ def _trainer_parser(sub) -> None:
 
 
 def _run_trainer(args) -> int:
+    from tgnstream.apps.trainer import run_trainer
     from tgnstream.trainer.continual_config import load_trainer_config
-    from tgnstream.trainer.service import run_trainer
 
     cfg = load_trainer_config(args.config)
     if args.print_config:
@@ -373,25 +373,25 @@ def _run_trainer(args) -> int:
 
 
 def _broker_parser(sub) -> None:
-    from tgnstream.broker import add_parser
+    from tgnstream.apps.broker import add_parser
 
     add_parser(sub)
 
 
 def _replay_parser(sub) -> None:
-    from tgnstream.ingest.replay import add_parser
+    from tgnstream.apps.replay import add_parser
 
     add_parser(sub)
 
 
 def _query_parser(sub) -> None:
-    from tgnstream.query_cli import add_parser
+    from tgnstream.apps.query_cli import add_parser
 
     add_parser(sub)
 
 
 def _demo_parser(sub) -> None:
-    from tgnstream.demo import add_parser
+    from tgnstream.apps.demo import add_parser
 
     add_parser(sub)
 

@@ -1,7 +1,7 @@
 """The engine a server answers from: one writer (the ingest loop), many readers (gRPC handlers).
 
 Shared by ``tgnstream.ingest`` (writes) and ``tgnstream.model_server`` (reads), so that neither
-service imports the other; the composition root (``tgnstream.serve``) builds one and hands it to
+service imports the other; the composition root (``tgnstream.apps.serve``) builds one and hands it to
 both.
 """
 

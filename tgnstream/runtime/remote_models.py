@@ -1,6 +1,6 @@
 """Published model versions on an object store (``s3://``, ``gs://``, any fsspec filesystem).
 
-The layout and the manifest are those of ``tgnstream.models`` (``URL/v<NNNNNN>/state.pt``,
+The layout and the manifest are those of ``tgnstream.runtime.models`` (``URL/v<NNNNNN>/state.pt``,
 ``config.json``, ``manifest.json``); only the publication protocol differs, since an object
 store has no atomic rename:
 
@@ -40,7 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tgnstream.core.checkpoint import save_checkpoint
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.durable import (
+from tgnstream.runtime.durable import (
     MANIFEST,
     UntrustedManifest,
     file_sha256,
@@ -48,7 +48,7 @@ from tgnstream.durable import (
     seal_manifest,
     write_manifest,
 )
-from tgnstream.models import (
+from tgnstream.runtime.models import (
     _CONFIG,
     _NAME,
     _STATE,
@@ -61,7 +61,7 @@ from tgnstream.models import (
     verify_files,
     version_name,
 )
-from tgnstream.store_location import check_url
+from tgnstream.runtime.store_location import check_url
 
 __all__ = ["RemoteModelStore", "default_cache_dir"]
 

@@ -1,6 +1,6 @@
 """Hot swap of published model versions into a serving process (design §5).
 
-A watcher thread looks at the published versions (``tgnstream.models``) every
+A watcher thread looks at the published versions (``tgnstream.runtime.models``) every
 ``watch_interval_s``. For a version newer than the served one it loads the weights and state
 into a *shadow* engine (verifying checksums and that the architecture matches the served one),
 then replays the topic from the version's offsets up to the live position, on the shared stream
@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.step import TemporalStep
-from tgnstream.live import LiveEngine
-from tgnstream.models import ModelStore, ModelUnavailable, PublishedModel
-from tgnstream.store_location import StoreLocation
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.models import ModelStore, ModelUnavailable, PublishedModel
+from tgnstream.runtime.store_location import StoreLocation
 from tgnstream.stream.config import StreamConfig
 from tgnstream.stream.reader import BatchReader
 

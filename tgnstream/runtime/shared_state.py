@@ -46,7 +46,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.live import ReadWriteLock, StateStamp
+from tgnstream.runtime.live import ReadWriteLock, StateStamp
 
 __all__ = ["StateBoard", "SharedHandles", "SharedLiveView", "SharedCandidates", "Layout", "MAX_PARTITIONS"]
 

@@ -19,25 +19,25 @@ from grpc_health.v1 import health_pb2
 from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
+from tgnstream.apps.reader_pool import ReaderPool
+from tgnstream.apps.serve_config import ModelSource, ServeConfig
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.health import HealthHttpServer, Readiness
-from tgnstream.hot_swap import HotSwapper, open_store
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.kafka_admin import create_topic, unreachable
-from tgnstream.live import LiveEngine
-from tgnstream.metrics import ReaderMetrics, ServerMetrics
 from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, close_servicer
-from tgnstream.reader_pool import ReaderPool
-from tgnstream.serve_config import ModelSource, ServeConfig
-from tgnstream.snapshots import SnapshotStore
+from tgnstream.runtime.health import HealthHttpServer, Readiness
+from tgnstream.runtime.hot_swap import HotSwapper, open_store
+from tgnstream.runtime.live import LiveEngine
+from tgnstream.runtime.metrics import ReaderMetrics, ServerMetrics
+from tgnstream.runtime.snapshots import SnapshotStore
+from tgnstream.runtime.sysinfo import resolve_device, usable_cpus
 from tgnstream.stream.config import KafkaConfig
 from tgnstream.stream.consumers import throttle_kafka_python_logs
+from tgnstream.stream.kafka_admin import create_topic, unreachable
 from tgnstream.stream.prefetch import FatalIngestError, Prefetcher
 from tgnstream.stream.records import RecordDecoder
-from tgnstream.sysinfo import resolve_device, usable_cpus
 
 __all__ = ["initial_engine", "run_server", "ServingProcess"]
 

@@ -14,7 +14,7 @@ Known behaviour of Tansu 0.6.0 with kafka-python 3.0.12 (design §9):
   + 1); ``consumer.highwater(tp)`` after a fetch is right;
 - committed offsets come back, but the commit's metadata string is dropped (read as None);
 - producing to a topic that does not exist creates it (with several partitions): create topics
-  explicitly with :func:`tgnstream.kafka_admin.create_topic` first;
+  explicitly with :func:`tgnstream.stream.kafka_admin.create_topic` first;
 - if the listen port is taken the broker panics in a worker thread yet exits with status 0,
   so the launcher checks the port itself and never trusts the exit status.
 
@@ -302,7 +302,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     """Run a broker in the foreground until SIGINT/SIGTERM; 0 on a clean stop, 1 on failure."""
-    from tgnstream.kafka_admin import create_topic
+    from tgnstream.stream.kafka_admin import create_topic
 
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # kafka-python logs every connection at INFO; keep the console to our own lines unless -v.

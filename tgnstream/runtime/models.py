@@ -5,7 +5,7 @@ trainer's full state: memory, mailbox, neighbours, pair history, id map, PRES st
 ``config.json`` (the model config, for people and tools) and ``manifest.json``: the version,
 the topic (and its id) and the per-partition next offsets the state reflects, the event count,
 the version it was trained from, the promotion gate's metrics, and the SHA-256 of every file.
-The manifest is written last and sealed with its own checksum (``tgnstream.durable``, the
+The manifest is written last and sealed with its own checksum (``tgnstream.runtime.durable``, the
 snapshot store's protocol): a version without a valid manifest, or whose files do not match
 it, is never loaded.
 
@@ -17,7 +17,7 @@ The directory may also be an object store: a URL with a scheme (``s3://bucket/mo
 ``gs://...``, ``file:///...``; any fsspec filesystem, an optional dependency:
 ``pip install 'tgnstream[s3]'``). There is no atomic rename there, so a version's files are
 uploaded first and its manifest last, and readers download a version into a local cache
-directory, verifying every checksum, before it is loaded (``tgnstream.remote_models``).
+directory, verifying every checksum, before it is loaded (``tgnstream.runtime.remote_models``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,15 @@ import torch
 
 from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.durable import MANIFEST, UntrustedManifest, discard, file_sha256, read_manifest, write_manifest
-from tgnstream.store_location import StoreLocation, is_url, parse_location
+from tgnstream.runtime.durable import (
+    MANIFEST,
+    UntrustedManifest,
+    discard,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
+from tgnstream.runtime.store_location import StoreLocation, is_url, parse_location
 
 __all__ = [
     "MODEL_FORMAT",
@@ -125,14 +132,14 @@ class ModelStore:
     """Publishes, lists, loads and prunes versions in one directory (created if missing).
 
     ``root`` may instead be an object-store URL (``s3://bucket/models``): the store is then a
-    ``tgnstream.remote_models.RemoteModelStore`` (same API), ``storage_options`` go to the fsspec
+    ``tgnstream.runtime.remote_models.RemoteModelStore`` (same API), ``storage_options`` go to the fsspec
     filesystem (credentials otherwise come from the backend's usual environment) and versions are
     downloaded into ``cache_dir`` (default: a directory under the system's temp directory) before
     they are loaded. Both are ignored for a local directory."""
 
     def __new__(cls, root: str | Path | None = None, *args: Any, **kwargs: Any) -> ModelStore:
         if cls is ModelStore and is_url(root):
-            from tgnstream.remote_models import RemoteModelStore
+            from tgnstream.runtime.remote_models import RemoteModelStore
 
             return super().__new__(RemoteModelStore)
         return super().__new__(cls)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tgnstream.broker import free_port
+from tgnstream.apps.broker import free_port
 
 __all__ = [
     "child_pids",
@@ -31,7 +31,7 @@ def consume_records(
 ) -> list:  # list[kafka.consumer.fetcher.ConsumerRecord]
     """Read exactly ``count`` records of one partition starting at ``offset``.
 
-    Uses ``assign`` + ``seek`` (no consumer-group join: slow on Tansu, see tgnstream.broker).
+    Uses ``assign`` + ``seek`` (no consumer-group join: slow on Tansu, see tgnstream.apps.broker).
     Raises ``TimeoutError`` naming how many arrived if fewer than ``count`` do within
     ``timeout`` seconds; records past ``count`` are not returned.
     """

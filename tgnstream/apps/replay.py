@@ -192,7 +192,7 @@ def topic_exists(bootstrap: str, topic: str, timeout: float = 10.0) -> bool:
     """Whether ``topic`` exists (with a leader for every partition)."""
     from kafka import KafkaAdminClient
 
-    from tgnstream.kafka_admin import topic_partitions
+    from tgnstream.stream.kafka_admin import topic_partitions
 
     ms = int(timeout * 1000)
     admin = KafkaAdminClient(
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from tgnstream.core.loaders import DatasetFormatError, load_dataset
-    from tgnstream.kafka_admin import create_topic
+    from tgnstream.stream.kafka_admin import create_topic
 
     bootstrap = resolve_bootstrap(args.bootstrap)
     try:

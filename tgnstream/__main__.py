@@ -1,0 +1,7 @@
+"""``python -m tgnstream``: the ``tgnstream`` command."""
+
+import sys
+
+from tgnstream.apps.cli import main
+
+sys.exit(main())
