@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from tgnstream.core.checkpoint import load_checkpoint
-from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch, TemporalDataset
 from tgnstream.core.step import TemporalStep
@@ -34,8 +33,8 @@ def featureless(data: TemporalDataset) -> TemporalDataset:
     return replace(data, events=EventBatch(ev.src, ev.dst, ev.t, ev.feats[:, :0]))
 
 
-#: Learning rate of the start model: the ``make train`` recipe's (chosen by validation MRR).
-START_LR = 1e-3
+#: Learning rate of the start model: the recommended recipe's (``OfflineTrainConfig``'s default).
+START_LR = OfflineTrainConfig.model_fields["lr"].default
 
 
 def train_on_prefix(
@@ -46,8 +45,9 @@ def train_on_prefix(
     seed: int = 0,
     pres_gamma: float = 0.0,
 ) -> MemoryEngine:
-    """Weights trained on events ``[0, stop)`` only (TGN + pair + activity features, sampling
-    correction: the ``make train`` recipe), PRES on (what the continual trainer fine-tunes)."""
+    """Weights trained on events ``[0, stop)`` only (the ``recommended`` preset with the
+    recommended recipe: ``OfflineTrainConfig``'s defaults, as ``make train``), PRES on (what the
+    continual trainer fine-tunes)."""
     head = replace(data, events=data.events.slice(0, stop), labels=data.labels[:stop])
     cfg = OfflineTrainConfig(
         data=Path(data.name),
@@ -56,11 +56,9 @@ def train_on_prefix(
         lr=lr,
         seed=seed,
         progress=False,
-        pair_features=True,
-        activity_features=True,
-        sampling_correction=True,
+        preset="recommended",
     )
-    model_cfg = ModelConfig.preset("tgn", edge_dim=data.edge_dim, pair_features=True, activity_features=True)
+    model_cfg = cfg.model_spec(edge_dim=data.edge_dim)
     return with_pres(train_offline(head, cfg, model_cfg, torch.device("cpu")).engine, True, pres_gamma)
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from tgnstream.core.spec import spec_settings
 from tgnstream.runtime.settings import FileSettings, load_settings
 from tgnstream.runtime.store_location import StoreLocation
 from tgnstream.stream.config import KafkaConfig, StreamConfig
@@ -20,20 +21,17 @@ if TYPE_CHECKING:
 __all__ = ["FineTuneConfig", "GateConfig", "StartModel", "TrainerConfig", "load_trainer_config"]
 
 
-class StartModel(BaseModel):
+class StartModel(spec_settings(BaseModel, exclude=("pres", "pres_gamma"))):
     """The weights the trainer starts from when it has no checkpoint of its own and nothing is
-    published yet (its node state always starts empty: the state is a function of the topic)."""
+    published yet (its node state always starts empty: the state is a function of the topic).
+    Without a checkpoint: the model spec ``preset`` (``recommended``) with overrides of its fields
+    (``model_spec()``); ``pres`` and ``pres_gamma`` apply to a checkpoint too."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     checkpoint: Path | None = Field(
         None, description="checkpoint.pt of `tgnstream train` (weights, architecture)"
     )
-    preset: Literal["tgn", "jodie"] = Field("tgn", description="architecture without a checkpoint")
-    pair_features: bool = True
-    activity_features: bool = True
-    memory_dim: int = Field(100, ge=1)
-    edge_dim: int = Field(0, ge=0, description="edge feature width of the events")
     seed: int = Field(0, description="weight initialisation seed without a checkpoint")
     pres: bool = Field(
         True,
@@ -45,8 +43,8 @@ class StartModel(BaseModel):
         ge=0,
         le=1,
         description="weight of PRES's predicted memory in every memory update (training and serving). 0: "
-        "the coherence loss only. Measured (README, 'Continual training'): the fusion costs ranking "
-        "quality, most in serving, where its statistics drift the memory batch after batch",
+        "the coherence loss only. Measured (docs/training.md, 'Continual training'): the fusion costs "
+        "ranking quality, most in serving, where its statistics drift the memory batch after batch",
     )
 
 

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
-from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.spec import build_engine
 from tgnstream.runtime.health import Readiness
 from tgnstream.runtime.sysinfo import resolve_device
 from tgnstream.stream.assemble import RecordRejection
@@ -45,15 +45,8 @@ def start_engine(start: StartModel, device: torch.device) -> MemoryEngine:
         engine, _ = load_checkpoint(start.checkpoint, device)
         engine.reset_state()
     else:
-        cfg = ModelConfig.preset(
-            start.preset,
-            width=start.memory_dim,
-            pair_features=start.pair_features,
-            activity_features=start.activity_features and start.pair_features,
-            edge_dim=start.edge_dim,
-        )
         torch.manual_seed(start.seed)
-        engine = MemoryEngine(cfg, 1024, device)
+        engine = build_engine(start.model_spec(), device, 1024)
     return with_pres(engine, start.pres, start.pres_gamma)
 
 
@@ -63,7 +56,7 @@ def with_pres(engine: MemoryEngine, pres: bool, gamma: float = 0.0) -> MemoryEng
     if not pres or engine.config.pres:
         return engine.eval()
     config = engine.config.model_copy(update={"pres": True, "pres_gamma": gamma})
-    out = MemoryEngine(config, engine.capacity, engine.device)
+    out = build_engine(config, engine.device, engine.capacity)
     missing, unexpected = out.load_state_dict(engine.state_dict(), strict=False)
     if unexpected or any(not k.startswith(("pres.", "model.pres_")) for k in missing):
         raise ValueError(

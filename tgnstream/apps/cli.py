@@ -56,176 +56,121 @@ def _help(command: str) -> str:
     return COMMANDS[command][0]
 
 
+#: ``--no-X`` of a setting whose default is a value and None turns it off (pipeline_mitigation).
+_OFF = "__off__"
+
+
+def _flag_type(annotation) -> tuple[object, bool]:
+    """``annotation`` without ``None`` and ``Annotated`` metadata, and whether it allowed None."""
+    import types
+    import typing
+
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        (annotation,) = args
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation, optional
+
+
+def _add_setting_flag(group, name: str, info) -> None:
+    """``--name`` for the pydantic field ``info``: a bool is ``--name/--no-name``, a Literal has
+    choices; default None (unset: the config's default or environment variable applies)."""
+    import typing
+
+    tp, optional = _flag_type(info.annotation)
+    flag = "--" + name.replace("_", "-")
+    help_ = (info.description or "").replace("%", "%%")
+    if info.is_required():
+        group.add_argument(flag, required=True, help=help_)
+        return
+    if info.default is not None and name not in _spec_fields():
+        help_ += f" (default {info.default})"
+    if tp is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    elif typing.get_origin(tp) is typing.Literal:
+        group.add_argument(flag, choices=typing.get_args(tp), default=None, help=help_)
+    else:
+        group.add_argument(flag, type=tp if tp in (int, float) else str, default=None, help=help_)
+    if optional and info.default is not None and tp is not bool:
+        group.add_argument(
+            "--no-" + flag[2:], dest=name, action="store_const", const=_OFF, help=f"turn {flag} off"
+        )
+
+
+def _spec_fields() -> set[str]:
+    from tgnstream.core.spec import ModelSpec
+
+    return {"preset", "model", *ModelSpec.model_fields}
+
+
 def _train_parser(sub) -> None:
+    """Every flag is generated from ``OfflineTrainConfig``'s fields: the model spec's (a preset and
+    one override per ``ModelSpec`` field) and the training settings."""
+    from tgnstream.trainer.config import OfflineTrainConfig
+
     p = sub.add_parser(
         "train",
         help=_help("train"),
         description="Train on the first 70% of a stream (chronological), early-stop on the next "
         "15%, report test AP/AUC/MRR/hits@10 (transductive and inductive) on the last 15%. "
-        "Writes OUT/checkpoint.pt and OUT/results.json. Every option can also be set with an "
-        "environment variable TGNSTREAM_TRAIN_<OPTION>.",
+        "Writes OUT/checkpoint.pt and OUT/results.json. With no flags it trains the recommended "
+        "model with the recommended recipe (what `make train` runs). Every option can also be set "
+        "with an environment variable TGNSTREAM_TRAIN_<OPTION>.",
     )
-    p.add_argument(
-        "--data", required=True, help="JODIE .csv (u,i,ts,label[,feats]) or 'src dst ts' edge list"
+    fields = OfflineTrainConfig.model_fields
+    spec = _spec_fields()
+    model = p.add_argument_group(
+        "model (a preset of tgnstream.core.spec.ModelSpec; each flag overrides one of its fields; "
+        "edge_dim is the data's)"
     )
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--model", choices=["tgn", "jodie"], help="tgn (attention, GRU; default) or jodie")
-    p.add_argument(
-        "--pair-features",
-        action="store_true",
-        default=None,
-        help="decoder also uses past u-v count, time since last u-v event, common neighbours",
-    )
-    p.add_argument(
-        "--activity-features",
-        action="store_true",
-        default=None,
-        help="with --pair-features: the decoder also sees each endpoint's recency and popularity",
-    )
-    p.add_argument(
-        "--no-fold-once",
-        dest="fold_once",
-        action="store_false",
-        default=None,
-        help="refold neighbours' pending messages with gradient every batch (TGN; slower, "
-        "+0.02 AP for memory-only models on wikipedia)",
-    )
-    p.add_argument(
-        "--time-encoding",
-        choices=["fixed", "learned"],
-        help="fixed (default, GraphMixer) or learned (TGN) time-encoding frequencies",
-    )
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 50, early stopping patience 5)")
-    p.add_argument("--patience", type=int)
-    p.add_argument("--batch-size", type=int, help="events per training batch (default 200)")
-    p.add_argument(
-        "--eval-batch-size", type=int, help="events per validation/test batch (default 200, the protocol's)"
-    )
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
-    p.add_argument(
-        "--val-candidates",
-        type=int,
-        help="validation ranks against N sampled candidates (half historical) instead of the full "
-        "pool: cheaper early stopping; the test protocol is unchanged",
-    )
-    p.add_argument("--negatives", type=int, help="negative destinations per training event (default 1)")
-    p.add_argument(
-        "--neg-historical-ratio",
-        type=float,
-        help="share of negatives from the source's recent partners (default 0.5 with pair features)",
-    )
-    p.add_argument(
-        "--sampling-correction",
-        action="store_true",
-        default=None,
-        help="logQ correction: training logits - log(q/p) of the negative sampler (see README)",
-    )
-    p.add_argument(
-        "--neg-recent-ratio",
-        type=float,
-        help="share of negatives from the batch's earlier destinations (recently active nodes; default 0)",
-    )
-    p.add_argument(
-        "--ranking-weight",
-        type=float,
-        help="weight of the listwise loss (softmax of each positive among its negatives; default 0)",
-    )
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--limit", type=int, help="use only the first N events")
-    p.add_argument("--memory-dim", type=int, default=100, help="memory, time, embedding width")
-    g = p.add_argument_group("large temporal batches (PRES) and the pipelined memory (MSPipe)")
-    g.add_argument(
-        "--batch-neighbors",
-        action="store_true",
-        default=None,
-        help="attention at batch position k also sees the batch's events 0..k-1 as neighbours "
-        "(large batches lose no neighbourhood; no leakage)",
-    )
-    g.add_argument(
-        "--pres",
-        action="store_true",
-        default=None,
-        help="PRES: fuse each memory update with a prediction from per-node transition statistics, "
-        "plus a memory-coherence loss (for batches of 800 and more)",
-    )
-    g.add_argument("--pres-gamma", type=float, help="fusion weight of the prediction (default 0.9)")
-    g.add_argument("--pres-beta", type=float, help="weight of the memory-coherence loss (default 0.1)")
-    g.add_argument("--pres-learn-gamma", action="store_true", default=None, help="learn gamma")
-    g.add_argument(
-        "--pipeline-depth",
-        type=int,
-        metavar="K",
-        help="prepare batches in a producer thread; memory reads may miss at most K write-backs "
-        "(0 = exact sequential semantics; default: no pipeline)",
-    )
-    g.add_argument(
-        "--pipeline-mitigation",
-        type=float,
-        metavar="LAMBDA",
-        help="staleness mitigation: stale nodes keep LAMBDA of their memory and take the rest from "
-        "more recently updated neighbours (default 0.9)",
-    )
-    g.add_argument(
-        "--no-pipeline-mitigation",
-        dest="pipeline_mitigation",
-        action="store_const",
-        const=-1.0,
-        help="turn the staleness mitigation off",
-    )
-    g.add_argument(
-        "--pipeline-eager-fetch",
-        action="store_true",
-        default=None,
-        help="fetch memory as early as K allows instead of as late as possible (worst-case staleness)",
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    training = p.add_argument_group("training")
+    for name in ("data", "out"):
+        _add_setting_flag(p, name, fields[name])
+    first = ("data", "out", "preset", "model")
+    for name in first[2:] + tuple(n for n in fields if n not in first):
+        _add_setting_flag(model if name in spec else training, name, fields[name])
     p.set_defaults(func=_run_train)
+
+
+def _train_config(args):
+    """The ``OfflineTrainConfig`` of parsed ``train`` arguments: the flags given, then the
+    environment, then the defaults (the recommended preset and recipe)."""
+    from tgnstream.trainer.config import OfflineTrainConfig
+
+    given = {
+        k: None if v == _OFF else v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("command", "func", "log_level", "verbose")
+    }
+    return OfflineTrainConfig(**given)
 
 
 def _run_train(args) -> int:
     import torch
 
-    from tgnstream.core.config import ModelConfig
     from tgnstream.core.loaders import load_dataset
     from tgnstream.runtime.sysinfo import resolve_device
-    from tgnstream.trainer.config import OfflineTrainConfig
     from tgnstream.trainer.offline import train_offline, write_outputs
 
-    given = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None and k not in ("command", "memory_dim", "func", "log_level")
-    }
-    if given.get("pipeline_mitigation") == -1.0:
-        given["pipeline_mitigation"] = None
-    cfg = OfflineTrainConfig(**given)
+    cfg = _train_config(args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, limit=cfg.limit)
-    model_cfg = ModelConfig.preset(
-        cfg.model,
-        width=args.memory_dim,
-        pair_features=cfg.pair_features,
-        activity_features=cfg.activity_features,
-        edge_dim=data.edge_dim,
-        fold_once=cfg.fold_once,
-        time_encoding=cfg.time_encoding,
-        batch_neighbors=cfg.batch_neighbors,
-        pres=cfg.pres,
-        pres_gamma=cfg.pres_gamma,
-        pres_learn_gamma=cfg.pres_learn_gamma,
-    )
+    model_cfg = cfg.model_spec(edge_dim=data.edge_dim)
     logging.info(
-        "%s: %d events, %d nodes, %s, edge dim %d, device %s",
+        "%s: %d events, %d nodes, %s, edge dim %d, device %s; model: preset %s (%s)",
         data.name,
         len(data),
         data.num_nodes,
         "bipartite" if data.bipartite else "general",
         data.edge_dim,
         device,
+        cfg.preset,
+        model_cfg.label,
     )
     result = train_offline(data, cfg, model_cfg, device)
     write_outputs(result, cfg.out)
@@ -319,7 +264,7 @@ def _serve_parser(sub) -> None:
         "TGNSTREAM_SERVE_<SECTION>__<FIELD>, which win over the file. SIGTERM/SIGINT stop it "
         "gracefully (final snapshot).",
     )
-    p.add_argument("--config", help="TOML or JSON settings file (see README, 'Serving')")
+    p.add_argument("--config", help="TOML or JSON settings file (docs/configuration.md lists every key)")
     p.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
     p.set_defaults(func=_run_serve)
 

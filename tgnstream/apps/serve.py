@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from tgnstream.apps.reader_pool import ReaderPool
 from tgnstream.apps.serve_config import ModelSource, ServeConfig
 from tgnstream.core.checkpoint import load_checkpoint
-from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.spec import ModelSpec, build_engine
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, close_servicer
@@ -51,9 +51,9 @@ def checkpoint_version(source: ModelSource) -> str:
     return source.version or f"ckpt-{digest}"
 
 
-#: ModelSource fields that describe an architecture: with a checkpoint, the checkpoint's win,
-#: so setting them too is a contradiction unless they agree.
-_ARCHITECTURE_FIELDS = ("preset", "pair_features", "memory_dim", "edge_dim")
+#: ModelSource fields that describe an architecture (the preset and every ModelSpec field): with
+#: a checkpoint, the checkpoint's win, so setting them too is a contradiction unless they agree.
+_ARCHITECTURE_FIELDS = ("preset", *ModelSpec.model_fields)
 
 
 def initial_engine(source: ModelSource, device: torch.device) -> tuple[MemoryEngine, str]:
@@ -76,26 +76,24 @@ def initial_engine(source: ModelSource, device: torch.device) -> tuple[MemoryEng
         if not source.keep_checkpoint_state:
             engine.reset_state()
         return engine, checkpoint_version(source)
-    cfg = ModelConfig.preset(
-        source.preset, width=source.memory_dim, pair_features=source.pair_features, edge_dim=source.edge_dim
-    )
+    spec = source.model_spec()
     torch.manual_seed(source.seed)
-    engine = MemoryEngine(cfg, source.initial_capacity, device)
+    engine = build_engine(spec, device, source.initial_capacity)
     engine.eval()
     return engine, source.version or f"init-{source.preset}-s{source.seed}"
 
 
-def _check_architecture(source: ModelSource, trained: ModelConfig) -> None:
-    have = {
-        "preset": trained.label.removesuffix("+pair"),
-        "pair_features": trained.pair_features,
-        "memory_dim": trained.memory_dim,
-        "edge_dim": trained.edge_dim,
-    }
+def _check_architecture(source: ModelSource, trained: ModelSpec) -> None:
+    # A preset agrees with a checkpoint of its architecture (tgn, jodie: what the label names).
+    have = {**trained.model_dump(), "preset": trained.label.removesuffix("+pair")}
+    if "preset" in source.model_fields_set:
+        preset_arch = ModelSpec.preset(source.preset).label.removesuffix("+pair")
+        if preset_arch == have["preset"]:
+            have["preset"] = source.preset
     wrong = [
         f"{k} = {getattr(source, k)!r} (the checkpoint has {have[k]!r})"
         for k in _ARCHITECTURE_FIELDS
-        if k in source.model_fields_set and getattr(source, k) != have[k]
+        if k in source.model_fields_set and getattr(source, k) not in (None, have[k])
     ]
     if wrong:
         raise ValueError(

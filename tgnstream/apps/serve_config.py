@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
+from tgnstream.core.spec import spec_settings
 from tgnstream.ingest.config import IngestConfig
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.runtime.health import HealthConfig
@@ -23,9 +24,11 @@ from tgnstream.runtime.snapshots import SnapshotConfig
 __all__ = ["ModelSource", "ServeConfig", "load_serve_config"]
 
 
-class ModelSource(BaseModel):
+class ModelSource(spec_settings(BaseModel, default_preset="tgn")):
     """Which model to serve when no snapshot exists yet (a snapshot, once written, wins: it
-    holds weights, state and version together)."""
+    holds weights, state and version together). Without a checkpoint: fresh weights of the model
+    spec ``preset`` with overrides of its fields (``model_spec()``); with one, the checkpoint's
+    spec, and any of these set explicitly must agree with it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -37,10 +40,6 @@ class ModelSource(BaseModel):
         description="also start from the checkpoint's node state (only right if the topic continues "
         "exactly where the checkpoint's stream ended); default: empty memory, read from offset 0",
     )
-    preset: Literal["tgn", "jodie"] = Field("tgn", description="architecture when no checkpoint")
-    pair_features: bool = False
-    memory_dim: int = Field(100, ge=1)
-    edge_dim: int = Field(0, ge=0, description="edge feature width of the events")
     seed: int = Field(0, description="weight initialisation seed when no checkpoint")
     version: str | None = Field(
         None,

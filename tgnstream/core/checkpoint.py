@@ -1,4 +1,5 @@
-"""One-file checkpoints: model config, weights and the full node state (plus caller metadata)."""
+"""One-file checkpoints: model spec (and the preset it was built from), weights and the full node
+state (plus caller metadata)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ from typing import Any
 
 import torch
 
-from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
+from tgnstream.core.spec import ModelSpec, build_engine, preset_of
 
-__all__ = ["save_checkpoint", "load_checkpoint", "restore_optimizer", "CHECKPOINT_FORMAT"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_spec",
+    "restore_optimizer",
+    "CHECKPOINT_FORMAT",
+]
 
 CHECKPOINT_FORMAT = 1
 
-# Fields added to ModelConfig after format 1 shipped, with the behaviour older checkpoints were
+# Fields added to ModelSpec (ModelConfig) after format 1 shipped, with the behaviour older checkpoints were
 # trained with (their defaults today differ): absent from a saved config means "as before".
 _BEFORE_FIELD_EXISTED = {"time_encoding": "learned", "fold_once": False}
 
@@ -26,19 +33,23 @@ def save_checkpoint(
     engine: MemoryEngine,
     meta: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    preset: str | None = None,
 ) -> Path:
     """Write atomically (temp file, fsync, rename): a reader never sees a partial checkpoint.
 
     The engine's state dict holds weights and all node state (memory, mailbox, neighbours, pair
     history, id map, PRES statistics). ``meta`` is free-form JSON-like data stored alongside
     (e.g. Kafka offsets, metrics, the optimizer step count); ``optimizer_state`` (an
-    ``optimizer.state_dict()``) lets training continue where it stopped.
+    ``optimizer.state_dict()``) lets training continue where it stopped. ``model_config`` is
+    the engine's :class:`~tgnstream.core.spec.ModelSpec`; ``preset`` the name of the preset it
+    was built from (overrides aside; :func:`checkpoint_spec` reads both back).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "model_config": engine.config.model_dump(),
+        "model_config": engine.config.model_dump(),  # the ModelSpec
+        "preset": preset if preset is not None else preset_of(engine.config),
         "capacity": engine.capacity,
         "engine": {k: v.detach().cpu() for k, v in engine.state_dict().items()},
         "meta": meta or {},
@@ -71,11 +82,23 @@ def _read(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[MemoryEngine, dict]:
     """Rebuild the engine exactly as saved; returns ``(engine, meta)``."""
     payload = _read(path)
-    config = ModelConfig(**{**_BEFORE_FIELD_EXISTED, **payload["model_config"]})
-    engine = MemoryEngine(config, payload["capacity"], device)
+    engine = build_engine(_spec(payload), device, payload["capacity"])
     engine.load_state_dict(payload["engine"])
     engine.to(device)
     return engine, payload["meta"]
+
+
+def _spec(payload: dict) -> ModelSpec:
+    return ModelSpec(**{**_BEFORE_FIELD_EXISTED, **payload["model_config"]})
+
+
+def checkpoint_spec(path: str | Path) -> tuple[ModelSpec, str | None]:
+    """The model spec a checkpoint was saved with and the name of its preset: as recorded, or
+    for a checkpoint written before presets were recorded, the preset its spec equals (None
+    when it equals none)."""
+    payload = _read(path)
+    spec = _spec(payload)
+    return spec, payload["preset"] if "preset" in payload else preset_of(spec)
 
 
 def restore_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> bool:
