@@ -21,6 +21,8 @@ time ``t`` therefore combines
 
 With the default time (``t`` = watermark) this is exactly ``MemoryEngine.top_k(src, t, ...)``;
 for another ``t`` it is ``MemoryEngine.rank_logits(src, t, candidates, t_candidates=watermark)``.
+Both decode with ``MemoryForward.rank_forward``, the one ranker (evaluation's too); this module
+only chooses the embeddings it is given (cached candidates) and what a reply drops.
 The cache keeps the newest version only; at most one computation per version runs, however
 many requests miss at once (the others wait for it).
 """
@@ -37,7 +39,6 @@ import torch
 
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
-from tgnstream.core.pair_stats import ranking_stats
 from tgnstream.model_server.convert import EmbedQuery, RequestError, ScoreQuery, TopKQuery
 from tgnstream.runtime.live import LiveEngine, StateStamp
 
@@ -524,17 +525,8 @@ def _rank_inputs(
     pair statistics against ``cand [Q]`` (None without pair features), and the source times."""
     t_src = _full(src.numel(), t, src.device)
     z_s = engine.embed(src, t_src, context)
-    stats = None
-    if engine.config.pair_features:
-        visible = None if context is None else torch.full_like(src, len(context))
-        stats = ranking_stats(engine.history, engine.neighbors, src, cand, context, visible)
-    return z_s, stats, t_src
-
-
-def _rank_from(engine: MemoryEngine, z_s, z_c, stats, t_src) -> torch.Tensor:
-    """Logits ``[P, Q]`` from ``_rank_inputs`` and candidate embeddings ``z_c [Q, d]`` (weights only)."""
-    pair = None if stats is None else engine.encode_pairs(stats, t_src.unsqueeze(1))
-    return engine.model.decoder.rank(z_s, z_c, pair)
+    visible = None if context is None else torch.full_like(src, len(context))
+    return z_s, engine.gather_ranking(src, cand, context, visible), t_src
 
 
 def _rank(
@@ -548,7 +540,7 @@ def _rank(
     """Logits ``[P, Q]`` of sources ``src [P]`` at ``t`` against candidates ``cand [Q]`` whose
     embeddings ``z_c [Q, d]`` are given; pair features (if any) at ``t``."""
     z_s, stats, t_src = _rank_inputs(engine, src, t, cand, context)
-    return _rank_from(engine, z_s, z_c, stats, t_src)
+    return engine.rank_forward(z_s, z_c, stats, t_src)
 
 
 def _top_k_shared(
@@ -577,7 +569,7 @@ def _top_k_shared(
     # Every state read of this group is above (copies); what follows computes from them, so a
     # batch applied from here on cannot change the answer (a reader process keeps it).
     live.reads_done()
-    logits = _rank_from(engine, z_s, z_c, stats, t_src)  # [P, Q]
+    logits = engine.rank_forward(z_s, z_c, stats, t_src)  # [P, Q]
     _finite_or_raise(logits, "topk")
     # A node is never its own destination. Candidates are known destinations, so an unknown
     # src (the cold slot, which has no events) never matches one.

@@ -1,5 +1,5 @@
-"""Continual training on the stream (design §6): a window of recent events, rounds of fine-tuning
-with large PRES-corrected batches (optionally pipelined, MSPipe), and a promotion gate.
+"""Continual training on the stream (docs/architecture.md §6): a window of recent events, rounds of
+fine-tuning with large PRES-corrected batches (optionally pipelined, MSPipe), and a promotion gate.
 
 Pure engine work (tensors in, tensors out): the Kafka side (``BatchReader``), publication and
 metrics are wired by ``trainer.service``. Three engines share one architecture:
@@ -253,8 +253,9 @@ class ContinualTrainer:
         )
         cand_scores = evaluate_stream(candidate, data, split, len(data), settings)
         published = copy.deepcopy(self.tail)
+        replay = TemporalStep(published)  # the published weights over the window, unscored
         for i in range(0, split, self.stream_batch):
-            published.apply_events(data.events.slice(i, min(i + self.stream_batch, split)).to(device))
+            replay.apply(data.events.slice(i, min(i + self.stream_batch, split)).to(device))
         pub_scores = evaluate_stream(published, data, split, len(data), settings)
         cand_m, pub_m = summarise(cand_scores), summarise(pub_scores)
         decision, reason = self._decide(loss, cand_m, pub_m)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tgnstream.core.step import GatheredBatch, ScoredBatch, TemporalStep
+from tgnstream.trainer.offline import run_epoch
 from tgnstream.trainer.pipeline import EpochBatches
 
 __all__ = ["ShardedBatches", "StepModule", "init_distributed", "run_epoch_distributed", "shard_rows"]
@@ -118,24 +119,15 @@ def run_epoch_distributed(
     optimizer: torch.optim.Optimizer,
     reset: bool = True,
 ) -> float:
-    """``run_epoch`` for ranks: per batch, this rank's shard through the DDP-wrapped step (score
-    -> loss), the whole batch applied, backward (DDP averages the gradients), optimizer step.
-    Returns this rank's mean loss."""
-    step = batches.step
-    if reset:
-        step.engine.reset_state()
-    step.engine.train()
-    total, n = 0.0, 0
-    for gathered in batches:
+    """``run_epoch`` (the one epoch loop) for ranks: per batch, this rank's shard through the
+    DDP-wrapped step (score -> loss), the whole batch applied, backward (DDP averages the
+    gradients), optimizer step. Returns this rank's mean loss."""
+
+    def forward(gathered: GatheredBatch) -> tuple[ScoredBatch, torch.Tensor]:
         loss = ddp(gathered)
-        scored = ddp.module.last
-        batches.apply(scored)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(scored.pos)
-        n += len(scored.pos)
-    return total / max(n, 1)
+        return ddp.module.last, loss
+
+    return run_epoch(batches.step, batches, optimizer, reset=reset, forward=forward)
 
 
 def wrap(step: TemporalStep) -> DistributedDataParallel:

@@ -1,4 +1,4 @@
-"""Offline training and evaluation on a recorded stream (design §6 offline, §8 protocol)."""
+"""Offline training and evaluation on a recorded stream (docs/architecture.md §6 offline, §8 protocol)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,11 +18,11 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import TemporalDataset
 from tgnstream.core.negatives import NegativeSampler
-from tgnstream.core.step import TemporalStep
+from tgnstream.core.step import GatheredBatch, ScoredBatch, TemporalStep
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, inductive_mask, summarise
 from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
-from tgnstream.trainer.pipeline import PipelinedBatches, SequentialBatches, StalenessStats
+from tgnstream.trainer.pipeline import EpochBatches, PipelinedBatches, SequentialBatches, StalenessStats
 
 __all__ = [
     "train_epoch",
@@ -78,19 +79,23 @@ def make_batches(
 
 def run_epoch(
     step: TemporalStep,
-    batches: SequentialBatches | PipelinedBatches,
+    batches: EpochBatches,
     optimizer: torch.optim.Optimizer,
     progress: bool = False,
     desc: str = "train",
     reset: bool = True,
+    forward: Callable[[GatheredBatch], tuple[ScoredBatch, torch.Tensor]] | None = None,
 ) -> float:
     """Train on every batch of ``batches`` from an empty state (``reset``; else from the
-    engine's state as it is); returns the mean loss.
+    engine's state as it is); returns the mean loss (over the events this process scored).
+    The one epoch loop: single-process (sequential or pipelined batches) and data-parallel
+    training (``trainer.distributed``: sharded batches, ``forward`` through DDP) run it.
 
     Per batch, the shared step (``tgnstream.core.step``): score -> loss -> apply -> backward +
     optimizer step. Applying before ``backward`` is safe: the persisted state is detached and
     the graph holds its own copies of what it read; it also lets a pipeline fetch the next
-    batch's memory, already written back, while this one runs backward.
+    batch's memory, already written back, while this one runs backward. ``forward``: gathered
+    batch -> (scored, loss); default the step's ``score`` then ``loss``.
     """
     engine = step.engine
     if reset:
@@ -99,14 +104,17 @@ def run_epoch(
     total, n = 0.0, 0
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
     for k, gathered in enumerate(bar):
-        scored = step.score(gathered)
-        loss = step.loss(scored)
+        if forward is None:
+            scored = step.score(gathered)
+            loss = step.loss(scored)
+        else:
+            scored, loss = forward(gathered)
         batches.apply(scored)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(scored.batch)
-        n += len(scored.batch)
+        total += float(loss.detach()) * len(scored.pos)
+        n += len(scored.pos)
         if progress and k % 50 == 0:
             bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(n, 1)
@@ -285,5 +293,6 @@ def write_outputs(result: OfflineResult, out: Path) -> None:
         result.engine,
         meta={"results": result.results, "optimizer_steps": result.results["optimizer_steps"]},
         optimizer_state=result.optimizer_state,
+        preset=result.results["train_config"].get("preset"),
     )
     (out / "results.json").write_text(json.dumps(result.results, indent=2))

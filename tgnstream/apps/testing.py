@@ -150,6 +150,7 @@ def prefix_answer(engine, events, n: int, batch: int, pairs, t: float, start: in
     import torch
 
     from tgnstream.core.events import EventBatch
+    from tgnstream.core.step import TemporalStep
 
     device = engine.device
     full = start + (n - start) // batch * batch
@@ -158,7 +159,7 @@ def prefix_answer(engine, events, n: int, batch: int, pairs, t: float, start: in
         dense, _ = engine.ids.lookup([x for s, d, _ in chunk for x in (s, d)])
         t_b = torch.tensor([e[2] for e in chunk], dtype=torch.float64)
         step = EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t_b, torch.zeros(len(chunk), 0))
-        engine.apply_events(step.to(device))
+        TemporalStep(engine).apply(step.to(device))
         engine.fold_pending()
     rest = events[full:n]
     context = None

@@ -26,10 +26,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from tgnstream.core.engine import MemoryEngine, PreparedBatch
+from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.inputs import FreshMemory, MemoryRows, PairInputs
 from tgnstream.core.pres import coherence_loss
+from tgnstream.core.state import PreparedBatch
 
 __all__ = ["GatheredBatch", "ScoredBatch", "TemporalStep"]
 
@@ -139,9 +140,7 @@ class TemporalStep:
         """The model forward: positive and negative logits (grad if enabled)."""
         if gathered.memory is None:
             gathered = self.fetch(gathered)
-        inputs = gathered.inputs
-        fresh = self.engine.fold(gathered.memory, inputs.embedding.grad_nodes)
-        logits = self.engine.pair_forward(inputs, fresh)
+        logits, fresh = self.engine.pair_forward(gathered.inputs, gathered.memory)
         if gathered.logit_offset is not None:
             logits = logits + gathered.logit_offset
         b = len(gathered.batch) if gathered.rows is None else gathered.rows.numel()
@@ -179,9 +178,11 @@ class TemporalStep:
         """Logits ``[B, Q]`` of each event's source against its own candidates ``[B, Q]``."""
         b, q = candidates.shape
         visible = torch.arange(b, device=batch.t.device).repeat_interleave(q)
-        logits, _ = self.engine.logits(
+        engine = self.engine
+        inputs = engine.gather_pairs(
             batch.src.repeat_interleave(q), candidates.flatten(), batch.t.repeat_interleave(q), batch, visible
         )
+        logits, _ = engine.pair_forward(inputs, engine.fetch_memory(inputs.embedding.nodes))
         return logits.view(b, q)
 
     # -------------------------------------------------------------------------------- loss
@@ -206,20 +207,31 @@ class TemporalStep:
     # ------------------------------------------------------------------------------- apply
     @torch.no_grad()
     def apply(
-        self, scored: ScoredBatch, learn: bool = False, record: bool = True, in_order_only: bool = False
+        self,
+        scored: ScoredBatch | EventBatch,
+        learn: bool = False,
+        record: bool = True,
+        in_order_only: bool = False,
     ) -> None:
-        """Apply the scored batch to the state.
+        """Apply the scored batch to the state. An ``EventBatch`` (not scored: replaying a log
+        without predictions) is applied with its nodes' memories folded from the state now,
+        exactly what scoring it would have folded.
 
         learn: a training batch (PRES statistics learn from its persisted memory updates; never
         from evaluation). record: also insert the events into the neighbour table and pair
         history (a pipeline's producer has done that already). in_order_only: the memories were
-        read before some earlier write-backs (see ``MemoryEngine.apply_memory``).
+        read before some earlier write-backs (see ``MemoryState.apply_memory``).
         """
-        engine, batch = self.engine, scored.batch
+        engine = self.engine
+        batch = scored if isinstance(scored, EventBatch) else scored.batch
         if len(batch) == 0:
             return
         engine.ensure_capacity(int(torch.maximum(batch.src.max(), batch.dst.max())) + 1)
-        applied = engine.apply_memory(batch, scored.fresh, in_order_only)
+        if isinstance(scored, EventBatch):
+            fresh = engine.fresh_memory(torch.unique(torch.cat([batch.src, batch.dst])))
+        else:
+            fresh = scored.fresh
+        applied = engine.apply_memory(batch, fresh, in_order_only)
         if learn and engine.pres is not None:
             engine.pres.update(applied.nodes, applied.raw - applied.prev)
         if record:

@@ -20,6 +20,7 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.loaders import load_dataset
+from tgnstream.core.step import TemporalStep
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 
@@ -63,7 +64,7 @@ def apply_reference(engine: MemoryEngine, batches: list[list[tuple[str, str, flo
         keys = [name for s, d, _ in events for name in (s, d)]
         dense, _ = engine.ids.lookup(keys)
         t = torch.tensor([e[2] for e in events], dtype=torch.float64)
-        engine.apply_events(
+        TemporalStep(engine).apply(
             EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(len(events), 0))
         )
         engine.fold_pending()

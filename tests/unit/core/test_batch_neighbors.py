@@ -9,6 +9,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 
 SMALL = dict(memory_dim=8, time_dim=8, embedding_dim=8, decoder_hidden=8, num_neighbors=3)
 
@@ -46,7 +47,7 @@ def test_neighbour_sets_equal_a_naive_scan(batch_size):
             # Times: the query's (earliest) time minus the gap recovers each neighbour's time.
             times = sorted(float(inp.t_query[row] - inp.nb_dt[row, s]) for s in range(3) if inp.mask[row, s])
             assert times == pytest.approx(sorted(t for _, t in want))
-        engine.apply_events(batch)
+        TemporalStep(engine).apply(batch)
 
 
 @torch.no_grad()
@@ -54,8 +55,9 @@ def _scores(engine: MemoryEngine, stream: EventBatch, batch_size: int) -> torch.
     out = []
     for i in range(0, len(stream), batch_size):
         b = stream.slice(i, i + batch_size)
-        out.append(torch.sigmoid(engine.logits(b.src, b.dst, b.t, b, torch.arange(len(b)))[0]))
-        engine.apply_events(b)
+        inputs = engine.gather_pairs(b.src, b.dst, b.t, b, torch.arange(len(b)))
+        out.append(torch.sigmoid(engine.pair_forward(inputs, engine.fetch_memory(inputs.embedding.nodes))[0]))
+        TemporalStep(engine).apply(b)
     return torch.cat(out)
 
 

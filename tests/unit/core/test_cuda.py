@@ -8,6 +8,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,8 +38,8 @@ def test_cuda_matches_cpu(pair_features):
         s_cpu = cpu.score(b.src, b.dst, b.t)
         s_gpu = gpu.score(*(x.cuda() for x in (b.src, b.dst, b.t)))
         torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-4, rtol=1e-4)
-        cpu.apply_events(b)
-        gpu.apply_events(b.to("cuda"))
+        TemporalStep(cpu).apply(b)
+        TemporalStep(gpu).apply(b.to("cuda"))
     torch.testing.assert_close(gpu.memory.memory.cpu(), cpu.memory.memory, atol=1e-4, rtol=1e-4)
     ids, scores = gpu.top_k(3, float(stream.t[-1]), 5)
     ids_c, scores_c = cpu.top_k(3, float(stream.t[-1]), 5)

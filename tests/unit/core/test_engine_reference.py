@@ -10,6 +10,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 
 
 def random_stream(num_events: int, num_nodes: int, edge_dim: int, seed: int) -> EventBatch:
@@ -75,7 +76,7 @@ def test_apply_matches_naive_loop(aggregator, batch_size):
     with torch.no_grad():
         for i in range(0, len(stream), batch_size):
             batch = stream.slice(i, i + batch_size)
-            engine.apply_events(batch)
+            TemporalStep(engine).apply(batch)
             naive.apply(batch)
         for n in range(num_nodes):
             torch.testing.assert_close(engine.memory.memory[n], naive.mem[n], atol=1e-6, rtol=1e-5)
@@ -102,7 +103,7 @@ def test_neighbor_table_matches_naive(k):
     stream = random_stream(120, num_nodes, 0, seed=k)
     for i in range(0, len(stream), 13):
         batch = stream.slice(i, i + 13)
-        engine.apply_events(batch)
+        TemporalStep(engine).apply(batch)
         naive.apply(batch)
         for n in range(num_nodes):
             ids, ts, _, mask = engine.neighbors.gather(torch.tensor([n]))
@@ -119,7 +120,7 @@ def test_edge_history_matches_naive():
     rng = random.Random(0)
     for i in range(0, len(stream), 37):
         batch = stream.slice(i, i + 37)
-        engine.apply_events(batch)
+        TemporalStep(engine).apply(batch)
         for s, d, t in zip(batch.src.tolist(), batch.dst.tolist(), batch.t.tolist()):
             key = (min(s, d), max(s, d))
             counts[key] = counts.get(key, 0) + 1
@@ -142,10 +143,10 @@ def test_edge_history_matches_naive():
 def test_capacity_grows_and_keeps_state():
     cfg = ModelConfig(memory_dim=4, time_dim=4, embedding_dim=4, num_neighbors=2)
     engine = MemoryEngine(cfg, capacity=2)
-    engine.apply_events(EventBatch.from_lists([0, 1], [1, 0], [1.0, 2.0]))
-    engine.apply_events(EventBatch.from_lists([0], [1], [3.0]))
+    TemporalStep(engine).apply(EventBatch.from_lists([0, 1], [1, 0], [1.0, 2.0]))
+    TemporalStep(engine).apply(EventBatch.from_lists([0], [1], [3.0]))
     before = engine.memory.memory[:2].clone()
-    engine.apply_events(EventBatch.from_lists([5], [40], [4.0]))
+    TemporalStep(engine).apply(EventBatch.from_lists([5], [40], [4.0]))
     assert engine.capacity >= 41
     torch.testing.assert_close(engine.memory.memory[:2], before)
     assert engine.neighbors.ids[40].tolist().count(5) == 1

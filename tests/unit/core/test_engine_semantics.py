@@ -11,6 +11,7 @@ from tgnstream.core.checkpoint import load_checkpoint, save_checkpoint
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch, TemporalDataset
+from tgnstream.core.step import TemporalStep
 
 SMALL = dict(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3)
 
@@ -23,23 +24,23 @@ def test_golden_stream_last_update_and_shapes():
     b2 = EventBatch.from_lists([0, 4], [1, 5], [3.0, 3.5])
     b3 = EventBatch.from_lists([2, 2, 3], [3, 4, 0], [5.0, 6.0, 7.0])
     b4 = EventBatch.from_lists([1, 5], [0, 4], [8.0, 9.0])
-    engine.apply_events(b1)
+    TemporalStep(engine).apply(b1)
     assert torch.count_nonzero(engine.memory.memory) == 0, "nothing folded yet"
     # Nothing was pending, so nothing is folded yet: all last_update still 0.
     assert engine.memory.last_update.tolist() == [0.0] * 6
     assert engine.memory.mail_ts.tolist() == [2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
     assert engine.memory.has_mail.tolist() == [True, True, True, True, False, False]
-    engine.apply_events(b2)
+    TemporalStep(engine).apply(b2)
     # 0 and 1 fold their b1 messages (ts 2.0 and 2.0); 4, 5 had none.
     assert engine.memory.last_update.tolist() == [2.0, 2.0, 0.0, 0.0, 0.0, 0.0]
     assert torch.count_nonzero(engine.memory.memory[2:]) == 0
     assert torch.count_nonzero(engine.memory.memory[0]) > 0
     assert engine.memory.mail_ts.tolist() == [3.0, 3.0, 2.0, 2.0, 3.5, 3.5]
-    engine.apply_events(b3)
+    TemporalStep(engine).apply(b3)
     # 2 and 3 fold b1 (2.0), 0 folds b2 (3.0), 4 folds b2 (3.5).
     assert engine.memory.last_update.tolist() == [3.0, 2.0, 2.0, 2.0, 3.5, 0.0]
     assert engine.memory.mail_ts.tolist() == [7.0, 3.0, 6.0, 7.0, 6.0, 3.5]
-    engine.apply_events(b4)
+    TemporalStep(engine).apply(b4)
     assert engine.memory.last_update.tolist() == [7.0, 3.0, 2.0, 2.0, 6.0, 3.5]
     assert engine.memory.mail_ts.tolist() == [8.0, 8.0, 6.0, 7.0, 9.0, 9.0]
     assert engine.memory.memory.shape == (6, 8)
@@ -70,8 +71,9 @@ def _streaming_scores(engine: MemoryEngine, stream: EventBatch, batch_size: int)
     out = []
     for i in range(0, len(stream), batch_size):
         b = stream.slice(i, i + batch_size)
-        out.append(torch.sigmoid(engine.logits(b.src, b.dst, b.t, b, torch.arange(len(b)))[0]))
-        engine.apply_events(b)
+        inputs = engine.gather_pairs(b.src, b.dst, b.t, b, torch.arange(len(b)))
+        out.append(torch.sigmoid(engine.pair_forward(inputs, engine.fetch_memory(inputs.embedding.nodes))[0]))
+        TemporalStep(engine).apply(b)
     return torch.cat(out)
 
 

@@ -10,6 +10,7 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.modules import MAX_TIME_GAP_S, TimeEncoder, bounded_gap
+from tgnstream.core.step import TemporalStep
 
 MODELS = [("tgn", {}), ("tgn", {"pair_features": True}), ("jodie", {}), ("tgn", {"pres": True})]
 
@@ -25,9 +26,9 @@ def _batch(src, dst, t):
 def test_state_and_scores_stay_finite_after_a_far_event(preset, extra, far):
     torch.manual_seed(0)
     engine = MemoryEngine(ModelConfig.preset(preset, width=8, **extra), capacity=8).eval()
-    engine.apply_events(_batch([0, 1, 2], [3, 3, 4], [1.0, 2.0, 3.0]))
-    engine.apply_events(_batch([0], [4], [far]))  # bypasses validation: the engine's own defence
-    engine.apply_events(_batch([1, 2], [4, 3], [4.0, 5.0]))
+    TemporalStep(engine).apply(_batch([0, 1, 2], [3, 3, 4], [1.0, 2.0, 3.0]))
+    TemporalStep(engine).apply(_batch([0], [4], [far]))  # bypasses validation: the engine's own defence
+    TemporalStep(engine).apply(_batch([1, 2], [4, 3], [4.0, 5.0]))
     engine.fold_pending()
     for name, buf in engine.state_dict().items():
         if buf.is_floating_point() and name not in ("watermark", "first_event_time"):

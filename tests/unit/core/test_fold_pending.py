@@ -8,6 +8,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 
 
 def _stream(n: int, nodes: int, seed: int) -> EventBatch:
@@ -33,8 +34,8 @@ def test_folding_after_every_batch_gives_the_same_scores_as_lazy_folding(preset)
     probe_src, probe_dst = torch.arange(25), torch.arange(25).flip(0)
     for start in range(0, 300, 40):
         batch = stream.slice(start, start + 40)
-        lazy.apply_events(batch)
-        eager.apply_events(batch)
+        TemporalStep(lazy).apply(batch)
+        TemporalStep(eager).apply(batch)
         folded = eager.fold_pending()
         assert folded == int(torch.unique(torch.cat([batch.src, batch.dst])).numel())
         assert not eager.memory.has_mail.any()
@@ -62,7 +63,7 @@ def test_prepare_then_commit_equals_apply_then_fold(aggregator):
     stream = _stream(300, 25, seed=4)
     for start in range(0, 300, 37):
         batch = stream.slice(start, start + 37)
-        reference.apply_events(batch)
+        TemporalStep(reference).apply(batch)
         reference.fold_pending()
         before = {k: v.clone() for k, v in two_phase.state_dict().items()}
         prepared = two_phase.prepare_events(batch)
@@ -73,7 +74,7 @@ def test_prepare_then_commit_equals_apply_then_fold(aggregator):
             torch.testing.assert_close(two_phase.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
     with pytest.raises(RuntimeError, match="prepared at"):
         stale = two_phase.prepare_events(stream.slice(0, 5))
-        two_phase.apply_events(stream.slice(5, 10))
+        TemporalStep(two_phase).apply(stream.slice(5, 10))
         two_phase.commit_events(stale)
 
 
@@ -92,15 +93,17 @@ def test_fold_once_persists_neighbour_folds_without_changing_scores(pair_feature
     for start in range(0, 400, 25):
         batch = stream.slice(start, start + 25)
         with torch.no_grad():
-            pos_r, neg_r, fresh_r = refold.pos_neg_logits(batch, neg[start : start + 25])
-            pos_o, neg_o, fresh_o = once.pos_neg_logits(batch, neg[start : start + 25])
+            scored_r = TemporalStep(refold).score_batch(batch, neg[start : start + 25])
+            scored_o = TemporalStep(once).score_batch(batch, neg[start : start + 25])
+        pos_r, neg_r = scored_r.pos, scored_r.neg
+        pos_o, neg_o, fresh_o = scored_o.pos, scored_o.neg, scored_o.fresh
         torch.testing.assert_close(pos_o, pos_r, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(neg_o, neg_r, atol=1e-6, rtol=1e-5)
         batch_nodes = torch.unique(torch.cat([batch.src, batch.dst]))
         neighbours_pending = once.memory.has_mail[fresh_o.nodes] & ~torch.isin(fresh_o.nodes, batch_nodes)
         persisted_any |= bool(neighbours_pending.any())
-        refold.apply_events(batch, fresh_r)
-        once.apply_events(batch, fresh_o)
+        TemporalStep(refold).apply(scored_r)
+        TemporalStep(once).apply(scored_o)
         # Only the batch's own nodes keep a pending message: every other fold was persisted.
         others = fresh_o.nodes[~torch.isin(fresh_o.nodes, batch_nodes)]
         assert not once.memory.has_mail[others].any()

@@ -11,6 +11,7 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.pair_stats import pairwise_stats, ranking_stats
+from tgnstream.core.step import TemporalStep
 
 
 def naive(past: list[tuple[int, int, float]], u: int, v: int) -> tuple[int, float, float, float, int, int]:
@@ -75,7 +76,7 @@ def test_stats_include_exactly_the_earlier_events(batch_size, sees):
                     int(rk.count_v[k, q]),
                 )
                 assert got == want, f"ranking event {i + k} candidate {c}"
-        engine.apply_events(batch)
+        TemporalStep(engine).apply(batch)
 
 
 def test_common_neighbours_dense_and_looped_paths_match_a_naive_count(monkeypatch):

@@ -107,7 +107,7 @@ def test_fusion_by_hand_and_only_where_statistics_exist():
     torch.manual_seed(0)
     engine = MemoryEngine(ModelConfig.preset("tgn", **SMALL, pres=True, pres_gamma=0.9), capacity=4)
     engine.eval()
-    engine.apply_events(EventBatch.from_lists([0], [1], [1.0]))
+    TemporalStep(engine).apply(EventBatch.from_lists([0], [1], [1.0]))
     prev = engine.memory.memory[[0, 1]].clone()
     mail = engine.memory.mail[[0, 1]].clone()
     mean = torch.randn(2, 8)

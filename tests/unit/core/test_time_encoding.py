@@ -11,6 +11,7 @@ from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
 from tgnstream.core.modules import TimeEncoder
+from tgnstream.core.step import ScoredBatch, TemporalStep
 
 
 def test_encoding_is_cos_of_the_log_spaced_frequencies():
@@ -34,11 +35,13 @@ def test_fixed_encoding_never_changes_and_learned_one_trains(mode):
     src, dst = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
     t = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     for _ in range(3):  # the second pass sees neighbours, so phi(dt) of real gaps enters the loss
-        logits, fresh = engine.logits(src, dst, t + 10)
+        inputs = engine.gather_pairs(src, dst, t + 10)
+        logits, fresh = engine.pair_forward(inputs, engine.fetch_memory(inputs.embedding.nodes))
         logits.sum().backward()
         opt.step()
         opt.zero_grad()
-        engine.apply_events(EventBatch(src, dst, t + 10, torch.zeros(3, 0)), fresh)
+        batch = EventBatch(src, dst, t + 10, torch.zeros(3, 0))
+        TemporalStep(engine).apply(ScoredBatch(batch, logits, logits[:0], fresh))
         t = t + 10
     changed = not torch.equal(enc.w.detach(), before)
     assert changed == (mode == "learned")

@@ -7,6 +7,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 from tgnstream.ingest.config import QualityConfig
 from tgnstream.ingest.quality import PrequentialQuality
 from tgnstream.runtime.live import LiveEngine
@@ -27,7 +28,7 @@ def test_online_ap_and_mrr_match_a_naive_reference():
     )
     engine = MemoryEngine(cfg, capacity=32).eval()
     stream = _bipartite(160, seed=2)
-    engine.apply_events(stream.slice(0, 120))
+    TemporalStep(engine).apply(stream.slice(0, 120))
     live = LiveEngine(engine, "v")
     # One shared time: ranking embeds candidates at the batch's earliest time, the pairwise
     # reference at each event's own time; equal times make the two definitions coincide.
@@ -40,9 +41,10 @@ def test_online_ap_and_mrr_match_a_naive_reference():
 
     # Reference: every score on its own through the pairwise path, ranks counted in Python.
     def score(i: int, d: int) -> float:
-        logit, _ = engine.logits(
+        inputs = engine.gather_pairs(
             batch.src[i : i + 1], torch.tensor([d]), batch.t[i : i + 1], batch, torch.tensor([i])
         )
+        logit, _ = engine.pair_forward(inputs, engine.fetch_memory(inputs.embedding.nodes))
         return float(logit.detach())
 
     rrs, pos_scores, neg_scores = [], [], []
@@ -72,7 +74,7 @@ def test_window_is_rolling_and_disabled_quality_scores_nothing():
         ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=32
     ).eval()
     stream = _bipartite(200, seed=5)
-    engine.apply_events(stream.slice(0, 100))
+    TemporalStep(engine).apply(stream.slice(0, 100))
     live = LiveEngine(engine, "v")
     quality = PrequentialQuality(QualityConfig(window=10, events_per_batch=8, negatives=5, min_interval_ms=0))
     assert quality.observe(live, stream.slice(100, 150)) == 8

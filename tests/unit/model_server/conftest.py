@@ -13,6 +13,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 from tgnstream.core.synthetic import generate_stream
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.grpc_server import build_server, stop_server
@@ -43,7 +44,7 @@ def make_engine(pair_features: bool = True, seed: int = 0) -> MemoryEngine:
 
 def feed(engine: MemoryEngine, stream: EventBatch, batch: int = BATCH) -> None:
     for i in range(0, len(stream), batch):
-        engine.apply_events(stream.slice(i, i + batch))
+        TemporalStep(engine).apply(stream.slice(i, i + batch))
 
 
 @dataclass

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from tgnstream.core.step import TemporalStep
 from tgnstream.model_server import queries
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.convert import TopKQuery
@@ -55,9 +56,9 @@ def test_readers_never_see_a_half_applied_batch():
             for n in range(FIRST, TOTAL, BATCH):
                 with live.write() as e:
                     # Two halves with a pause between: a reader slipping in would see n + 50.
-                    e.apply_events(stream.slice(n, n + BATCH // 2))
+                    TemporalStep(e).apply(stream.slice(n, n + BATCH // 2))
                     time.sleep(0.01)
-                    e.apply_events(stream.slice(n + BATCH // 2, n + BATCH))
+                    TemporalStep(e).apply(stream.slice(n + BATCH // 2, n + BATCH))
                 time.sleep(0.02)
         finally:
             done.set()
@@ -129,7 +130,7 @@ def test_candidate_cache_one_build_per_version_under_concurrent_misses(monkeypat
     queries.top_k(live, q, cache)
     assert cache.builds == 1
     with live.write() as e:
-        e.apply_events(stream.slice(500, 600))
+        TemporalStep(e).apply(stream.slice(500, 600))
     after = queries.top_k(live, q, cache)
     assert cache.builds == 2 and after.stamp.events_applied == 600
     live.model_version = "v2"  # a hot swap changes the version even at the same event count
@@ -162,13 +163,13 @@ def test_cache_warmer_rebuilds_after_each_batch_only_when_topk_is_used(warm):
     q = TopKQuery(src=node_name(1), k=5, candidates=None, exclude_seen=False, time=None, strict=False)
     try:
         with live.write() as e:  # before any TopK: nothing to warm
-            e.apply_events(stream.slice(300, 400))
+            TemporalStep(e).apply(stream.slice(300, 400))
         time.sleep(0.1)
         assert servicer.cache.builds == 0
         servicer._top_k(q)
         assert servicer.cache.builds == 1
         with live.write() as e:
-            e.apply_events(stream.slice(400, 500))
+            TemporalStep(e).apply(stream.slice(400, 500))
         deadline = time.monotonic() + 3
         while warm and servicer.cache.builds < 2 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from tgnstream.core.step import TemporalStep
 from tgnstream.model_server import queries
 from tgnstream.model_server.convert import TopKQuery
 from tgnstream.runtime.live import LiveEngine
@@ -40,7 +41,7 @@ def test_last_change_matches_a_naive_per_event_reference():
     done = 0
     for upto in (0, BATCH, 3 * BATCH, len(stream)):
         for i in range(done, upto, BATCH):
-            engine.apply_events(stream.slice(i, min(i + BATCH, upto)))
+            TemporalStep(engine).apply(stream.slice(i, min(i + BATCH, upto)))
         done = upto
         times, sig = engine.last_change(nodes)
         want_t, want_sig = _naive_last_change(stream, upto, n, engine.neighbors.k)
@@ -50,7 +51,7 @@ def test_last_change_matches_a_naive_per_event_reference():
 
 def _feed_to(engine, stream, upto):
     for i in range(0, upto, BATCH):
-        engine.apply_events(stream.slice(i, min(i + BATCH, upto)))
+        TemporalStep(engine).apply(stream.slice(i, min(i + BATCH, upto)))
 
 
 def test_an_unchanged_signature_means_an_unchanged_embedding():
@@ -59,7 +60,7 @@ def test_an_unchanged_signature_means_an_unchanged_embedding():
     previous = None
     kept_total = changed_total = 0
     for upto in range(BATCH, len(stream) + 1, BATCH):
-        engine.apply_events(stream.slice(upto - BATCH, upto))
+        TemporalStep(engine).apply(stream.slice(upto - BATCH, upto))
         nodes = engine.destinations()
         _, sig = engine.last_change(nodes)
         z = engine.embed(nodes, engine.candidate_times(nodes, float(engine.watermark), "last_change"))
@@ -85,7 +86,7 @@ def test_the_cache_recomputes_only_changed_candidates_and_answers_like_a_full_ra
     d0 = first.nodes.numel()
     assert cache.computed == d0 and cache.reused == 0
     with live.write() as e:
-        e.apply_events(stream.slice(400, 420))  # a small batch reaches few neighbourhoods
+        TemporalStep(e).apply(stream.slice(400, 420))  # a small batch reaches few neighbourhoods
     second = cache.get(live, engine)
     assert second is not first
     assert cache.reused > 0, "nothing carried over"
@@ -140,7 +141,7 @@ def test_an_entry_copied_from_another_reader_is_a_base_for_later_refreshes():
     assert copier.shared_hits == 1 and copier.computed == 0
     assert torch.equal(copied.z, built.z) and copied.signature is not None
     with copier_live.write() as e:
-        e.apply_events(stream.slice(400, 420))
+        TemporalStep(e).apply(stream.slice(400, 420))
     store.meta[1] = -1  # nothing to copy for the new state: the copier builds it itself
     refreshed = copier.get(copier_live, engine)
     assert copier.reused > 0 and copier.computed < refreshed.nodes.numel()

@@ -10,6 +10,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 from tgnstream.runtime.live import LiveEngine, ReadWriteLock
 
 
@@ -59,7 +60,7 @@ def test_unknown_ids_map_to_an_empty_slot_that_scores_like_a_brand_new_node():
     live = LiveEngine(engine, "v1")
     with live.write() as e:
         dense, _ = e.ids.lookup(["a", "b", "c", "a"])
-        e.apply_events(
+        TemporalStep(e).apply(
             EventBatch(
                 dense[0::2].contiguous(),
                 dense[1::2].contiguous(),

@@ -13,6 +13,7 @@ import torch
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 from tgnstream.runtime import models
 from tgnstream.runtime.models import ModelStore
 
@@ -26,7 +27,7 @@ def _engine(events: int, seed: int = 0) -> MemoryEngine:
         idx = torch.randint(30, (20,), generator=g)
         dense, _ = engine.ids.lookup([names[i] for i in idx.tolist()])
         t = torch.arange(start, start + 10, dtype=torch.float64)
-        engine.apply_events(
+        TemporalStep(engine).apply(
             EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0))
         )
     return engine.eval()

@@ -9,6 +9,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tgnstream.apps.reader_pool import reserve_port
+from tgnstream.core.step import TemporalStep
 from tgnstream.runtime.metrics import ReaderMetrics, ServerMetrics, reader_families
 
 
@@ -87,7 +88,7 @@ def test_topk_candidates_are_computed_by_one_reader_and_copied_by_the_others():
             dense, _ = e.ids.lookup(names)
             n = len(names) // 2
             t = torch.arange(n, dtype=torch.float64) + t0
-            e.apply_events(
+            TemporalStep(e).apply(
                 EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(n, 0))
             )
             live.open = None
@@ -146,7 +147,7 @@ def test_an_answer_is_recomputed_when_a_batch_lands_during_its_reads_but_not_aft
             dense, _ = e.ids.lookup(["a", "b"])
             t[0] += 1
             times = torch.tensor([t[0]], dtype=torch.float64)
-            e.apply_events(EventBatch(dense[:1], dense[1:], times, torch.zeros(1, 0)))
+            TemporalStep(e).apply(EventBatch(dense[:1], dense[1:], times, torch.zeros(1, 0)))
             live.open = None
 
     def publish_open():

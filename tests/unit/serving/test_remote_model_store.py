@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.core.step import TemporalStep
 from tgnstream.runtime.hot_swap import HotSwapConfig, HotSwapper
 from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.models import ModelStore, ModelUnavailable, parse_location
@@ -39,7 +40,7 @@ def _engine(events: int, seed: int = 0) -> MemoryEngine:
         idx = torch.randint(30, (20,), generator=g)
         dense, _ = engine.ids.lookup([names[i] for i in idx.tolist()])
         t = torch.arange(start, start + 10, dtype=torch.float64)
-        engine.apply_events(
+        TemporalStep(engine).apply(
             EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0))
         )
     return engine.eval()

@@ -108,7 +108,7 @@ def test_a_round_trains_gates_and_adopts_a_passing_candidate():
     data_w, split_w = trainer._window_data()
     assert split_w == split
     for i in range(0, split, BATCH):
-        published.apply_events(data_w.events.slice(i, min(i + BATCH, split)))
+        TemporalStep(published).apply(data_w.events.slice(i, min(i + BATCH, split)))
     settings = EvalSettings(batch_size=BATCH, rank=True, seed=0 + 7919 * 1)
     expected = summarise(evaluate_stream(published, data_w, split, len(data_w), settings))
     assert result.published == pytest.approx(expected, abs=1e-12)
