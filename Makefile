@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/datasets/wikipedia.csv
 OUT ?= runs/wikipedia
 EPOCHS ?= 5
-TRAIN_ARGS ?= --pair-features --activity-features --sampling-correction --lr 1e-3
+TRAIN_ARGS ?=
 
-.PHONY: install demo train test test-tools test-faults test-all wheel-check image-test constraints bench lint clean
+.PHONY: install demo train test test-tools test-faults test-all wheel-check image-test constraints bench bench-train bench-quality bench-large-batch bench-continual bench-serve lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,9 +68,23 @@ constraints: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
-bench: install
+## Benchmarks (benchmarks/README.md): each writes benchmarks/results/<name>.json with its provenance.
+## BENCH_ARGS adds flags (e.g. BENCH_ARGS='--out /tmp/x.json'); TGNSTREAM_DATASETS names the datasets' folder.
+BENCH_ARGS ?=
+bench: bench-train
+bench-train: install
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/train_offline.py --epochs 12 --threads 2
+	$(PY) benchmarks/train_offline.py --epochs 12 --threads 2 --no-progress --with-refold $(BENCH_ARGS)
+bench-quality: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/quality.py --seeds 3 $(BENCH_ARGS)
+bench-large-batch: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/large_batch.py --epochs 5 --threads 2 --no-progress --pipeline-batch 200 --pipeline-depths 1 2 $(BENCH_ARGS)
+bench-continual: install
+	$(PY) benchmarks/continual.py --datasets wikipedia --rate 1000 $(BENCH_ARGS)
+bench-serve: install
+	$(PY) benchmarks/serve.py --rounds 5 $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m pip install -q ruff

@@ -19,7 +19,7 @@ half). The same events are scored by (a) ``v000001`` frozen, (b) the served vers
 
 Targets (issue 13): continual >= frozen on the last 50% of the stream and >= the heuristic; no
 failed query; ingest keeps up with the feed during swaps. Writes
-``benchmarks/results/continual.json`` and ``benchmarks/results/continual_<dataset>.png``.
+``benchmarks/results/continual.json`` and ``continual_<dataset>.png`` next to it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from _harness import RESULTS, ROOT, dataset_path, write_results
 
 from tgnstream.apps.broker import EmbeddedBroker
 from tgnstream.apps.demo import scrape_metrics
@@ -47,16 +48,10 @@ from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.runtime.models import ModelStore
-from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.stream.kafka_admin import create_topic
 from tgnstream.trainer.bootstrap import START_LR, featureless, publish_start_model, replay_as_served
 from tgnstream.trainer.continual_config import FineTuneConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = {
-    "wikipedia": ROOT.parent / "shared" / "datasets" / "wikipedia.csv",
-    "bitcoinotc": ROOT.parent / "shared" / "datasets" / "bitcoinotc.txt",
-}
 HEURISTIC = "recency>global_recency"
 SWAP = re.compile(
     r"^(\S+ \S+) .*hot swap: now serving (v\d+) at offsets \{0: (\d+)\} \(write lock held ([\d.]+) ms\)"
@@ -120,7 +115,7 @@ def _windows(rr: dict[str, torch.Tensor], pos: dict, neg: dict, k: int) -> list[
 
 
 def run(name: str, args, work: Path) -> dict:
-    data = featureless(load_dataset(DATASETS[name], limit=args.limit))
+    data = featureless(load_dataset(dataset_path(name), limit=args.limit))
     names = data.raw_ids
     n = len(data)
     batch = args.batch
@@ -349,7 +344,7 @@ def run(name: str, args, work: Path) -> dict:
         "timeline": timeline,
         "feed_window": [feed_started, feed_ended],
     }
-    _plot(name, result, ROOT / "benchmarks" / "results" / f"continual_{name}.png")
+    _plot(name, result, args.out.parent / f"continual_{Path(name).stem}.png")
     return result
 
 
@@ -383,7 +378,7 @@ def _plot(name: str, result: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="wikipedia,bitcoinotc")
+    p.add_argument("--datasets", default="wikipedia,bitcoinotc", help="comma list of dataset names or paths")
     p.add_argument("--limit", type=int, default=None, help="use only the first N events of each dataset")
     p.add_argument("--start-frac", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=5, help="offline epochs of the start model")
@@ -408,7 +403,7 @@ def main() -> int:
         "--pres-gamma", type=float, default=0.0, help="PRES fusion weight (the trainer's start.pres_gamma)"
     )
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "continual")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "continual.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "continual.json")
     args = p.parse_args()
     torch.set_num_threads(2)
     results = {}
@@ -431,15 +426,7 @@ def main() -> int:
             f"max {max([s['pause_ms'] for s in r['swaps']] or [0]):.0f} ms); queries ok {q['ok']}, failed "
             f"{q['failed']}, p50 {q['p50_ms']} ms, p99 {q['p99_ms']} ms"
         )
-    out = {
-        "benchmark": "continual",
-        "command": " ".join(["benchmarks/continual.py", *sys.argv[1:]]),
-        "datasets": results,
-        "hardware": hardware_info(torch.device("cpu")),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"written {args.out}")
+    write_results(args.out, {"benchmark": "continual", "datasets": results}, device="cpu")
     return 0
 
 

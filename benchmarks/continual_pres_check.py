@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from _harness import dataset_path
 
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
@@ -30,9 +31,12 @@ def main() -> int:
     p.add_argument(
         "--run", type=Path, default=Path("runs/continual_gamma09/wikipedia"), help="a continual.py work dir"
     )
+    p.add_argument(
+        "--data", type=dataset_path, default="wikipedia", help="the run's dataset: a name or a path"
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
-    data = featureless(load_dataset("../shared/datasets/wikipedia.csv"))
+    data = featureless(load_dataset(args.data))
     store = ModelStore(args.run / "models")
     settings = EvalSettings(batch_size=200, rank=True)
     version = store.get("v000002")

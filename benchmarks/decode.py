@@ -18,21 +18,16 @@ Prints a table and writes ``benchmarks/results/decode.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _harness import RESULTS, dataset_path, write_results
 
 from tgnstream.apps.replay import encode_event
-from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.stream.records import RecordDecoder
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
 
 # Malformed values mixed into the "1% bad" case: one of each kind, cycled.
 BAD_VALUES: list[bytes | None] = [
@@ -167,7 +162,12 @@ def run_config(args, d: int, n: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JODIE csv for the featureless run")
+    p.add_argument(
+        "--data",
+        type=dataset_path,
+        default="wikipedia",
+        help="JODIE csv for the featureless run (a name or a path)",
+    )
     p.add_argument("--events", type=int, default=50_000, help="records per featureless case (default 50,000)")
     p.add_argument("--batch", type=int, default=1000, help="records per decode() call (default 1000)")
     p.add_argument(
@@ -179,25 +179,15 @@ def main() -> int:
     p.add_argument("--feature-events", type=int, default=10_000, help="records per featured case")
     p.add_argument("--bad-fraction", type=float, default=0.01, help="share of bad records (default 0.01)")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions; best and median reported")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "decode.json")
     args = p.parse_args()
 
     runs = [run_config(args, 0, args.events)]
     if args.feature_dim > 0:
         runs.append(run_config(args, args.feature_dim, args.feature_events))
-    result = {
-        "benchmark": "decode",
-        "command": "python " + " ".join(["benchmarks/decode.py", *sys.argv[1:]]),
-        "batch": args.batch,
-        "bad_fraction": args.bad_fraction,
-        "runs": runs,
-        "hardware": hardware_info(),
-        "python": sys.version.split()[0],
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    result = {"benchmark": "decode", "batch": args.batch, "bad_fraction": args.bad_fraction, "runs": runs}
+    print()
+    write_results(args.out, result)
     return 0
 
 

@@ -16,7 +16,6 @@ Writes ``benchmarks/results/grpc_latency.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import random
 import statistics
@@ -27,13 +26,12 @@ from pathlib import Path
 
 import grpc
 import torch
+from _harness import RESULTS, dataset_path, write_results
 
+from tgnstream.core.step import TemporalStep
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.runtime.sysinfo import hardware_info
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
 
 
 # ------------------------------------------------------------------------------------ server
@@ -60,7 +58,7 @@ def _build_live(args):
     ev = data.events
     events = EventBatch(idx[ev.src], idx[ev.dst], ev.t, ev.feats)
     for i in range(0, len(events), args.batch_size):
-        engine.apply_events(events.slice(i, i + args.batch_size))
+        TemporalStep(engine).apply(events.slice(i, i + args.batch_size))
     engine.fold_pending()  # as the serving ingest loop does after every batch
     return LiveEngine(engine, "bench"), data
 
@@ -244,7 +242,7 @@ def open_loop(stub, kind: str, info: dict, rate: float, duration: float, slo_ms:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=dataset_path, default="wikipedia", help="dataset name or path")
     p.add_argument("--events", type=int, default=0, help="first N events to apply (0 = all)")
     p.add_argument("--batch-size", type=int, default=200, help="ingest batch size used to build the state")
     p.add_argument(
@@ -273,7 +271,7 @@ def main() -> int:
     p.add_argument("--slo-ms", type=float, default=25.0, help="p99 bound for 'sustained'")
     p.add_argument("--open-rpcs", default="score1,topk10", help="RPCs run open-loop")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpc_latency.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "grpc_latency.json")
     args = p.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -332,8 +330,7 @@ def main() -> int:
 
     result = {
         "benchmark": "grpc_latency",
-        "date": time.strftime("%Y-%m-%d"),
-        "hardware": info["hardware"],
+        "server_hardware": info["hardware"],
         "server_torch_threads": args.threads,
         "data": str(args.data),
         "events_applied": info["events"],
@@ -348,11 +345,9 @@ def main() -> int:
         "highest_sustained_rps": sustainable,
         "server_side": server_side,
         "slo_p99_ms": args.slo_ms,
-        "command": " ".join(sys.argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    write_results(args.out, result)
     return 0
 
 

@@ -11,13 +11,13 @@ Writes ``benchmarks/results/ingest_cost.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import RESULTS, dataset_path, write_results
 
 from tgnstream.apps.replay import iter_records
 from tgnstream.apps.serve import initial_engine
@@ -26,12 +26,8 @@ from tgnstream.core.loaders import load_dataset
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.metrics import ServerMetrics
-from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.stream.prefetch import FetchedBatch
 from tgnstream.stream.records import RecordDecoder
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
 
 
 class _NoKafka:
@@ -48,21 +44,33 @@ class _NoKafka:
         pass
 
 
+_NESTED: list[float] = []  # time spent in timed calls nested inside the running one
+
+
 def _timed(stages: dict, name: str, fn):
+    """Wrap ``fn`` so ``stages[name]`` accumulates its own time, without that of timed calls
+    nested inside it (the assembler registers ids and scores quality from within its feed)."""
+
     def wrapper(*args, **kwargs):
+        _NESTED.append(0.0)
         t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        stages[name] += time.perf_counter() - t0
-        return out
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            took = time.perf_counter() - t0
+            inner = _NESTED.pop()
+            stages[name] += took - inner
+            if _NESTED:
+                _NESTED[-1] += took
 
     return wrapper
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=dataset_path, default="wikipedia", help="dataset name or path")
     p.add_argument("--events", type=int, default=0, help="first N events (0 = all)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ingest_cost.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "ingest_cost.json")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = ServeConfig()  # the server's defaults: model, batch size, quality throttle
@@ -75,11 +83,10 @@ def main() -> int:
     loop = IngestLoop(
         cfg.ingest, live, _NoKafka(len(values)), decoder, None, None, cfg.snapshots, ServerMetrics()
     )
-    stages = dict.fromkeys(
-        ["decode", "open batch: screen, register ids", "quality", "prepare", "commit"], 0.0
-    )
-    loop.decoder.decode = _timed(stages, "decode", loop.decoder.decode)
-    loop._add = _timed(stages, "open batch: screen, register ids", loop._add)
+    stages = dict.fromkeys(["decode", "assemble: screen, register ids", "quality", "prepare", "commit"], 0.0)
+    assembler = loop.assembler
+    assembler.decoder.decode = _timed(stages, "decode", assembler.decoder.decode)
+    assembler.feed = _timed(stages, "assemble: screen, register ids", assembler.feed)
     loop.quality.observe = _timed(stages, "quality", loop.quality.observe)
     engine.prepare_events = _timed(stages, "prepare", engine.prepare_events)
     engine.commit_events = _timed(stages, "commit", engine.commit_events)
@@ -96,8 +103,6 @@ def main() -> int:
         loop._handle(batch)
         loop._update_lag(batch)
     total = time.perf_counter() - t0
-    # The open-batch stage includes the quality scoring it triggers: counted under quality.
-    stages["open batch: screen, register ids"] -= stages["quality"]
     per_event = {name: sec / n * 1e6 for name, sec in stages.items()}
     per_event["other (locks, metrics, lag)"] = (total - sum(stages.values())) / n * 1e6
     result = {
@@ -107,14 +112,11 @@ def main() -> int:
         "events_per_s": n / total,
         "microseconds_per_event": per_event,
         "model": engine.config.label,
-        "hardware": hardware_info(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
     print(f"{n:,} events, batches of {b}: {n / total:,.0f} events/s of server-side ingest work")
     for name, us in per_event.items():
         print(f"  {name:<28}{us:>7.2f} µs/event")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

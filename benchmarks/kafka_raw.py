@@ -17,9 +17,7 @@ the serving benchmark.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import random
 import statistics
 import sys
@@ -30,8 +28,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "kafka_raw.json"
+from _harness import RESULTS, write_results
 
 # Settings measured. The first of each list is kafka-python's default behaviour.
 PRODUCER_SETTINGS: list[dict[str, Any]] = [
@@ -187,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=2, help="runs per setting, median reported (default %(default)s)"
     )
     parser.add_argument("--bootstrap", help="an existing Kafka (default: start the embedded broker)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (default %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "kafka_raw.json", help="results JSON (default %(default)s)"
+    )
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     from tgnstream.apps.broker import EmbeddedBroker
 
     with ExitStack() as stack:
@@ -220,31 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     result.update(
         {
             "benchmark": "kafka_raw",
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "broker": broker_name,
             "kafka_python": version("kafka-python"),
             "crc32c": _crc32c_impl(),
-            "python": platform.python_version(),
-            "cpu": _cpu_model(),
             "best_produce": best_p,
             "best_consume": best_c,
         }
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
-
-
-def _cpu_model() -> str:
-    import os
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        model = platform.processor() or "?"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -23,20 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from _harness import DATASET_FILES, RESULTS, ROOT, dataset_path, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.loaders import load_dataset
+from tgnstream.runtime.sysinfo import hardware_info, resolve_device
+from tgnstream.trainer.config import OfflineTrainConfig
+from tgnstream.trainer.offline import train_offline
 
-from tgnstream.core.config import ModelConfig  # noqa: E402
-from tgnstream.core.loaders import load_dataset  # noqa: E402
-from tgnstream.runtime.sysinfo import hardware_info, resolve_device  # noqa: E402
-from tgnstream.trainer.config import OfflineTrainConfig  # noqa: E402
-from tgnstream.trainer.offline import train_offline  # noqa: E402
-
-DATASETS = {
-    "wikipedia": ROOT.parent / "shared" / "datasets" / "wikipedia.csv",
-    "bitcoinotc": ROOT.parent / "shared" / "datasets" / "bitcoinotc.txt",
-}
+DATASETS = list(DATASET_FILES)
 BASE_BATCH = 200
 BASE_LR = 1e-4
 # Matmul work of one batch-200 TGN training step per event (forward + backward), from the issue's
@@ -167,6 +162,7 @@ def run_row(data, name: str, path: Path, row: Row, args, device) -> Result:
         device=str(device),
         progress=not args.no_progress,
         pair_features=pair,
+        sampling_correction=False,  # the measured rows; the recommended recipe turns it on
         batch_neighbors=row.batch_neighbors,
         pres=row.pres,
         pipeline_depth=row.pipeline_depth,
@@ -294,6 +290,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="first N events only (smoke runs)")
     p.add_argument("--tag", default="", help="suffix of the results file, e.g. gpu")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results file (default: results/large_batch[_TAG].json)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--resume",
@@ -308,8 +307,7 @@ def main() -> int:
     hw = hardware_info(device)
     gflops = matmul_gflops(torch.get_num_threads())
     floor = gflops * 1e3 / MFLOP_PER_EVENT
-    out = ROOT / "benchmarks" / "results" / f"large_batch{'_' + args.tag if args.tag else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"large_batch{'_' + args.tag if args.tag else ''}.json"
     rows = plan(args)
     results: list[Result] = []
     started = time.time()
@@ -320,35 +318,27 @@ def main() -> int:
         logging.info("resuming: %d rows kept from %s", len(results), out)
     done = {(r.dataset, r.row) for r in results}
     for ds in args.datasets:
-        data = load_dataset(DATASETS[ds], limit=args.limit)
+        path = dataset_path(ds)
+        data = load_dataset(path, limit=args.limit)
         for row in rows:
             if (ds, row) in done:
                 continue
             logging.info("%s: %s", ds, row.name)
-            results.append(run_row(data, ds, DATASETS[ds], row, args, device))
+            results.append(run_row(data, ds, path, row, args, device))
             text = table(results, floor)
-            out.write_text(
-                json.dumps(
-                    {
-                        "benchmark": "large_batch",
-                        "command": " ".join(sys.argv),
-                        "complete": False,
-                        "epochs": args.epochs,
-                        "eval_batch_size": BASE_BATCH,
-                        "seed": args.seed,
-                        "hardware": hw,
-                        "matmul_gflops": gflops,
-                        "compute_floor_events_per_s": floor,
-                        "rows": [
-                            {**asdict(r), "row": {**asdict(r.row), "name": r.row.name}} for r in results
-                        ],
-                        "table": text,
-                        "wall_seconds": time.time() - started,
-                    },
-                    indent=2,
-                    default=str,
-                )
-            )
+            doc = {
+                "benchmark": "large_batch",
+                "complete": False,
+                "epochs": args.epochs,
+                "eval_batch_size": BASE_BATCH,
+                "seed": args.seed,
+                "matmul_gflops": gflops,
+                "compute_floor_events_per_s": floor,
+                "rows": [{**asdict(r), "row": {**asdict(r.row), "name": r.row.name}} for r in results],
+                "table": text,
+                "wall_seconds": time.time() - started,
+            }
+            write_results(out, doc, device=device, quiet=True)
     text = table(results, floor)
     checks = targets(results)
     print(text)
@@ -362,9 +352,9 @@ def main() -> int:
     )
     print("\n".join(checks))
     doc = json.loads(out.read_text())
+    doc.pop("provenance", None)
     doc.update(complete=True, targets=checks, table=text, wall_seconds=time.time() - started)
-    out.write_text(json.dumps(doc, indent=2, default=str))
-    print(f"wrote {out}")
+    write_results(out, doc, device=device)
     return 0
 
 

@@ -18,18 +18,14 @@ Writes ``benchmarks/results/partner_ordering.json`` and prints the tables.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
+from _harness import RESULTS, dataset_path, write_results
+
 from tgnstream.core.loaders import load_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = {
-    "wikipedia": ROOT.parent / "shared" / "datasets" / "wikipedia.csv",
-    "bitcoinotc": ROOT.parent / "shared" / "datasets" / "bitcoinotc.txt",
-}
 #: Time scales of the decayed counts (seconds): an hour, six hours, a day, a week.
 SCALES = {"1h": 3600.0, "6h": 6 * 3600.0, "1d": 86400.0, "1w": 7 * 86400.0}
 #: Bins of the time since the source's last event (seconds).
@@ -139,12 +135,12 @@ def measure(path: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="wikipedia,bitcoinotc")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "partner_ordering.json")
+    p.add_argument("--datasets", default="wikipedia,bitcoinotc", help="comma list of dataset names or paths")
+    p.add_argument("--out", type=Path, default=RESULTS / "partner_ordering.json")
     args = p.parse_args()
     results = {}
     for name in args.datasets.split(","):
-        r = results[name] = measure(DATASETS[name])
+        r = results[name] = measure(dataset_path(name))
         s = r["share"]
         print(
             f"\n{name}: test events {r['test_events']}; latest partner {s['latest']:.3f}, "
@@ -165,10 +161,7 @@ def main() -> int:
             lo, hi = g["gap_s"]
             upper = "∞" if hi is None else f"{hi:g} s"
             print(f"| [{lo:g} s, {upper}) | {g['repeat_events']} | {g['latest_share']:.3f} |")
-    out = {"benchmark": "partner_ordering", "datasets": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"written {args.out}")
+    write_results(args.out, {"benchmark": "partner_ordering", "datasets": results})
     return 0
 
 

@@ -40,10 +40,12 @@ Deviations from the example (the first three are also reported in the returned `
   whole run; evaluation: re-seeded at the start of every evaluation segment, like the example's
   ``torch.manual_seed(12345)`` in ``test()``), so evaluation does not perturb the training RNG.
 
+torch_geometric (``pip install -e '.[bench]'``) is imported when a model is built, so ``--help``
+and the scripts that import this module without running PyG work without it.
+
 Usage::
 
-    PYTHONPATH=. python benchmarks/pyg_baseline.py --data /work/shared/datasets/wikipedia.csv \\
-        --epochs 12 --threads 2
+    python benchmarks/pyg_baseline.py --data wikipedia --epochs 12 --threads 2 [--out F]
 """
 
 from __future__ import annotations
@@ -54,13 +56,12 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch_geometric
+from _harness import dataset_path, write_results
 from torch import Tensor
 from torch.nn import Linear
-from torch_geometric.nn import TGNMemory, TransformerConv
-from torch_geometric.nn.models.tgn import IdentityMessage, LastAggregator, LastNeighborLoader
 
 from tgnstream.core.evaluation import average_precision, ranking_metrics, roc_auc
 from tgnstream.core.events import TemporalDataset
@@ -78,6 +79,8 @@ class GraphAttentionEmbedding(torch.nn.Module):
     """PyG example's embedding: one TransformerConv whose edge attr is [time_enc(dt) ‖ msg]."""
 
     def __init__(self, in_channels: int, out_channels: int, msg_dim: int, time_enc):
+        from torch_geometric.nn import TransformerConv
+
         super().__init__()
         self.time_enc = time_enc
         edge_dim = msg_dim + time_enc.out_channels
@@ -194,6 +197,9 @@ def run_pyg_tgn(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    import torch_geometric
+    from torch_geometric.nn import TGNMemory
+    from torch_geometric.nn.models.tgn import IdentityMessage, LastAggregator, LastNeighborLoader
     from tqdm.auto import tqdm
 
     _seed_everything(seed)
@@ -424,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train and evaluate PyTorch Geometric's example TGN (baseline) on a dataset."
     )
-    parser.add_argument("--data", required=True, help="dataset path (see tgnstream loaders)")
+    parser.add_argument(
+        "--data", type=dataset_path, default="wikipedia", help="dataset name or path (see tgnstream loaders)"
+    )
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -432,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N events")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write the result here (with its provenance)"
+    )
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -450,9 +461,11 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    result["data"] = args.data
+    result["data"] = str(args.data)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    if args.out is not None:
+        write_results(args.out, {"benchmark": "pyg_baseline", **result}, device=args.device)
     return 0
 
 

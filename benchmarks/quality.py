@@ -20,11 +20,11 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _harness import RESULTS, command_line, dataset_path, write_results
 
 from tgnstream.core.baselines import evaluate_baselines
 from tgnstream.core.config import ModelConfig
@@ -34,19 +34,16 @@ from tgnstream.runtime.sysinfo import hardware_info, resolve_device
 from tgnstream.trainer.config import OfflineTrainConfig
 from tgnstream.trainer.offline import train_offline
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-DATASETS = {
-    "wikipedia": ROOT.parent / "shared" / "datasets" / "wikipedia.csv",
-    "bitcoinotc": ROOT.parent / "shared" / "datasets" / "bitcoinotc.txt",
-}
-
 #: The learned rows: (name, OfflineTrainConfig overrides, ModelConfig overrides).
+#: Training settings are explicit: OfflineTrainConfig's defaults are the recommended recipe's.
 MODELS = {
-    "tgnstream TGN": ({}, {}),
-    "tgnstream TGN + pair (old default)": ({"pair_features": True}, {"pair_features": True}),
+    "tgnstream TGN": ({"preset": "tgn", "sampling_correction": False}, {}),
+    "tgnstream TGN + pair (old default)": (
+        {"pair_features": True, "activity_features": False, "sampling_correction": False},
+        {"pair_features": True},
+    ),
     "tgnstream TGN + pair + activity": (
-        {"pair_features": True, "activity_features": True},
+        {"pair_features": True, "activity_features": True, "sampling_correction": False},
         {"pair_features": True, "activity_features": True},
     ),
     "tgnstream default (make train)": (
@@ -109,13 +106,13 @@ DATASETS_BY_NAME: dict[str, Path] = {}
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="wikipedia,bitcoinotc")
+    p.add_argument("--datasets", default="wikipedia,bitcoinotc", help="comma list of dataset names")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", default="wikipedia=5,bitcoinotc=10", help="epochs per dataset (NAME=N,...)")
     p.add_argument("--lr", default="wikipedia=1e-3,bitcoinotc=1e-3", help="learning rate per dataset")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-pyg", action="store_true", help="skip PyG's TGN")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument(
         "--update",
         action="store_true",
@@ -128,17 +125,19 @@ def main() -> int:
     device = resolve_device("cpu")
     epochs = {k: int(v) for k, v in (x.split("=") for x in args.epochs.split(","))}
     lrs = {k: float(v) for k, v in (x.split("=") for x in args.lr.split(","))}
-    report = {"benchmark": "quality", "command": " ".join(sys.argv), "datasets": {}}
+    command = command_line()
+    report = {"benchmark": "quality", "datasets": {}}
     if args.update and args.out.is_file():
         kept = json.loads(args.out.read_text())
+        kept_run = kept.get("provenance", kept)  # files from before the harness kept these on top
         for section in kept["datasets"].values():
-            section.setdefault("command", kept["command"])
-            section.setdefault("hardware", kept.get("hardware"))
+            section.setdefault("command", kept_run.get("command"))
+            section.setdefault("hardware", kept_run.get("hardware"))
         report["datasets"] = kept["datasets"]
     started = time.perf_counter()
     for name in args.datasets.split(","):
-        data = load_dataset(DATASETS[name])
-        DATASETS_BY_NAME[data.name] = DATASETS[name]
+        data = load_dataset(dataset_path(name))
+        DATASETS_BY_NAME[data.name] = dataset_path(name)
         settings = EvalSettings()
         base = evaluate_baselines(data, settings)
         rows = {
@@ -181,7 +180,7 @@ def main() -> int:
             "epochs": epochs[name],
             "lr": lrs[name],
             "seeds": args.seeds,
-            "command": report["command"],
+            "command": command,
             "date": time.strftime("%Y-%m-%d"),
             "hardware": hardware_info(device),
             "heuristics": rows,
@@ -198,10 +197,8 @@ def main() -> int:
 
 def _write(out: Path, report: dict, started: float, device, complete: bool) -> None:
     report["seconds"] = time.perf_counter() - started
-    report["hardware"] = hardware_info(device)
     report["complete"] = complete
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_results(out, report, device=device, quiet=True)
 
 
 def _print(name, rows, best, learned, targets) -> None:

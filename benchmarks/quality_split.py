@@ -6,7 +6,7 @@ ranks every test event against the full candidate pool, as ``recency>global_rece
 per-event history does. Rows: every event; events whose (unordered) pair met before, split into
 "the destination is the source's most recent partner" and "an older partner"; first-time pairs.
 
-    python benchmarks/quality_split.py --data ../shared/datasets/bitcoinotc.txt \
+    python benchmarks/quality_split.py --data bitcoinotc \
         --checkpoint runs/bitcoinotc/checkpoint.pt --out benchmarks/results/quality_split_bitcoinotc.json
 
 Prints a table (share of test events, model MRR, heuristic MRR) and writes the JSON.
@@ -15,16 +15,15 @@ Prints a table (share of test events, model MRR, heuristic MRR) and writes the J
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+from _harness import dataset_path, write_results
 
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.heuristics import HeuristicScorer
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream
-from tgnstream.runtime.sysinfo import hardware_info
 
 
 def event_kinds(src: list[int], dst: list[int], start: int) -> dict[str, torch.Tensor]:
@@ -52,7 +51,7 @@ def event_kinds(src: list[int], dst: list[int], start: int) -> dict[str, torch.T
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=dataset_path, required=True, help="dataset name or path")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--heuristic", default="recency>global_recency")
     p.add_argument("--threads", type=int, default=2)
@@ -87,11 +86,8 @@ def main() -> int:
         "checkpoint": str(args.checkpoint),
         "heuristic": f"{args.heuristic} [event]",
         "rows": rows,
-        "hardware": hardware_info(torch.device("cpu")),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"written {args.out}")
+    write_results(args.out, out, device="cpu")
     return 0
 
 

@@ -13,21 +13,18 @@ is what a server fed live pays. Writes ``benchmarks/results/score_cost.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from _harness import RESULTS, dataset_path, write_results
 
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.modules import encode_pair_features
 from tgnstream.core.pair_stats import pairwise_stats
-from tgnstream.runtime.sysinfo import hardware_info
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
+from tgnstream.core.step import TemporalStep
 
 
 def _time_us(fn, reps: int) -> float:
@@ -42,11 +39,12 @@ def _time_us(fn, reps: int) -> float:
 @torch.inference_mode()
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=dataset_path, default="wikipedia", help="dataset name or path")
     p.add_argument("--events", type=int, default=50_000)
     p.add_argument("--reps", type=int, default=1000)
     p.add_argument("--pairs", type=int, default=1)
     p.add_argument("--open-batch", type=int, default=500, help="events of the open batch (context row)")
+    p.add_argument("--out", type=Path, default=RESULTS / "score_cost.json")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -54,7 +52,7 @@ def main() -> int:
     open_batch = data.events.slice(args.events, args.events + args.open_batch)
     engine = MemoryEngine(ModelConfig.preset("tgn", pair_features=True), capacity=data.num_nodes).eval()
     for i in range(0, args.events, 1000):
-        engine.apply_events(data.events.slice(i, min(i + 1000, args.events)))
+        TemporalStep(engine).apply(data.events.slice(i, min(i + 1000, args.events)))
     engine.fold_pending()
     g = torch.Generator().manual_seed(1)
     src = data.events.src[torch.randint(args.events, (args.pairs,), generator=g)]
@@ -80,22 +78,14 @@ def main() -> int:
     print(f"{'stage':<{width}}  µs/call  ({args.pairs} pair(s), {args.events:,} events applied)")
     for name, us in rows.items():
         print(f"{name:<{width}}  {us:8.1f}")
-    out = ROOT / "benchmarks" / "results" / "score_cost.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "score_cost",
-                "pairs": args.pairs,
-                "events_applied": args.events,
-                "open_batch": args.open_batch,
-                "microseconds_per_call": rows,
-                "hardware": hardware_info(torch.device("cpu")),
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    result = {
+        "benchmark": "score_cost",
+        "pairs": args.pairs,
+        "events_applied": args.events,
+        "open_batch": args.open_batch,
+        "microseconds_per_call": rows,
+    }
+    write_results(args.out, result, device="cpu")
     return 0
 
 

@@ -38,28 +38,24 @@ import time
 from pathlib import Path
 
 import grpc
+from _harness import RESULTS, dataset_path, write_results
 from confluent_kafka import Consumer as ConfluentConsumer
 from confluent_kafka import TopicPartition as ConfluentPartition
+from grpc_latency import closed_loop, open_loop  # the sibling script
 from kafka import KafkaConsumer, TopicPartition
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpc_latency import closed_loop, open_loop  # noqa: E402  (sibling script)
-
-from tgnstream.apps.broker import EmbeddedBroker  # noqa: E402
-from tgnstream.apps.replay import make_producer, replay_events  # noqa: E402
-from tgnstream.apps.serve import ServingProcess  # noqa: E402
-from tgnstream.apps.serve_config import ServeConfig  # noqa: E402
-from tgnstream.core.events import EventBatch  # noqa: E402
-from tgnstream.core.loaders import load_dataset  # noqa: E402
-from tgnstream.ingest.config import IngestConfig  # noqa: E402
-from tgnstream.rpc.v1 import link_prediction_pb2 as pb  # noqa: E402
-from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc  # noqa: E402
-from tgnstream.runtime.sysinfo import hardware_info  # noqa: E402
-from tgnstream.stream.kafka_admin import create_topic  # noqa: E402
-from tgnstream.stream.prefetch import Prefetcher  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
+from tgnstream.apps.broker import EmbeddedBroker
+from tgnstream.apps.replay import make_producer, replay_events
+from tgnstream.apps.serve import ServingProcess
+from tgnstream.apps.serve_config import ServeConfig
+from tgnstream.core.events import EventBatch
+from tgnstream.core.loaders import load_dataset
+from tgnstream.ingest.config import IngestConfig
+from tgnstream.rpc.v1 import link_prediction_pb2 as pb
+from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
+from tgnstream.runtime.sysinfo import hardware_info
+from tgnstream.stream.kafka_admin import create_topic
+from tgnstream.stream.prefetch import Prefetcher
 
 
 def _config(bootstrap: str, topic: str, snapshots: Path, client: str = "auto", **ingest) -> dict:
@@ -317,7 +313,7 @@ def under_load(args, bootstrap: str, data, work: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=dataset_path, default="wikipedia", help="dataset name or path")
     p.add_argument("--rounds", type=int, default=3, help="raw/ingest rounds (medians reported)")
     p.add_argument("--warm", type=int, default=60_000, help="events applied before the load phase")
     p.add_argument("--ingest-rate", type=float, default=10_000, help="live feed, events/s")
@@ -344,7 +340,7 @@ def main() -> int:
     )
     p.add_argument("--rpcs", default="score1,score100,topk10", help="RPCs of the load phase")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "serve.json")
     args = p.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
 
@@ -378,7 +374,7 @@ def main() -> int:
 
     hw = hardware_info()
     result = {
-        "hardware": hw,
+        "benchmark": "serve",
         "dataset": {"name": data.name, "events": n, "nodes": data.num_nodes},
         "model": "tgn (random weights, memory 100), torch threads 1",
         "ingest": {
@@ -406,8 +402,7 @@ def main() -> int:
         "under_load": load,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result, quiet=True)
 
     print(f"\n{hw.get('cpu')} x{hw.get('cpu_cores')}, {data.name} {n:,} events")
     print(f"{'ingest':<34}{'events/s':>12}")

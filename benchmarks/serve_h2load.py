@@ -31,14 +31,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _harness import RESULTS, dataset_path, write_results
+
 from tgnstream.apps.broker import EmbeddedBroker
 from tgnstream.core.loaders import load_dataset
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
-from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.stream.kafka_admin import create_topic
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
 SERVICE = "tgnstream.rpc.v1.LinkPrediction"
 
 
@@ -282,7 +281,7 @@ def _run_server(args, bootstrap: str, readers: int, bodies: dict, h2load: str, w
 # ---------------------------------------------------------------------------------- main
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=dataset_path, default="wikipedia", help="dataset name or path")
     p.add_argument(
         "--checkpoint", type=Path, default=None, help="serve this checkpoint (default: fresh TGN+pair)"
     )
@@ -307,7 +306,7 @@ def main() -> int:
         help="comma list of grpc.readers values, one server each (0: answers in the serving process)",
     )
     p.add_argument("--device", default="cpu", help="the server's device (cpu, cuda)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_h2load.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "serve_h2load.json")
     args = p.parse_args()
     h2load = ensure_h2load()
     data = load_dataset(args.data)
@@ -333,8 +332,7 @@ def main() -> int:
         for readers in [int(x) for x in args.readers.split(",")]:
             rows += _run_server(args, broker.bootstrap, readers, bodies, h2load, work / f"r{readers}")
     result = {
-        "hardware": hardware_info(),
-        "command": " ".join(sys.argv),
+        "benchmark": "serve_h2load",
         "ingest_rate": args.ingest_rate,
         "warm": args.warm,
         "duration_s": args.duration,
@@ -343,14 +341,13 @@ def main() -> int:
         "device": args.device,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"\nwritten {args.out}")
+    print()
+    write_results(args.out, result, device=args.device)
     _table(rows, _rates(args.rates))
     scaling = _scaling(rows)
     if scaling:
         result["scaling"] = scaling
-        args.out.write_text(json.dumps(result, indent=1))
+        write_results(args.out, result, device=args.device, quiet=True)
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
         for log in work.glob("r*/server.log"):

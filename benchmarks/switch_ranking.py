@@ -31,23 +31,18 @@ Writes ``benchmarks/results/switch_ranking.json`` and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import RESULTS, dataset_path, write_results
 
 from tgnstream.core.evaluation import reciprocal_ranks, roc_auc
 from tgnstream.core.loaders import load_dataset
 from tgnstream.core.stream_eval import candidate_pool
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = {
-    "wikipedia": ROOT.parent / "shared" / "datasets" / "wikipedia.csv",
-    "bitcoinotc": ROOT.parent / "shared" / "datasets" / "bitcoinotc.txt",
-}
 KINDS = ("latest", "older", "first-time")
 #: Upper edges of the bins of the time since the source's last event (seconds); one more bin
 #: holds sources never active before.
@@ -254,12 +249,12 @@ def measure(path: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="wikipedia,bitcoinotc")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "switch_ranking.json")
+    p.add_argument("--datasets", default="wikipedia,bitcoinotc", help="comma list of dataset names or paths")
+    p.add_argument("--out", type=Path, default=RESULTS / "switch_ranking.json")
     args = p.parse_args()
     results = {}
     for name in args.datasets.split(","):
-        r = results[name] = measure(DATASETS[name])
+        r = results[name] = measure(dataset_path(name))
         s = r["share"]
         print(
             f"\n{name}: {r['test_events']} test events against {r['candidates']} candidates; "
@@ -280,9 +275,7 @@ def main() -> int:
         "recent_events": RECENT,
         "datasets": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"written {args.out}")
+    write_results(args.out, out)
     return 0
 
 

@@ -19,33 +19,32 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _harness import RESULTS, ROOT, dataset_path, write_results
 from tqdm.auto import tqdm
 
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.loaders import load_dataset
+from tgnstream.core.step import TemporalStep
 from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
 from tgnstream.model_server.queries import CandidateCache
 from tgnstream.runtime.live import LiveEngine
-from tgnstream.runtime.sysinfo import hardware_info
 from tgnstream.trainer.config import OfflineTrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("query", "last_change")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "wikipedia" / "checkpoint.pt")
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "wikipedia.csv")
+    p.add_argument("--data", type=dataset_path, default="wikipedia", help="dataset name or path")
     p.add_argument("--batch-size", type=int, default=1000, help="serving batch (ingest.batch_max_events)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "topk_refresh.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "topk_refresh.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
@@ -57,7 +56,7 @@ def main() -> int:
     stop = len(data)
     with torch.no_grad():
         for i in tqdm(range(0, test0, 200), desc="history", leave=False):
-            engine.apply_events(data.events.slice(i, min(i + 200, test0)))
+            TemporalStep(engine).apply(data.events.slice(i, min(i + 200, test0)))
     start_state = copy.deepcopy(engine.state_dict())
 
     quality = {}
@@ -76,7 +75,7 @@ def main() -> int:
         ms, shares = [], []
         for i in tqdm(range(test0, stop, args.batch_size), desc=f"refresh ({mode})", leave=False):
             with live.write() as e:
-                e.apply_events(data.events.slice(i, min(i + args.batch_size, stop)))
+                TemporalStep(e).apply(data.events.slice(i, min(i + args.batch_size, stop)))
                 e.fold_pending()  # as the server does after each batch
             before = cache.computed
             t0 = time.perf_counter()
@@ -97,22 +96,15 @@ def main() -> int:
             f"{mode:<14} {q['mrr']:>9.4f} {q['hits@10']:>8.4f} {c['ms_per_refresh_mean']:>11.2f} "
             f"{c['recomputed_share_mean']:>10.1%}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "topk_refresh",
-                "command": "python benchmarks/topk_refresh.py --checkpoint " + str(args.checkpoint),
-                "batch_size": args.batch_size,
-                "test_events": stop - test0,
-                "quality": quality,
-                "cost": cost,
-                "hardware": hardware_info(torch.device("cpu")),
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {args.out}")
+    result = {
+        "benchmark": "topk_refresh",
+        "checkpoint": str(args.checkpoint),
+        "batch_size": args.batch_size,
+        "test_events": stop - test0,
+        "quality": quality,
+        "cost": cost,
+    }
+    write_results(args.out, result, device="cpu")
     return 0
 
 

@@ -9,24 +9,19 @@ writes ``benchmarks/results/train_offline[_<tag>].json``. Featureless JODIE Wiki
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _harness import RESULTS, ROOT, dataset_path, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from tgnstream.core.config import ModelConfig  # noqa: E402
-from tgnstream.core.loaders import load_dataset  # noqa: E402
-from tgnstream.runtime.sysinfo import hardware_info, resolve_device  # noqa: E402
-from tgnstream.trainer.config import OfflineTrainConfig  # noqa: E402
-from tgnstream.trainer.offline import train_offline  # noqa: E402
-
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "wikipedia.csv"
+from tgnstream.core.config import ModelConfig
+from tgnstream.core.loaders import load_dataset
+from tgnstream.runtime.sysinfo import hardware_info, resolve_device
+from tgnstream.trainer.config import OfflineTrainConfig
+from tgnstream.trainer.offline import train_offline
 
 
 def run_ours(data, args, device, pair_features: bool, tmp: Path, fold_once: bool = True) -> dict:
@@ -40,6 +35,7 @@ def run_ours(data, args, device, pair_features: bool, tmp: Path, fold_once: bool
         device=str(device),
         progress=not args.no_progress,
         pair_features=pair_features,
+        sampling_correction=False,  # the measured rows; the recommended recipe turns it on
         lr=args.lr,
     )
     model_cfg = ModelConfig.preset(
@@ -59,7 +55,7 @@ def run_ours(data, args, device, pair_features: bool, tmp: Path, fold_once: bool
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=dataset_path, default="wikipedia", help="dataset name or path")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -75,6 +71,9 @@ def main() -> int:
         help="also train TGN with fold_once=False (neighbour folds redone with gradient every batch)",
     )
     p.add_argument("--tag", default="", help="suffix of the results file, e.g. gpu")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results file (default: results/train_offline[_TAG].json)"
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -139,30 +138,21 @@ def main() -> int:
     )
     table = "\n".join(lines)
     print(table)
-    out = ROOT / "benchmarks" / "results" / f"train_offline{'_' + args.tag if args.tag else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "train_offline",
-                "command": " ".join(sys.argv),
-                "dataset": data.name,
-                "num_events": len(data),
-                "featureless": data.edge_dim == 0,
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "seed": args.seed,
-                "hardware": hw,
-                "rows": rows,
-                "ratios": ratios,
-                "table": table,
-                "wall_seconds": time.time() - started,
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    print(f"wrote {out}")
+    out = args.out or RESULTS / f"train_offline{'_' + args.tag if args.tag else ''}.json"
+    result = {
+        "benchmark": "train_offline",
+        "dataset": data.name,
+        "num_events": len(data),
+        "featureless": data.edge_dim == 0,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "rows": rows,
+        "ratios": ratios,
+        "table": table,
+        "wall_seconds": time.time() - started,
+    }
+    write_results(out, result, device=device)
     return 0
 
 
