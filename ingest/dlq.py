@@ -226,7 +226,7 @@ def read_dead_letters(bootstrap: str, topic: str, timeout: float = 10.0) -> list
         while time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=200).values():
                 out.extend(_as_dead_letter(r) for r in records)
-            # The fetch high watermark is right even where ListOffsets is not (design §9).
+            # The fetch high watermark is right even where ListOffsets is not (docs/architecture.md §9).
             highs = [consumer.highwater(tp) for tp in tps]
             if all(h is not None and consumer.position(tp) >= h for tp, h in zip(tps, highs)):
                 break

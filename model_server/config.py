@@ -118,7 +118,7 @@ class GrpcConfig(BaseModel):
         description="when TopK embeds its candidates: 'query' (at the state's watermark, exact, every "
         "candidate recomputed per applied batch) or 'last_change' (each as of the last change in its "
         "neighbourhood, so only candidates a batch reached are recomputed; evaluate the model with the "
-        "same setting, README 'TopK candidate times')",
+        "same setting, docs/serving.md, 'TopK candidate times')",
     )
     query_time_slack_s: float = Field(
         86_400.0,

@@ -18,7 +18,7 @@ _MODELS = ("candidate", "published")
 
 
 class TrainerMetrics:
-    """All metrics a ``tgnstream trainer`` process exports (see README, "Continual training")."""
+    """All metrics a ``tgnstream trainer`` process exports (docs/training.md)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()

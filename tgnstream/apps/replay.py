@@ -1,7 +1,7 @@
 """``tgnstream replay``: publish a recorded stream to Kafka, one record per event, in time order.
 
 Each event becomes one record: key = the source id (UTF-8), value = the event in the wire
-format of design §3 (compact JSON ``{"src","dst","ts","label"[,"features"]}``, or the protobuf
+format of docs/architecture.md §3 (compact JSON ``{"src","dst","ts","label"[,"features"]}``, or the protobuf
 ``tgnstream.rpc.v1.Event``). External ids are the dataset's raw ids (``raw_ids[dense_id]``);
 the whole file is always loaded so ids never depend on ``--start``/``--limit``.
 
@@ -80,7 +80,7 @@ def encode_event(
     features: Sequence[float] | np.ndarray | None = None,
     encoding: str = "json",
 ) -> bytes:
-    """One event in the record-value wire format (design §3), the inverse of ``RecordDecoder``.
+    """One event in the record-value wire format (docs/architecture.md §3), the inverse of ``RecordDecoder``.
 
     JSON: compact ``{"src":..,"dst":..,"ts":..,"label":..}`` plus ``"features"`` when given and
     non-empty (ints stay JSON integers, which the decoder accepts and stringifies). Protobuf:

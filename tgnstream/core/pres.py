@@ -1,5 +1,5 @@
 """PRES (Su, Zou, Wu, ICLR 2024): per-node statistics of memory transitions that predict a
-node's next memory, fused with the memory the updater computes (research/algorithms.md §3).
+node's next memory, fused with the memory the updater computes (docs/architecture.md §6, §10).
 
 Deliberately not the released code (see the pitfalls there): statistics are a per-node running
 mean and variance (Welford; the maximum-likelihood single Gaussian), touched only for nodes that

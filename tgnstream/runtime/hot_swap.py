@@ -1,4 +1,4 @@
-"""Hot swap of published model versions into a serving process (design §5).
+"""Hot swap of published model versions into a serving process (docs/architecture.md §5).
 
 A watcher thread looks at the published versions (``tgnstream.runtime.models``) every
 ``watch_interval_s``. For a version newer than the served one it loads the weights and state

@@ -66,7 +66,7 @@ def standard_collectors(registry: CollectorRegistry) -> None:
 
 
 class ServerMetrics:
-    """All metrics a ``tgnstream serve`` process exports (see README, "Metrics")."""
+    """All metrics a ``tgnstream serve`` process exports (docs/serving.md, "Metrics")."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()

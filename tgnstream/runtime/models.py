@@ -1,4 +1,4 @@
-"""Published model versions: what the trainer hands to servers (design §5 hot swap, §6).
+"""Published model versions: what the trainer hands to servers (docs/architecture.md §5 hot swap, §6).
 
 Layout: ``DIR/v<NNNNNN>/`` holding ``state.pt`` (a checkpoint: model config, weights and the
 trainer's full state: memory, mailbox, neighbours, pair history, id map, PRES statistics),

@@ -2,12 +2,12 @@
 
 * ``confluent-kafka`` (librdkafka): fetching, decompression and record parsing run in C threads;
   about 4x kafka-python's consume rate on the embedded broker, which made Kafka parsing stop
-  being the bound of ingest (see the README's benchmark).
+  being the bound of ingest (benchmarks/README.md, serve.py).
 * ``kafka-python``: pure Python; the fallback where no confluent-kafka wheel exists.
 
 ``KafkaConfig.client`` picks one ("auto": confluent-kafka when it imports). Both read by manual
 assignment from explicit offsets and report the log end seen in fetch responses (ListOffsets
-is wrong on Tansu, design §9), so the source above them behaves the same with either.
+is wrong on Tansu, docs/architecture.md §9), so the source above them behaves the same with either.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Decoding Kafka record values into validated events (design §3), fast.
+"""Decoding Kafka record values into validated events (docs/architecture.md §3), fast.
 
 Contract of one JSON value: ``{"src": "user-17", "dst": "page-42", "ts": 1700000000.25,
 "features": [...], "label": 0}``. ``src``/``dst`` are non-empty strings of at most

@@ -58,7 +58,7 @@ class KafkaSource:
     the batch's first record. Replaying a backlog therefore always yields the same boundaries,
     which is what makes recovery reproduce the uninterrupted state exactly (memory is
     batch-granular). With several partitions the interleaving follows fetch order, so exact
-    reproducibility needs one partition (documented in the README).
+    reproducibility needs one partition (docs/serving.md, Ingest semantics).
     """
 
     def __init__(
@@ -237,7 +237,7 @@ class KafkaSource:
     # --------------------------------------------------------------------------- monitoring
     def highwaters(self) -> dict[int, int | None]:
         """Per partition: the log end seen in the latest fetch response (None before the first).
-        Lag is computed from it because ListOffsets can be wrong on Tansu (design §9)."""
+        Lag is computed from it because ListOffsets can be wrong on Tansu (docs/architecture.md §9)."""
         return {p: self._client.highwater(p) for p in self.partitions}
 
     def commit(self, offsets: dict[int, int]) -> None:
