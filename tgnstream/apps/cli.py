@@ -269,20 +269,26 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _run_serve(args) -> int:
-    from tgnstream.apps.serve import run_server
-    from tgnstream.apps.serve_config import load_serve_config
-
-    cfg = load_serve_config(args.config)
+def _run_service(args, load_config, run) -> int:
+    """``serve`` and ``trainer``: settings from --config and the environment, the command line's
+    log level over the file's, then ``run(cfg)``."""
+    cfg = load_config(args.config)
     if args.print_config:
         print(cfg.model_dump_json(indent=2))
         return 0
     level = args.log_level or cfg.log_level  # the command line wins over the file
     logging.getLogger().setLevel(level)
     if level != "DEBUG":
-        # kafka-python logs every connection event at INFO; keep the server's log readable.
+        # kafka-python logs every connection event at INFO; keep the log readable.
         logging.getLogger("kafka").setLevel(logging.WARNING)
-    return run_server(cfg)
+    return run(cfg)
+
+
+def _run_serve(args) -> int:
+    from tgnstream.apps.serve import run_server
+    from tgnstream.apps.serve_config import load_serve_config
+
+    return _run_service(args, load_serve_config, run_server)
 
 
 def _trainer_parser(sub) -> None:
@@ -306,15 +312,7 @@ def _run_trainer(args) -> int:
     from tgnstream.apps.trainer import run_trainer
     from tgnstream.trainer.continual_config import load_trainer_config
 
-    cfg = load_trainer_config(args.config)
-    if args.print_config:
-        print(cfg.model_dump_json(indent=2))
-        return 0
-    level = args.log_level or cfg.log_level  # the command line wins over the file
-    logging.getLogger().setLevel(level)
-    if level != "DEBUG":
-        logging.getLogger("kafka").setLevel(logging.WARNING)
-    return run_trainer(cfg)
+    return _run_service(args, load_trainer_config, run_trainer)
 
 
 def _broker_parser(sub) -> None:

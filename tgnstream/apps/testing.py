@@ -9,6 +9,8 @@ from typing import Any
 from tgnstream.apps.broker import free_port
 
 __all__ = [
+    "NoNewEvents",
+    "wait_until",
     "child_pids",
     "consume_records",
     "free_port",
@@ -174,3 +176,28 @@ def prefix_answer(engine, events, n: int, batch: int, pairs, t: float, start: in
     src, dst = src.masked_fill(src < 0, cold).to(device), dst.masked_fill(dst < 0, cold).to(device)
     t_q = torch.full((len(pairs),), t, dtype=torch.float64, device=device)
     return engine.score(src, dst, t_q, context).float().cpu().tolist()
+
+
+def wait_until(cond, timeout: float = 30.0, what: str = "the condition", every: float = 0.05):
+    """Poll ``cond()`` until it returns something truthy (returned); AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class NoNewEvents:
+    """A stand-in for the hot swap's catch-up ``BatchReader`` on a topic with nothing past the
+    published offsets (unit tests of the swapper without a broker)."""
+
+    def __init__(self, stream, offsets, *args, **kwargs):
+        self.next_offsets = dict(offsets)
+
+    def poll(self, until=None):
+        return []
+
+    def close(self):
+        pass

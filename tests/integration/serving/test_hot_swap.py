@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 
-from tgnstream.apps.testing import prefix_answer, serve_config_dict
+from tgnstream.apps.testing import prefix_answer, serve_config_dict, wait_until
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
@@ -68,16 +68,6 @@ def _trainer(tmp: Path, bootstrap: str, topic: str) -> subprocess.Popen:
     )
 
 
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Hammer(threading.Thread):
     """Score and TopK in a loop; keeps every Score reply's (version, events, probabilities)."""
 
@@ -117,7 +107,9 @@ def test_versions_are_swapped_in_under_load_without_a_failed_query(
     trainer = _trainer(tmp_path, kafka_bootstrap, kafka_topic)
     store = ModelStore(tmp_path / "models")
     try:
-        _wait(lambda: len(store.versions()) >= 2, 120, "the trainer's first round")  # after its start model
+        wait_until(
+            lambda: len(store.versions()) >= 2, 120, "the trainer's first round"
+        )  # after its start model
         first = store.latest().version
         cfg = serve_config_dict(
             tmp_path,
@@ -138,9 +130,9 @@ def test_versions_are_swapped_in_under_load_without_a_failed_query(
         for i in range(FIRST, TOTAL, 250):  # the rest arrives while versions are published
             produce(kafka_bootstrap, kafka_topic, values[i : i + 250])
             time.sleep(0.5)
-        _wait(lambda: len(store.versions()) >= 4, 180, "three versions after the start model")
+        wait_until(lambda: len(store.versions()) >= 4, 180, "three versions after the start model")
         newest = store.latest().version
-        _wait(
+        wait_until(
             lambda: server.info().model_version == newest and server.info().events_applied == TOTAL,
             120,
             f"the server to serve {newest} over all events",
@@ -210,7 +202,7 @@ def test_a_damaged_or_incompatible_version_is_refused_and_the_old_one_keeps_serv
         models={"dir": str(tmp_path / "models"), "watch_interval_s": 0.2},
     )
     server = server_factory(cfg).start()
-    _wait(lambda: server.info().events_applied == 600, 60, "600 events")
+    wait_until(lambda: server.info().events_applied == 600, 60, "600 events")
     assert server.info().model_version == good.version
     # A damaged version: its state no longer matches the manifest.
     torch.manual_seed(1)
@@ -219,7 +211,7 @@ def test_a_damaged_or_incompatible_version_is_refused_and_the_old_one_keeps_serv
     raw = bytearray(state.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     state.write_bytes(bytes(raw))
-    _wait(
+    wait_until(
         lambda: 'tgnstream_model_swaps_total{result="refused"} 1.0' in _scrape(server.ports["metrics_port"]),
         30,
         "the damaged version's refusal",
@@ -227,7 +219,7 @@ def test_a_damaged_or_incompatible_version_is_refused_and_the_old_one_keeps_serv
     # An incompatible one: another architecture.
     other = ModelConfig.preset("tgn", width=32, pair_features=True)
     store.publish(MemoryEngine(other, 64).eval(), {}, kafka_topic)
-    _wait(
+    wait_until(
         lambda: 'tgnstream_model_swaps_total{result="refused"} 2.0' in _scrape(server.ports["metrics_port"]),
         30,
         "the incompatible version's refusal",
@@ -261,7 +253,7 @@ def test_a_restart_serves_the_newest_published_version(
         models={"dir": str(tmp_path / "models"), "watch_interval_s": 0.2},
     )
     server = server_factory(cfg).start()
-    _wait(lambda: server.info().events_applied == 600, 60, "600 events")
+    wait_until(lambda: server.info().events_applied == 600, 60, "600 events")
     assert server.terminate() == 0  # the final snapshot records v000001 at offset 600
     # Published while the server was down: the state after 400 events of other weights.
     torch.manual_seed(7)
@@ -272,7 +264,7 @@ def test_a_restart_serves_the_newest_published_version(
     prefix_answer(engine, events, 400, BATCH, [], 0.0)  # applies the 2 batches of 200 (no query)
     second = store.publish(engine, {0: 400}, kafka_topic, parent=first.version)
     restarted = server_factory(cfg).start()
-    _wait(
+    wait_until(
         lambda: restarted.info().model_version == second.version, 60, "the newest version after the restart"
     )
     info = restarted.info()

@@ -4,11 +4,11 @@ with the in-memory broker every new version was refused as 'another incarnation'
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import torch
 
+from tgnstream.apps.testing import NoNewEvents, wait_until
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.ingest.loop import IngestLoop
@@ -18,19 +18,6 @@ from tgnstream.runtime.models import ModelStore
 from tgnstream.stream.config import StreamConfig
 
 
-class _NoNewEvents:
-    """The catch-up reader on a topic with nothing past the published offsets."""
-
-    def __init__(self, stream, offsets, *args, **kwargs):
-        self.next_offsets = dict(offsets)
-
-    def poll(self, until=None):
-        return []
-
-    def close(self):
-        pass
-
-
 def _engine(seed: int) -> MemoryEngine:
     torch.manual_seed(seed)
     return MemoryEngine(
@@ -38,18 +25,8 @@ def _engine(seed: int) -> MemoryEngine:
     ).eval()
 
 
-def _wait(cond, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, monkeypatch):
-    monkeypatch.setattr("tgnstream.runtime.hot_swap.BatchReader", _NoNewEvents)
+    monkeypatch.setattr("tgnstream.runtime.hot_swap.BatchReader", NoNewEvents)
     stream = StreamConfig()
     store = ModelStore(tmp_path / "models")
     served = _engine(1)
@@ -67,11 +44,11 @@ def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, m
     swapper.start()
     try:
         store.publish(_engine(2), {}, stream.kafka.topic, topic_id="new-topic", parent="v000001")
-        ready = _wait(lambda: swapper.take_ready({}))
+        ready = wait_until(lambda: swapper.take_ready({}))
         assert ready.version == "v000002" and not refused
         # A version trained on the old incarnation is refused, with the reason.
         store.publish(_engine(3), {}, stream.kafka.topic, topic_id="old-topic", parent="v000002")
-        _wait(lambda: refused)
+        wait_until(lambda: refused)
         assert refused[0][0] == "v000003" and "another incarnation" in refused[0][1]
     finally:
         swapper.stop()

@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from tgnstream.apps.testing import NoNewEvents, wait_until
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
@@ -314,31 +314,8 @@ def test_the_trainer_publishes_to_a_url(remote):
 
 
 # ------------------------------------------------------------------------- the hot swapper
-class _NoNewEvents:
-    """The hot swapper's catch-up reader on a topic with nothing past the published offsets."""
-
-    def __init__(self, stream, offsets, *args, **kwargs):
-        self.next_offsets = dict(offsets)
-
-    def poll(self, until=None):
-        return []
-
-    def close(self):
-        pass
-
-
-def _wait(cond, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def test_a_server_hot_swaps_versions_from_an_object_store(remote, monkeypatch):
-    monkeypatch.setattr("tgnstream.runtime.hot_swap.BatchReader", _NoNewEvents)
+    monkeypatch.setattr("tgnstream.runtime.hot_swap.BatchReader", NoNewEvents)
     writer = remote.store()
     stream = StreamConfig()
     served = _engine(40, seed=1)
@@ -369,7 +346,7 @@ def test_a_server_hot_swaps_versions_from_an_object_store(remote, monkeypatch):
     writer.publish(newer, {0: 40}, stream.kafka.topic, parent="v000001")
     swapper.start()
     try:
-        ready = _wait(lambda: swapper.take_ready({0: 40}))
+        ready = wait_until(lambda: swapper.take_ready({0: 40}))
         assert (ready.version, ready.offsets) == ("v000002", {0: 40}) and len(failures) == 2
         newer.fold_pending()  # as the swapper does before its catch-up
         _same_engine(ready.engine, newer)
@@ -389,7 +366,7 @@ def test_a_server_hot_swaps_versions_from_an_object_store(remote, monkeypatch):
 
         monkeypatch.setattr(writer.fs, "put_file", corrupting_put)
         writer.publish(_engine(40, seed=3), {0: 40}, stream.kafka.topic, parent="v000002")
-        _wait(lambda: refused)
+        wait_until(lambda: refused)
         assert refused[0][0] == "v000003" and "checksum" in refused[0][1]
         assert swapper.take_ready({0: 40}) is None and swapper.error is None
     finally:
