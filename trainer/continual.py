@@ -58,7 +58,8 @@ class WindowBatch:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one round did. ``decision``: ``published`` or ``rejected``; ``reason`` in words;
+    """What one round did. ``decision``: ``published``, ``rejected`` (by the gate) or ``skipped``
+    (no holdout to gate on: nothing trained); ``reason`` in words;
     ``candidate`` / ``published``: the gate's metrics (``ap``, ``auc``, ``mrr``, ``hits@10``,
     ``n_events``) of the two models on the holdout; ``loss``: the last epoch's mean training loss;
     ``train_events``: events per epoch; ``train_events_per_s``: training throughput;
@@ -204,6 +205,8 @@ class ContinualTrainer:
         started = time.perf_counter()
         cfg = self.training
         data, split = self._window_data()
+        if len(data) - split < self.gate.min_holdout_events:
+            return self._skip(data, split, started), None
         device = self.head.device
         candidate = copy.deepcopy(self.head)
         optimizer = make_optimizer(candidate.model.parameters(), cfg.lr)
@@ -301,6 +304,22 @@ class ContinualTrainer:
             result.train_events_per_s,
         )
         return result, adopted
+
+    def _skip(self, data: TemporalDataset, split: int, started: float) -> RoundResult:
+        """No gate without a holdout: a window of one batch (or of batches larger than the holdout
+        allows) leaves none. Nothing is trained; the round waits for more events."""
+        holdout = len(data) - split
+        reason = (
+            f"the holdout would hold {holdout} events, fewer than gate.min_holdout_events "
+            f"({self.gate.min_holdout_events}): the window has {len(self.window)} batch(es) of "
+            f"{len(data)} events and the holdout takes whole batches after the first"
+        )
+        self.new_events = 0
+        self._last_round_at = time.monotonic()
+        log.warning("round skipped: %s", reason)
+        return RoundResult(
+            "skipped", reason, {}, {}, float("nan"), split, holdout, 0.0, time.perf_counter() - started
+        )
 
     def _decide(self, loss: float, cand: dict, pub: dict) -> tuple[str, str]:
         g = self.gate

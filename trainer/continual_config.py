@@ -103,6 +103,14 @@ class GateConfig(BaseModel):
         10_000, ge=0, description="rank against every destination up to this many, else sampled candidates"
     )
     sampled_negatives: int = Field(100, ge=1, description="candidates per positive when sampling")
+    min_holdout_events: int = Field(
+        100,
+        ge=1,
+        description="a round whose holdout (the window's newest whole batches, at least holdout_events "
+        "when the window allows) has fewer events is skipped before training: logged with the reason "
+        'and counted as tgnstream_trainer_rounds_total{result="skipped"}; it runs again once more '
+        "events arrived",
+    )
 
 
 class PublishConfig(BaseModel):

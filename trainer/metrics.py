@@ -13,7 +13,7 @@ from tgnstream.runtime.metrics import standard_collectors
 __all__ = ["ROUND_RESULTS", "TrainerMetrics"]
 
 #: Values of the ``result`` label of tgnstream_trainer_rounds_total.
-ROUND_RESULTS = ("published", "rejected", "failed")
+ROUND_RESULTS = ("published", "rejected", "skipped", "failed")
 _MODELS = ("candidate", "published")
 
 
@@ -36,7 +36,7 @@ class TrainerMetrics:
         self.rounds = Counter(
             "tgnstream_trainer_rounds_total",
             "Fine-tuning rounds by result: published (passed the gate), rejected (by the gate), "
-            "failed (error)",
+            "skipped (no holdout to gate on, nothing trained), failed (error)",
             ["result"],
             registry=r,
         )
@@ -108,6 +108,8 @@ class TrainerMetrics:
     def observe_round(self, result) -> None:
         """Record a ``RoundResult``."""
         self.rounds.labels(result.decision).inc()
+        if result.decision == "skipped":
+            return  # nothing trained or measured
         self.round_seconds.observe(result.seconds)
         self.loss.set(result.loss)
         self.train_events_per_second.set(result.train_events_per_s)

@@ -179,9 +179,11 @@ def evaluate_stream(
         scorer.apply(scored)
     if engine is not None:
         engine.train(was_training)
-    out = {"pos": torch.cat(pos_all), "neg": torch.cat(neg_all)}
+    # An empty range scores nothing: empty tensors (summarise reports n_events 0), not an error.
+    empty = torch.empty(0)
+    out = {"pos": torch.cat(pos_all) if pos_all else empty, "neg": torch.cat(neg_all) if neg_all else empty}
     if settings.rank:
-        out["rr"] = torch.cat(rr_all)
+        out["rr"] = torch.cat(rr_all) if rr_all else empty
     return out
 
 

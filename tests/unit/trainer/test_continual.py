@@ -180,3 +180,46 @@ def test_a_restored_trainer_goes_on_like_one_that_never_stopped(tmp_path):
     r2, _ = restored.run_round()
     assert r1.decision == r2.decision and r1.candidate == pytest.approx(r2.candidate, abs=1e-9)
     _assert_same_state(restored.head, trainer.head)
+
+
+def test_a_window_without_a_holdout_skips_the_round_with_a_reason_and_trains_nothing():
+    """One batch larger than the holdout: the holdout takes whole batches after the first, so it
+    would be empty (before: ``torch.cat(): expected a non-empty list`` in evaluate_stream)."""
+    from tgnstream.trainer.metrics import TrainerMetrics
+
+    data = _stream()
+    trainer = _trainer(window_events=600, holdout_events=200, every_events=100, min_new_events=100)
+    trainer.observe(data.events.slice(0, 300), {0: 0}, {0: 300})
+    assert trainer.due() and len(trainer.window) == 1
+    head = copy.deepcopy(trainer.head)
+    result, adopted = trainer.run_round()
+    assert (result.decision, adopted, result.holdout_events) == ("skipped", None, 0)
+    assert "fewer than gate.min_holdout_events" in result.reason
+    _assert_same_state(trainer.head, head)
+    assert trainer.new_events == 0 and not trainer.due()
+    metrics = TrainerMetrics()
+    metrics.observe_round(result)
+    assert metrics.registry.get_sample_value("tgnstream_trainer_rounds_total", {"result": "skipped"}) == 1
+    # More events make a holdout: the next round trains and gates.
+    trainer.gate = GateConfig(max_ap_drop=1.0, max_mrr_drop=1.0)
+    trainer.observe(data.events.slice(300, 600), {0: 300}, {0: 600})
+    assert trainer.due()
+    result, _ = trainer.run_round()
+    assert result.decision == "published" and result.holdout_events == 300
+
+
+def test_a_holdout_below_the_minimum_is_skipped_too():
+    data = _stream()
+    trainer = _trainer()
+    trainer.gate = GateConfig(min_holdout_events=500)  # more than the 200 the window gives
+    for b in list(_batches(data))[:12]:
+        trainer.observe(*b)
+    result, adopted = trainer.run_round()
+    assert result.decision == "skipped" and adopted is None and result.holdout_events == 200
+
+
+def test_evaluating_an_empty_range_is_defined():
+    data = _stream()
+    scores = evaluate_stream(_engine(), data, 500, 500, EvalSettings(batch_size=BATCH, rank=True))
+    assert all(v.numel() == 0 for v in scores.values())
+    assert summarise(scores) == {"n_events": 0}
