@@ -32,7 +32,7 @@ from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.metrics import ServerMetrics
 from tgnstream.runtime.shared_state import SharedLiveView
 
-__all__ = ["build_server", "stop_server", "close_servicer", "SERVICE_NAME", "HEALTH_SERVICE"]
+__all__ = ["build_server", "check_tls", "stop_server", "close_servicer", "SERVICE_NAME", "HEALTH_SERVICE"]
 
 # Which servicer each built server runs, so that stop_server can release its resources.
 _SERVICERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -86,6 +86,14 @@ def _check_tls_pair(cert_file: Path, key_file: Path, cert: bytes, key: bytes) ->
             f"TLS key file {key_file} cannot be used with the certificate in {cert_file}: "
             f"{exc.reason or exc.strerror or exc}"
         ) from None
+
+
+def check_tls(config: GrpcConfig) -> None:
+    """Validate the TLS files of ``config`` (readable, PEM, the key of the certificate, the client
+    CA) where the serving process starts, before any reader process is spawned: raises ValueError
+    with the one line that says what is wrong. A no-op without TLS."""
+    if config.tls:
+        _credentials(config)
 
 
 def _credentials(config: GrpcConfig) -> grpc.ServerCredentials:

@@ -146,3 +146,28 @@ def test_tls_is_enforced_and_a_mismatched_key_is_named_at_start(broker, servers,
     broken.start(wait=False)
     assert broken.wait_exit(60) != 0
     assert "does not match the certificate" in broken.log()
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+@pytest.mark.parametrize("problem", ["missing certificate", "key of another certificate"])
+def test_tls_errors_are_one_line_and_exit_2_with_or_without_readers(
+    broker, servers, tmp_path, certs, readers, problem
+):
+    """With reader processes (the default) a TLS problem was found only inside each reader: exit 1
+    and 3-5 tracebacks with the message buried. Now the serving process checks before spawning
+    any reader: one line, exit 2, no traceback, as without readers."""
+    (key_a, cert_a), (key_b, _) = certs
+    if problem == "missing certificate":
+        tls = {"tls_cert_file": str(tmp_path / "nope.pem"), "tls_key_file": str(key_a)}
+        expected = "cannot read TLS key/certificate"
+    else:
+        tls = {"tls_cert_file": str(cert_a), "tls_key_file": str(key_b)}
+        expected = "does not match the certificate"
+    name = f"tls-{readers}-{problem.split()[0]}"
+    server = servers(server_config(tmp_path, broker.bootstrap, grpc={**tls, "readers": readers}), name=name)
+    server.start(wait=False)
+    assert server.wait_exit(60) == 2
+    log = server.log()
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and expected in errors[0], log
+    assert "Traceback" not in log and "reader" not in log.lower(), log

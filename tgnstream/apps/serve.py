@@ -26,7 +26,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.spec import ModelSpec, build_engine
 from tgnstream.ingest.dlq import DeadLetterPublisher, dlq_topic
 from tgnstream.ingest.loop import IngestLoop
-from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, close_servicer
+from tgnstream.model_server.grpc_server import SERVICE_NAME, build_server, check_tls, close_servicer
 from tgnstream.runtime.health import HealthHttpServer, Readiness
 from tgnstream.runtime.hot_swap import HotSwapper, open_store
 from tgnstream.runtime.live import LiveEngine
@@ -129,6 +129,8 @@ class ServingProcess:
     def __init__(self, config: ServeConfig):
         self.config = config
         cfg = config
+        # Reader processes would each find a TLS problem and die with a traceback: say it once, here.
+        check_tls(cfg.grpc)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
