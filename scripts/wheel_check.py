@@ -83,9 +83,14 @@ class Proc:
         return code, time.monotonic() - started
 
     def kill(self) -> None:
+        """SIGTERM first (the broker stops its Tansu child on it; SIGKILL would orphan it)."""
         if self.alive():
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def metric(port: int, name: str, **labels: str) -> float | None:
