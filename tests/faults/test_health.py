@@ -7,8 +7,11 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tgnstream.runtime.snapshots import SnapshotStore
 
@@ -112,3 +115,78 @@ def test_sigterm_with_the_broker_unreachable_exits_within_the_stop_grace(
     if broker_state == "gone_after_applying":
         snap = SnapshotStore(tmp_path / "snapshots").restore_latest()[0]
         assert snap.next_offsets == {0: 3000} and snap.events_applied == 3000
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+def test_health_turns_not_serving_as_soon_as_a_stop_begins(broker, servers, tmp_path, readers):
+    """SIGTERM: both the liveness ("") and LinkPrediction health answers stop saying SERVING within
+    0.1 s (a refused connection counts: nothing answers SERVING), long before the process exits.
+    (Issue 25: liveness stayed SERVING 0.58 s after SIGTERM.)"""
+    produce(broker.bootstrap, stream(500))
+    config = server_config(tmp_path, broker.bootstrap, grpc={"readers": readers})
+    server = servers(config, name=f"stop-{readers}").start()
+    server.wait_offset(500)
+    server.wait_ready()
+    with server.channel() as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+
+        def status(service: str):
+            try:
+                return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+            except grpc.RpcError:
+                return None  # refused or draining: not SERVING either
+
+        assert status("") == SERVING and status(LINK_PREDICTION) == SERVING
+        sent = time.monotonic()
+        server.signal(signal.SIGTERM)
+        seen = {}
+        while len(seen) < 2 and time.monotonic() - sent < 5:
+            for service in ("", LINK_PREDICTION):
+                if service not in seen and status(service) != SERVING:
+                    seen[service] = time.monotonic() - sent
+            time.sleep(0.005)
+    print(
+        f"readers={readers}: not serving after "
+        + ", ".join(f"{k or 'liveness'} {v * 1000:.0f} ms" for k, v in seen.items())
+    )
+    assert set(seen) == {"", LINK_PREDICTION}
+    # In process: at once; reader processes read the stop from shared memory every 50 ms.
+    assert max(seen.values()) <= 0.25, seen
+    assert server.wait_exit(30) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_readers_of_a_killed_writer_stop_answering_serving_within_a_bound(broker, servers, tmp_path):
+    """SIGKILL of the serving process (the writer): its reader processes notice (they check their
+    parent every 50 ms), stop answering SERVING within 0.25 s and exit, instead of serving a state
+    nobody updates any more."""
+    produce(broker.bootstrap, stream(500))
+    server = servers(server_config(tmp_path, broker.bootstrap, grpc={"readers": 2}), name="orphaned").start()
+    server.wait_offset(500)
+    server.wait_ready()
+    readers = [pid for pid in server.children() if pid != server.fetch_process()]
+    with server.channel() as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+
+        def serving() -> bool:
+            try:
+                return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == SERVING
+            except grpc.RpcError:
+                return False
+
+        assert serving()
+        server.proc.kill()
+        killed = time.monotonic()
+        while serving() and time.monotonic() - killed < 5:
+            time.sleep(0.005)
+        took = time.monotonic() - killed
+    print(f"readers stopped answering SERVING {took * 1000:.0f} ms after the writer's SIGKILL")
+    assert took <= 0.25
+    wait_for(lambda: not any(_alive(pid) for pid in readers), 30, "the orphaned readers to exit")
