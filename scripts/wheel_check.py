@@ -20,7 +20,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import tgnstream
+from tgnstream.apps.broker import free_port
+from tgnstream.apps.testing import wait_until
 from tgnstream.client import LinkPredictionClient
 
 
@@ -35,20 +36,12 @@ class CheckFailed(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise CheckFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+def wait_for(check, timeout: float, what: str):
+    """The installed package's poll helper, its timeout reported as a failed step."""
+    try:
+        return wait_until(check, timeout, what, every=0.5)
+    except AssertionError as e:
+        raise CheckFailed(str(e)) from None
 
 
 class Proc:

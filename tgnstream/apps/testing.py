@@ -9,6 +9,7 @@ from typing import Any
 from tgnstream.apps.broker import free_port
 
 __all__ = [
+    "small_engine",
     "NoNewEvents",
     "wait_until",
     "child_pids",
@@ -201,3 +202,28 @@ class NoNewEvents:
 
     def close(self):
         pass
+
+
+def small_engine(events: int = 0, seed: int = 0):
+    """A tiny engine (width 8, 3 neighbours) after ``events`` deterministic events among 30 named
+    nodes, applied through the step in batches of 10: weights from ``seed``, state from the events.
+    For tests of what stores, snapshots and swaps do with an engine, not of the model."""
+    import torch
+
+    from tgnstream.core.config import ModelConfig
+    from tgnstream.core.engine import MemoryEngine
+    from tgnstream.core.events import EventBatch
+    from tgnstream.core.step import TemporalStep
+
+    torch.manual_seed(seed)
+    engine = MemoryEngine(ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=4)
+    g = torch.Generator().manual_seed(3)
+    names = [f"n{i}" for i in range(30)]
+    for start in range(0, events, 10):
+        idx = torch.randint(30, (20,), generator=g)
+        dense, _ = engine.ids.lookup([names[i] for i in idx.tolist()])
+        t = torch.arange(start, start + 10, dtype=torch.float64)
+        TemporalStep(engine).apply(
+            EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0))
+        )
+    return engine.eval()

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import torch
-
-from tgnstream.apps.testing import NoNewEvents, wait_until
-from tgnstream.core.config import ModelConfig
-from tgnstream.core.engine import MemoryEngine
+from tgnstream.apps.testing import NoNewEvents, small_engine, wait_until
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.runtime.hot_swap import HotSwapConfig, HotSwapper
 from tgnstream.runtime.live import LiveEngine
@@ -18,18 +14,11 @@ from tgnstream.runtime.models import ModelStore
 from tgnstream.stream.config import StreamConfig
 
 
-def _engine(seed: int) -> MemoryEngine:
-    torch.manual_seed(seed)
-    return MemoryEngine(
-        ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=4
-    ).eval()
-
-
 def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, monkeypatch):
     monkeypatch.setattr("tgnstream.runtime.hot_swap.BatchReader", NoNewEvents)
     stream = StreamConfig()
     store = ModelStore(tmp_path / "models")
-    served = _engine(1)
+    served = small_engine(seed=1)
     store.publish(served, {}, stream.kafka.topic, topic_id="old-topic")
     live = LiveEngine(served, "v000001", {})
     refused: list[tuple[str, str]] = []
@@ -43,11 +32,11 @@ def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, m
     assert (loop.topic_id, swapper.topic_id) == ("new-topic", "new-topic")
     swapper.start()
     try:
-        store.publish(_engine(2), {}, stream.kafka.topic, topic_id="new-topic", parent="v000001")
+        store.publish(small_engine(seed=2), {}, stream.kafka.topic, topic_id="new-topic", parent="v000001")
         ready = wait_until(lambda: swapper.take_ready({}))
         assert ready.version == "v000002" and not refused
         # A version trained on the old incarnation is refused, with the reason.
-        store.publish(_engine(3), {}, stream.kafka.topic, topic_id="old-topic", parent="v000002")
+        store.publish(small_engine(seed=3), {}, stream.kafka.topic, topic_id="old-topic", parent="v000002")
         wait_until(lambda: refused)
         assert refused[0][0] == "v000003" and "another incarnation" in refused[0][1]
     finally:

@@ -10,27 +10,11 @@ import logging
 import pytest
 import torch
 
-from tgnstream.core.config import ModelConfig
-from tgnstream.core.engine import MemoryEngine
-from tgnstream.core.events import EventBatch
-from tgnstream.core.step import TemporalStep
+from tgnstream.apps.testing import small_engine
 from tgnstream.runtime import models
 from tgnstream.runtime.models import ModelStore
 
-
-def _engine(events: int, seed: int = 0) -> MemoryEngine:
-    torch.manual_seed(seed)
-    engine = MemoryEngine(ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=4)
-    g = torch.Generator().manual_seed(3)
-    names = [f"n{i}" for i in range(30)]
-    for start in range(0, events, 10):
-        idx = torch.randint(30, (20,), generator=g)
-        dense, _ = engine.ids.lookup([names[i] for i in idx.tolist()])
-        t = torch.arange(start, start + 10, dtype=torch.float64)
-        TemporalStep(engine).apply(
-            EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0))
-        )
-    return engine.eval()
+_engine = small_engine
 
 
 def test_round_trip_of_weights_state_offsets_and_gate(tmp_path):

@@ -18,11 +18,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tgnstream.apps.testing import NoNewEvents, wait_until
-from tgnstream.core.config import ModelConfig
+from tgnstream.apps.testing import NoNewEvents, small_engine, wait_until
 from tgnstream.core.engine import MemoryEngine
-from tgnstream.core.events import EventBatch
-from tgnstream.core.step import TemporalStep
 from tgnstream.runtime.hot_swap import HotSwapConfig, HotSwapper
 from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.models import ModelStore, ModelUnavailable, parse_location
@@ -31,19 +28,7 @@ from tgnstream.stream.config import StreamConfig
 pytest.importorskip("fsspec", reason="published models on an object store need fsspec (tgnstream[s3])")
 
 
-def _engine(events: int, seed: int = 0) -> MemoryEngine:
-    torch.manual_seed(seed)
-    engine = MemoryEngine(ModelConfig(memory_dim=8, time_dim=4, embedding_dim=8, num_neighbors=3), capacity=4)
-    g = torch.Generator().manual_seed(3)
-    names = [f"n{i}" for i in range(30)]
-    for start in range(0, events, 10):
-        idx = torch.randint(30, (20,), generator=g)
-        dense, _ = engine.ids.lookup([names[i] for i in idx.tolist()])
-        t = torch.arange(start, start + 10, dtype=torch.float64)
-        TemporalStep(engine).apply(
-            EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0))
-        )
-    return engine.eval()
+_engine = small_engine
 
 
 def _same_engine(a: MemoryEngine, b: MemoryEngine) -> None:
