@@ -128,7 +128,7 @@ class IngestLoop:
         """Handle one micro-batch (or an idle poll); returns the number of records handled."""
         batch = self.fetcher.get(timeout=self.config.poll_timeout_ms / 1000)
         self._handle_resets()
-        if self.fetcher.topic_id is not None:
+        if self.fetcher.topic_id is not None and self.fetcher.topic_id != self.topic_id:
             self.adopt_topic_id(self.fetcher.topic_id)
         if batch is not None:
             self._handle(batch)
