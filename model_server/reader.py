@@ -60,9 +60,11 @@ def run_reader(
     counted = [0] * 6  # retries, fallbacks, cache builds, copies, candidates computed, reused
     try:
         while not view.stopping and os.getppid() == parent_pid:
-            ready = view.ready
+            ready = (view.ready, view.restoring)
             if ready != was_ready:
-                health.set(SERVICE_NAME, status.SERVING if ready else status.NOT_SERVING)
+                health.set(SERVICE_NAME, status.SERVING if ready[0] else status.NOT_SERVING)
+                # Liveness too: a process that is still restoring answers no query (UNAVAILABLE).
+                health.set("", status.NOT_SERVING if ready[1] else status.SERVING)
                 was_ready = ready
             now = time.monotonic()
             if now >= next_metrics:

@@ -24,13 +24,18 @@ from tgnstream.rpc.v1 import link_prediction_pb2_grpc as pb_grpc
 from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.metrics import ServerMetrics
 
-__all__ = ["LinkPredictionServicer", "SERVICE_NAME"]
+__all__ = ["LinkPredictionServicer", "RESTORING_DETAILS", "SERVICE_NAME"]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LinkPrediction"].full_name
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+
+RESTORING_DETAILS = (
+    "the server is restoring its state (loading it, then replaying the log to its end); it answers once "
+    "caught up: retry later or on another replica"
+)
 
 
 def _pairs(q: convert.ScoreQuery) -> int:
@@ -109,6 +114,8 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
         return self.topk_batches.submit(q)
 
     def _answer(self, context: grpc.ServicerContext, method: str, compute: Callable[[], R]) -> R:
+        if self._live.restoring and method != "GetModelInfo":
+            context.abort(grpc.StatusCode.UNAVAILABLE, RESTORING_DETAILS)
         try:
             return compute()
         except RequestError as exc:

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tgnstream.rpc.v1 import link_prediction_pb2 as pb
 from tgnstream.runtime.snapshots import SnapshotStore
 
 from .conftest import LINK_PREDICTION, NOT_SERVING, SERVING, produce, server_config, stream, wait_for
@@ -190,3 +191,51 @@ def test_readers_of_a_killed_writer_stop_answering_serving_within_a_bound(broker
     print(f"readers stopped answering SERVING {took * 1000:.0f} ms after the writer's SIGKILL")
     assert took <= 0.25
     wait_for(lambda: not any(_alive(pid) for pid in readers), 30, "the orphaned readers to exit")
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+def test_no_answers_while_restoring_a_snapshot_and_replaying_then_serving(broker, servers, tmp_path, readers):
+    """A restart from a snapshot with a backlog behind it: until the state has caught up with the
+    log, every query gets UNAVAILABLE (never an answer from a half-replayed state) and both health
+    services say NOT_SERVING; GetModelInfo shows the progress. Once caught up, liveness and
+    LinkPrediction say SERVING and the first answers reflect the log. (Issue 25: liveness SERVING
+    and answers from an empty state while restoring.)"""
+    produce(broker.bootstrap, stream(3000))
+    config = server_config(
+        tmp_path, broker.bootstrap, grpc={"readers": readers}, health={"ready_max_lag_records": 1000}
+    )
+    first = servers(config, name=f"first-{readers}").start()
+    first.wait_offset(3000)
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit(60) == 0
+    produce(broker.bootstrap, stream(57_000, start_ts=3000.0, offset=3000))
+
+    server = servers(config, name=f"restart-{readers}").start()
+    request = pb.ScoreRequest(pairs=[pb.Pair(src="u1", dst="p1")])
+    unavailable, answered, statuses, progress = 0, None, set(), set()
+    with server.channel() as ch:
+        stub, health = server.stub(ch), health_pb2_grpc.HealthStub(ch)
+        deadline = time.monotonic() + 120
+        while answered is None and time.monotonic() < deadline:
+            live = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            try:
+                reply = stub.Score(request, timeout=5)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+                assert "restoring" in e.details()
+                unavailable += 1
+                statuses.add(live)
+                progress.add(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).events_applied)
+                continue
+            answered = reply
+            assert server.http("/livez")[0] == 200
+    assert answered is not None, "no answer after 120 s"
+    low = sorted(progress)[:3]
+    print(f"readers={readers}: {unavailable} queries UNAVAILABLE while restoring; applied {low}...")
+    assert unavailable > 0 and statuses == {NOT_SERVING}, (unavailable, statuses)
+    assert min(progress) >= 3000  # the snapshot was restored first
+    # The first answer comes from a state within ready_max_lag_records of the log end.
+    assert answered.state.events_applied >= 59_000, answered.state
+    assert server.health("") == SERVING
+    wait_for(lambda: server.health(LINK_PREDICTION) == SERVING, 5, "LinkPrediction SERVING")
+    assert "caught up with the log" in server.log()

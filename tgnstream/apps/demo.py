@@ -76,6 +76,14 @@ def scrape_metrics(port: int) -> dict[str, float]:
     return out
 
 
+def _ready(metrics_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:  # 503 (HTTPError) while restoring, or not listening yet
+        return False
+
+
 def _sum(metrics: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k == prefix or k.startswith(prefix + "{"))
 
@@ -222,6 +230,11 @@ class Demo:
                 ports["grpc"], ports["serve_metrics"] = info["grpc_port"], info["metrics_port"]
             else:
                 ports["trainer_metrics"] = info["metrics_port"]
+        # The server answers once it has restored its state and caught up with the log (/readyz).
+        while not _ready(ports["serve_metrics"]):
+            if self.procs["serve"].poll() is not None or time.monotonic() > deadline or self.stop.is_set():
+                raise RuntimeError(f"tgnstream serve did not become ready; see {d / 'serve.log'}")
+            time.sleep(0.1)
         return ports
 
     def _stop_services(self) -> None:

@@ -118,7 +118,9 @@ class ServingProcess:
     ``/metrics``, ``/livez``, ``/readyz``.
 
     Start-up order: the HTTP endpoints first (not ready: restoring), then the restore, then gRPC
-    (its LinkPrediction health NOT_SERVING until ready), then ingest. The ingest side is
+    (its LinkPrediction health NOT_SERVING until ready), then ingest. Until ingest has caught up
+    with the log once, the process is still restoring: queries get UNAVAILABLE and health ``""``
+    says NOT_SERVING too (``health.serve_while_restoring`` turns that off). The ingest side is
     supervised: a failure (the fetch process died, the broker was unreachable at start-up) is
     retried with backoff while readiness says ``ingest_down``; after
     ``health.ingest_max_failures`` consecutive failures, or at once for an error no restart can
@@ -127,6 +129,7 @@ class ServingProcess:
     """
 
     def __init__(self, config: ServeConfig):
+        self._started_at = time.monotonic()
         self.config = config
         cfg = config
         # Reader processes would each find a TLS problem and die with a traceback: say it once, here.
@@ -205,6 +208,8 @@ class ServingProcess:
         engine.eval()
         engine.fold_pending()  # a checkpoint may hold pending messages; queries then never fold
         self.live = LiveEngine(engine, version, offsets)
+        # No answers until the state has caught up with the log once (health.serve_while_restoring).
+        self.live.restoring = not cfg.health.serve_while_restoring
         self.metrics.model_info.info(
             {"version": version, "model": engine.config.label, "device": str(device)}
         )
@@ -278,9 +283,20 @@ class ServingProcess:
         else:
             self.server, self.health, self.grpc_port = build_server(self.live, cfg.grpc, self.metrics)
             self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.live.restoring:
+                self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.readiness.add_listener(self._on_readiness)
         self.readiness.set("ingest_down", "the Kafka fetch process is starting")
-        self.readiness.set("restoring", None)
+        if self.live.restoring:
+            self.restored_after_s: float | None = None
+            self.readiness.hold_until_ready(
+                "restoring",
+                "replaying the log to its end; queries get UNAVAILABLE until then",
+                self._restored,
+            )
+        else:
+            self.restored_after_s = 0.0
+            self.readiness.set("restoring", None)
 
     def _first_published(self, device: torch.device):
         """The newest published version; with ``models.wait_for_first``, waits for one."""
@@ -337,6 +353,16 @@ class ServingProcess:
     # ------------------------------------------------------------------------------ health
     def _alive(self) -> bool:
         return not self.done.is_set() or self._stopped.is_set()
+
+    def _restored(self) -> None:
+        """The state reflects the log (restored, caught up once): answer queries from now on."""
+        self.live.restoring = False
+        self.restored_after_s = time.monotonic() - self._started_at
+        if self.health is not None and not self._stopped.is_set():
+            self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "restored and caught up with the log %.1f s after start: answering queries", self.restored_after_s
+        )
 
     def _on_readiness(self, ready: bool, reasons: dict[str, str]) -> None:
         if self._stopped.is_set():

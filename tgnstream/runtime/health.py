@@ -9,8 +9,12 @@
   unreachable, and while the ingest side is down. Each reason is named in ``/readyz``'s body
   and in the log when it appears or clears.
 
-Queries are still answered while not ready (from the last applied state, with its
-``StateStamp``); readiness tells load balancers to prefer a replica that is current.
+Restoring is special: from start-up until the state first reflects the log (loaded, then caught
+up with the log end once), the process does not answer queries at all (gRPC UNAVAILABLE; health
+``""`` NOT_SERVING too), since a half-replayed state is not an answer (``Readiness.hold_until_ready``;
+``health.serve_while_restoring`` answers anyway). After that, queries are answered while not ready
+(from the last applied state, with its ``StateStamp``); readiness tells load balancers to prefer a
+replica that is current.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ class HealthConfig(BaseModel):
     )
     ingest_restart_initial_s: float = Field(1.0, gt=0, description="first wait before restarting ingest")
     ingest_restart_max_s: float = Field(30.0, gt=0, description="longest wait between restarts (doubling)")
+    serve_while_restoring: bool = Field(
+        False,
+        description="answer queries before the state first reflects the log (restored, then caught up with "
+        "the log end once; e.g. with the broker unreachable at start-up, from a stale snapshot); by "
+        "default they get UNAVAILABLE meanwhile and gRPC health \"\" says NOT_SERVING",
+    )
     ingest_max_failures: int = Field(
         5,
         ge=1,
@@ -60,7 +70,26 @@ class Readiness:
         self._reasons: dict[str, str] = {}
         self._listeners: list[Callable[[bool, dict[str, str]], None]] = []
         self._gauge = gauge
+        self._held: dict[str, Callable[[], None]] = {}
         self._publish(True)
+
+    def hold_until_ready(self, reason: str, detail: str, on_release: Callable[[], None]) -> None:
+        """Set ``reason`` until it is the only one left: it then clears by itself (once) and
+        ``on_release()`` is called. For a start-up phase that ends when everything else is
+        fine (restoring ends when ingest has caught up with the log once)."""
+        with self._lock:
+            self._held[reason] = on_release
+        self.set(reason, detail)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        with self._lock:
+            if len(self._reasons) != 1 or next(iter(self._reasons)) not in self._held:
+                return
+            reason = next(iter(self._reasons))
+            on_release = self._held.pop(reason)
+        on_release()  # queries are accepted before health says SERVING, never the other way round
+        self.set(reason, None)
 
     def add_listener(self, listener: Callable[[bool, dict[str, str]], None]) -> None:
         with self._lock:
@@ -89,6 +118,8 @@ class Readiness:
             log.info("readiness: %s", "READY" if ready else "NOT READY")
         for listener in listeners:
             listener(ready, reasons)
+        if self._held:
+            self._release_held()
 
     def _publish(self, ready: bool) -> None:
         if self._gauge is not None:

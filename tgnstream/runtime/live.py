@@ -121,7 +121,8 @@ class LiveEngine:
         self.engine = engine
         # A StateBoard when reader processes answer from shared memory (see shared_state.py):
         # every write section is then published to them.
-        self.board = None
+        self._board = None
+        self._restoring = False
         # Reader processes share TopK candidate embeddings through it; none in one process.
         self.candidate_store = None
         self.generation = 0
@@ -133,6 +134,28 @@ class LiveEngine:
         self.visible_ids = len(engine.ids)
         self._lock = ReadWriteLock()
         self.reserve_cold_slot()
+
+    @property
+    def board(self):
+        return self._board
+
+    @board.setter
+    def board(self, board) -> None:
+        self._board = board
+        if board is not None:
+            board.set_restoring(self._restoring)
+
+    @property
+    def restoring(self) -> bool:
+        """True until the state has been restored and has caught up with the log once: queries
+        then get UNAVAILABLE instead of answers from a half-replayed state (reader processes too)."""
+        return self._restoring
+
+    @restoring.setter
+    def restoring(self, restoring: bool) -> None:
+        self._restoring = bool(restoring)
+        if self._board is not None:
+            self._board.set_restoring(self._restoring)
 
     @contextmanager
     def read(self) -> Iterator[MemoryEngine]:

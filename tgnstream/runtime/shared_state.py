@@ -59,7 +59,9 @@ MAX_PARTITIONS = 1024
 _VERSION_BYTES = 256
 
 # Header slots (int64).
-SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN, VISIBLE_IDS, GENERATION, OPEN_SEQ = range(10)
+SEQ, LAYOUT, OPEN_COUNT, N_IDS, READY, STOPPING, VERSION_LEN, VISIBLE_IDS, GENERATION, OPEN_SEQ, RESTORING = (
+    range(11)
+)
 _OFFSETS = 16
 _HEADER_LEN = _OFFSETS + MAX_PARTITIONS
 
@@ -341,6 +343,9 @@ class StateBoard:
     def request_stop(self) -> None:
         self.handles.header[STOPPING] = 1
 
+    def set_restoring(self, restoring: bool) -> None:
+        self.handles.header[RESTORING] = int(restoring)
+
 
 @dataclass(frozen=True)
 class _OpenSnapshot:
@@ -595,3 +600,9 @@ class SharedLiveView:
     @property
     def stopping(self) -> bool:
         return bool(self.handles.header[STOPPING])
+
+    @property
+    def restoring(self) -> bool:
+        """The writer has not yet restored the state and caught up with the log once: queries
+        get UNAVAILABLE (``LiveEngine.restoring``)."""
+        return bool(self.handles.header[RESTORING])

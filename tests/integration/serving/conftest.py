@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaProducer
 
 from tgnstream.apps.testing import child_pids, serve_config_dict
@@ -95,7 +96,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.ports: dict = {}
 
-    def start(self, timeout: float = 60.0) -> ServerProcess:
+    def start(self, timeout: float = 60.0, restored: bool = True) -> ServerProcess:
+        """Start the process; return once its ports are known and (``restored``) once it answers
+        queries (health ``""`` SERVING: restored and caught up with the log once)."""
         self.ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tgnstream", "serve", "--config", str(self.config_path)],
@@ -111,7 +114,33 @@ class ServerProcess:
                 raise TimeoutError(f"server not ready after {timeout} s; see {self.log.name}")
             time.sleep(0.05)
         self.ports = json.loads(self.ready.read_text())
+        if restored:
+            self.wait_serving("", max(1.0, deadline - time.monotonic()))
         return self
+
+    def health(self, service: str = "") -> int:
+        """The gRPC health status of ``service`` (a ``HealthCheckResponse.ServingStatus``)."""
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports['grpc_port']}") as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+        return reply.status
+
+    def wait_serving(self, service: str = "", timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(service) == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"health {service!r} not SERVING after {timeout:.0f} s; see {self.log.name}"
+                )
+            time.sleep(0.05)
 
     def info(self) -> pb.ModelInfo:
         with grpc.insecure_channel(f"127.0.0.1:{self.ports['grpc_port']}") as ch:

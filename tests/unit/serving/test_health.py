@@ -28,6 +28,24 @@ def test_readiness_is_the_absence_of_reasons_and_notifies_flips_only():
     assert flips == [(True, []), (False, ["restoring"]), (True, [])]
 
 
+def test_a_held_reason_clears_once_when_it_is_the_only_one_left():
+    r = Readiness()
+    released, order = [], []
+    r.add_listener(lambda ready, reasons: order.append(("ready", ready)))
+    r.set("ingest_down", "starting")
+    r.hold_until_ready("restoring", "replaying", lambda: (released.append(r.reasons()), order.append("released")))
+    r.set("catching_up", "log end unknown")
+    r.set("ingest_down", None)
+    assert not released  # catching_up still holds
+    r.set("catching_up", None)
+    # Released while "restoring" was still set (queries open before health says ready), then cleared.
+    assert released == [{"restoring": "replaying"}] and r.ready
+    assert order[-2:] == ["released", ("ready", True)]
+    r.set("catching_up", "behind again")
+    r.set("catching_up", None)
+    assert released == [{"restoring": "replaying"}] and r.reasons() == {}  # once only
+
+
 def _get(port: int, path: str):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
