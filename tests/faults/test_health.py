@@ -137,7 +137,8 @@ def test_health_turns_not_serving_as_soon_as_a_stop_begins(broker, servers, tmp_
             except grpc.RpcError:
                 return None  # refused or draining: not SERVING either
 
-        assert status("") == SERVING and status(LINK_PREDICTION) == SERVING
+        # Reader processes poll the writer's flags every 50 ms: allow them that to say SERVING.
+        wait_for(lambda: status("") == SERVING and status(LINK_PREDICTION) == SERVING, 5, "SERVING")
         sent = time.monotonic()
         server.signal(signal.SIGTERM)
         seen = {}

@@ -93,6 +93,8 @@ def test_the_dashboard_covers_what_operators_watch():
         "TgnstreamOnlineAPDrop",
         "TgnstreamSnapshotStale",
         "TgnstreamGrpcErrorRatio",
+        "TgnstreamModelSwapRefused",
+        "TgnstreamModelLineageChanged",
         "TgnstreamTrainerNotPublishing",
     }
 

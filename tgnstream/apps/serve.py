@@ -251,7 +251,14 @@ class ServingProcess:
         self.swapper: HotSwapper | None = None
         if cfg.models.dir is not None:
             self.swapper = HotSwapper(
-                cfg.models, cfg.ingest, self.live, version, on_refused=self._swap_refused, topic_id=topic_id
+                cfg.models,
+                cfg.ingest,
+                self.live,
+                version,
+                on_refused=self._swap_refused,
+                topic_id=topic_id,
+                served_lineage=published[0].lineage if published is not None else None,
+                on_lineage_change=lambda old, new: self.metrics.model_lineage_changes.inc(),
             )
             self.loop.swapper = self.swapper
             self.loop.on_swap = self._swapped
@@ -341,14 +348,14 @@ class ServingProcess:
     # ---------------------------------------------------------------------------- hot swap
     def _swapped(self, version: str, total_s: float, pause_s: float) -> None:
         m = self.metrics
-        m.model_swaps.labels("swapped").inc()
+        m.model_swaps.labels("swapped", "").inc()
         m.model_swap_seconds.observe(total_s)
         m.model_swap_pause_seconds.observe(pause_s)
         engine = self.live.engine
         m.model_info.info({"version": version, "model": engine.config.label, "device": str(engine.device)})
 
-    def _swap_refused(self, version: str, reason: str) -> None:
-        self.metrics.model_swaps.labels("refused").inc()
+    def _swap_refused(self, version: str, reason: str, message: str) -> None:
+        self.metrics.model_swaps.labels("refused", reason).inc()
 
     # ------------------------------------------------------------------------------ health
     def _alive(self) -> bool:

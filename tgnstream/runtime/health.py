@@ -49,7 +49,7 @@ class HealthConfig(BaseModel):
         False,
         description="answer queries before the state first reflects the log (restored, then caught up with "
         "the log end once; e.g. with the broker unreachable at start-up, from a stale snapshot); by "
-        "default they get UNAVAILABLE meanwhile and gRPC health \"\" says NOT_SERVING",
+        'default they get UNAVAILABLE meanwhile and gRPC health "" says NOT_SERVING',
     )
     ingest_max_failures: int = Field(
         5,

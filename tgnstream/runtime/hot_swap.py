@@ -10,9 +10,23 @@ exactly at the live position it is *parked*; the ingest loop, between two batche
 (``take_ready``) and swaps it in under the write lock (``IngestLoop.swap_in``). If the live
 position moved on meanwhile, the catch-up simply continues.
 
-A version that fails to load or verify, whose architecture or topic differs, or whose offsets
-are not on the server's batch boundaries, is refused: a log line, a metric, and the old model
-keeps serving; a refused version is not tried again.
+Every candidate passes a pre-flight on its private copy before it serves
+(``tgnstream.runtime.preflight``): finite weights and state right after loading, the served
+architecture and weight shapes, and, once caught up, a canary probe set scored by both models.
+A version that fails to load or verify, whose manifest cannot be trusted (edited, damaged,
+naming another version), that fails the pre-flight, whose topic differs, or whose offsets are
+not on the server's batch boundaries, is refused: one ERROR line with the reason,
+``tgnstream_model_swaps_total{result="refused",reason=...}`` (an alert fires on it), and the
+old model keeps serving; a refused version is not tried again.
+
+Lineage (``tgnstream.runtime.models``): the server follows the lineage of the version it serves.
+When the newest version belongs to another lineage, or (for a served version whose lineage is
+unknown: a snapshot or an older manifest) its number is below the served one, the store was
+restarted (wiped, or another trainer publishes into it). The stated rule: one WARNING line
+naming both, ``tgnstream_model_lineage_changes_total`` counts it, and the server follows the new
+lineage: its newest version is a candidate whatever its number, and passes the same pre-flight
+(same architecture and topic incarnation, batch boundaries, canary) before it serves; until one
+does, the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -31,6 +45,15 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.step import TemporalStep
 from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.models import ModelStore, ModelUnavailable, PublishedModel
+from tgnstream.runtime.preflight import (
+    CanaryConfig,
+    Refused,
+    answers,
+    check_shapes,
+    check_weights,
+    judge,
+    probe_set,
+)
 from tgnstream.runtime.store_location import StoreLocation
 from tgnstream.stream.config import StreamConfig
 from tgnstream.stream.reader import BatchReader
@@ -62,6 +85,10 @@ class HotSwapConfig(BaseModel):
         "(default: a directory under the system's temporary directory)",
     )
     watch_interval_s: float = Field(5.0, gt=0, description="how often the directory is looked at")
+    canary: CanaryConfig = Field(
+        default_factory=CanaryConfig,
+        description="the probe set every candidate answers, next to the serving model, before it serves",
+    )
     wait_for_first: bool = Field(
         True,
         description="with no snapshot and no published version yet, wait for the first one (the trainer "
@@ -93,6 +120,7 @@ class ReadyModel:
     offsets: dict[int, int]
     started: float  # time.monotonic() when the version was picked up
     replayed_events: int
+    lineage: str | None = None
 
 
 class HotSwapper:
@@ -103,7 +131,10 @@ class HotSwapper:
         stream: the server's ingest settings (the catch-up reads the topic the same way).
         live: the live engine (read for its position and architecture only).
         served_version: the version served now.
-        on_refused(version, reason): called for each refused version (metrics).
+        on_refused(version, reason, message): called for each refused version (``reason``: one
+            of ``preflight.REFUSAL_REASONS``; metrics).
+        served_lineage: the lineage of the served version when known (else looked up in the store).
+        on_lineage_change(old, new): called when the store starts a new lineage (metrics).
     """
 
     def __init__(
@@ -114,6 +145,8 @@ class HotSwapper:
         served_version: str,
         on_refused=None,
         topic_id: str | None = None,
+        served_lineage: str | None = None,
+        on_lineage_change=None,
     ):
         if config.dir is None:
             raise ValueError("HotSwapper needs models.dir")
@@ -122,9 +155,13 @@ class HotSwapper:
         self.live = live
         self.store = open_store(config)
         self.served = version_number(served_version)
-        self.refused: set[str] = set()
+        self.lineage = served_lineage if served_lineage is not None else self._lineage_of(served_version)
+        self.refused: set[tuple] = set()
         self.topic_id = topic_id
         self._on_refused = on_refused
+        self._on_lineage_change = on_lineage_change
+        self._announced: set[str | None] = set()
+        self.last_canary = None
         self._lock = threading.Lock()
         self._ready: ReadyModel | None = None
         self._stop = threading.Event()
@@ -159,30 +196,78 @@ class HotSwapper:
                 return None
             self._ready = None
             self.served = version_number(ready.version)
+            self.lineage = ready.lineage
             return ready
 
     # ------------------------------------------------------------------------------- watcher
+    def _lineage_of(self, version: str) -> str | None:
+        try:
+            return self.store.get(version).lineage
+        except (KeyError, ValueError, OSError):
+            return None  # not published here (a checkpoint), pruned, or unreadable
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 latest = self.store.latest()
-                if latest is not None and latest.number > self.served and latest.version not in self.refused:
+                self._refuse_untrusted()
+                if latest is not None and self._is_candidate(latest):
                     self._prepare(latest)
             except Exception as e:  # the old model keeps serving; try again at the next look
                 self.error = e
                 log.exception("hot swap: unexpected error; the current model keeps serving")
             self._stop.wait(self.config.watch_interval_s)
 
-    def _refuse(self, published: PublishedModel, reason: str) -> None:
-        self.refused.add(published.version)
+    def _is_candidate(self, latest: PublishedModel) -> bool:
+        """Whether ``latest`` (the store's newest trusted version) should be tried (module
+        docstring: a newer number of the served lineage, or the newest of a new lineage)."""
+        if (latest.lineage, latest.version) in self.refused:
+            return False
+        if self.lineage is not None and latest.lineage is not None and latest.lineage != self.lineage:
+            self._announce(latest, f"its lineage {latest.lineage} is not the served one's ({self.lineage})")
+            return True
+        if 0 < latest.number < self.served:
+            self._announce(latest, f"its number is below the served {self.live.model_version}'s")
+            return True
+        return latest.number > self.served
+
+    def _announce(self, latest: PublishedModel, why: str) -> None:
+        if latest.lineage in self._announced:
+            return
+        self._announced.add(latest.lineage)
+        log.warning(
+            "hot swap: the models store was restarted (newest version %s: %s); following its new "
+            "lineage: %s is a candidate and passes the same pre-flight, %s serves until then",
+            latest.version,
+            why,
+            latest.version,
+            self.live.model_version,
+        )
+        if self._on_lineage_change is not None:
+            self._on_lineage_change(self.lineage, latest.lineage)
+
+    def _refuse_untrusted(self) -> None:
+        """Each manifest the store could not trust is a refusal, once (its name and reason)."""
+        for name, message in dict(self.store.untrusted).items():
+            key = ("untrusted", name, message)
+            if key not in self.refused:
+                self.refused.add(key)
+                self._report(name, "manifest", message)
+
+    def _refuse(self, published: PublishedModel, refusal: Refused) -> None:
+        self.refused.add((published.lineage, published.version))
+        self._report(published.version, refusal.reason, str(refusal))
+
+    def _report(self, version: str, reason: str, message: str) -> None:
         log.error(
-            "hot swap: version %s refused (%s); %s keeps serving",
-            published.version,
+            "hot swap: version %s refused [%s]: %s; %s keeps serving",
+            version,
             reason,
+            message,
             self.live.model_version,
         )
         if self._on_refused is not None:
-            self._on_refused(published.version, reason)
+            self._on_refused(version, reason, message)
 
     def _park(self, ready: ReadyModel) -> bool:
         """Offer ``ready`` to the ingest loop until it takes it (True), or the live position
@@ -215,33 +300,12 @@ class HotSwapper:
             )
             return
         except (ValueError, OSError, RuntimeError, KeyError) as e:
-            self._refuse(published, f"it does not load or verify: {e}")
+            self._refuse(published, Refused("unloadable", f"it does not load or verify: {e}"))
             return
-        if shadow.config != live_engine.config:
-            self._refuse(
-                published,
-                "its architecture differs from the served model's (restart the server to change it)",
-            )
-            return
-        if published.topic and published.topic != self.stream.kafka.topic:
-            self._refuse(
-                published, f"it was trained on topic {published.topic!r}, not {self.stream.kafka.topic!r}"
-            )
-            return
-        if published.topic_id and self.topic_id and published.topic_id != self.topic_id:
-            self._refuse(
-                published, f"it was trained on another incarnation of the topic (id {published.topic_id})"
-            )
-            return
-        position = self._live_position()
-        behind = sum(position.values()) - sum(published.next_offsets.values())
-        if behind % self.stream.batch_max_events:
-            self._refuse(
-                published,
-                f"its offsets {published.next_offsets} are not on this server's batch boundaries "
-                f"(ingest.batch_max_events = {self.stream.batch_max_events} must equal the trainer's "
-                "stream.batch_max_events)",
-            )
+        try:
+            position = self._check(published, shadow, live_engine)
+        except Refused as refusal:
+            self._refuse(published, refusal)
             return
         shadow.eval()
         shadow.fold_pending()
@@ -252,6 +316,59 @@ class HotSwapper:
             position,
         )
         self._catch_up(published, shadow, started)
+
+    def _check(self, published: PublishedModel, shadow: MemoryEngine, live_engine: MemoryEngine) -> dict:
+        """The checks before any replay (raise ``Refused``); returns the live position now."""
+        check_weights(shadow)
+        check_shapes(shadow, live_engine)
+        if published.topic and published.topic != self.stream.kafka.topic:
+            raise Refused(
+                "topic", f"it was trained on topic {published.topic!r}, not {self.stream.kafka.topic!r}"
+            )
+        if published.topic_id and self.topic_id and published.topic_id != self.topic_id:
+            raise Refused(
+                "topic", f"it was trained on another incarnation of the topic (id {published.topic_id})"
+            )
+        position = self._live_position()
+        behind = sum(position.values()) - sum(published.next_offsets.values())
+        if behind % self.stream.batch_max_events:
+            raise Refused(
+                "offsets",
+                f"its offsets {published.next_offsets} are not on this server's batch boundaries "
+                f"(ingest.batch_max_events = {self.stream.batch_max_events} must equal the trainer's "
+                "stream.batch_max_events)",
+            )
+        return position
+
+    def _canary(
+        self, published: PublishedModel, shadow: MemoryEngine, position: dict[int, int]
+    ) -> bool | None:
+        """Run the canary with the shadow at ``position``: True (passed), False (refused), None
+        (the live position moved on meanwhile: catch up, then try again)."""
+        try:
+            with self.live.read() as live_engine:  # the probe and the served answers: one log prefix
+                if not _same_position(position, self.live.next_offsets):
+                    return None
+                probe = probe_set(live_engine, self.config.canary)
+                theirs = answers(live_engine, probe, self.config.canary.k) if probe is not None else None
+            # The shadow is private and stands at the same position: no lock for its answers.
+            report = None
+            if probe is not None:
+                report = judge(answers(shadow, probe, self.config.canary.k), theirs, self.config.canary)
+        except Refused as refusal:
+            self._refuse(published, refusal)
+            return False
+        self.last_canary = report
+        if report is None:
+            log.info("hot swap: %s: no canary (no active node in the state yet)", published.version)
+        else:
+            log.info(
+                "hot swap: %s passed its %s%s",
+                published.version,
+                report.describe(),
+                "" if report.compared else " (too few pairs to compare)",
+            )
+        return True
 
     def _catch_up(self, published: PublishedModel, shadow: MemoryEngine, started: float) -> None:
         ids = shadow.ids
@@ -271,18 +388,30 @@ class HotSwapper:
             topic_id=self.topic_id,
         )
         position = dict(reader.next_offsets)
-        replayed, looked_at = 0, time.monotonic()
+        replayed, looked_at, checked = 0, time.monotonic(), False
         try:
             while not self._stop.is_set():
                 target = self._live_position()
                 if _at_or_after(position, target):
-                    if self._park(ReadyModel(shadow, published.version, dict(position), started, replayed)):
+                    if not checked:
+                        passed = self._canary(published, shadow, position)
+                        if passed is False:
+                            return
+                        checked = passed is True
+                        if not checked:
+                            continue
+                    ready = ReadyModel(
+                        shadow, published.version, dict(position), started, replayed, published.lineage
+                    )
+                    if self._park(ready):
                         return  # swapped in (or stopping)
                     continue  # the live position moved past it: catch up again
                 if time.monotonic() - looked_at >= 1.0:
                     looked_at = time.monotonic()
                     newer = self.store.latest()
-                    if newer is not None and newer.number > published.number:
+                    if newer is not None and (
+                        newer.number > published.number or newer.lineage != published.lineage
+                    ):
                         log.info(
                             "hot swap: %s superseded by %s during its catch-up",
                             published.version,
@@ -296,7 +425,9 @@ class HotSwapper:
                         step = TemporalStep(shadow)
                         prepared = step.prepare_live(ev)
                         if prepared.nonfinite_nodes().numel():
-                            self._refuse(published, "replaying the topic gives it non-finite memory")
+                            self._refuse(
+                                published, Refused("replay", "replaying the topic gives it non-finite memory")
+                            )
                             return
                         step.commit_live(prepared)
                     replayed += len(batch.events)

@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
+from tgnstream.runtime.preflight import REFUSAL_REASONS
 from tgnstream.stream.records import REASONS as RECORD_REASONS
 
 __all__ = [
@@ -195,13 +196,21 @@ class ServerMetrics:
         self.model_info = Info("tgnstream_model", "The model being served", registry=r)
         self.model_swaps = Counter(
             "tgnstream_model_swaps_total",
-            "Published versions handled by hot swap, by result: swapped (now serving it), refused "
-            "(failed to load or verify, other architecture, topic or batch boundaries)",
-            ["result"],
+            "Published versions handled by hot swap, by result: swapped (now serving it; reason empty), "
+            "refused (reason: unloadable, manifest, nonfinite_weights, architecture, topic, offsets, replay, "
+            "canary; see docs/serving.md)",
+            ["result", "reason"],
             registry=r,
         )
-        for result in ("swapped", "refused"):
-            self.model_swaps.labels(result)
+        self.model_swaps.labels("swapped", "")
+        for reason in REFUSAL_REASONS:
+            self.model_swaps.labels("refused", reason)
+        self.model_lineage_changes = Counter(
+            "tgnstream_model_lineage_changes_total",
+            "Times the models store started a new lineage (wiped, or another trainer), which the server "
+            "then follows (its versions pass the same pre-flight)",
+            registry=r,
+        )
         self.model_swap_seconds = Histogram(
             "tgnstream_model_swap_seconds",
             "From picking up a published version to serving it (load + catch-up + swap)",

@@ -3,11 +3,17 @@
 Layout: ``DIR/v<NNNNNN>/`` holding ``state.pt`` (a checkpoint: model config, weights and the
 trainer's full state: memory, mailbox, neighbours, pair history, id map, PRES statistics),
 ``config.json`` (the model config, for people and tools) and ``manifest.json``: the version,
-the topic (and its id) and the per-partition next offsets the state reflects, the event count,
-the version it was trained from, the promotion gate's metrics, and the SHA-256 of every file.
-The manifest is written last and sealed with its own checksum (``tgnstream.runtime.durable``, the
-snapshot store's protocol): a version without a valid manifest, or whose files do not match
-it, is never loaded.
+its lineage, the topic (and its id) and the per-partition next offsets the state reflects, the
+event count, the version it was trained from, the promotion gate's metrics, and the SHA-256 of
+every file. The manifest is written last and sealed with its own checksum
+(``tgnstream.runtime.durable``, the snapshot store's protocol): a version without a valid
+manifest, or whose files do not match it, is never loaded.
+
+The **lineage** is a random id drawn when a store's first version is published; every later
+version inherits it from the newest complete version. A store that is wiped and started again
+numbers from v000001 under a new lineage, so a server can tell "a newer version" from "another
+history" (``tgnstream.runtime.hot_swap`` states what it then does). Manifests written before
+lineages existed belong to lineage None.
 
 Versions are numbered monotonically (the next number is one above every ``v*`` directory
 present, complete or not, so a crashed write's name is never reused); the newest ``keep`` are
@@ -27,6 +33,7 @@ import logging
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +86,7 @@ class PublishedModel:
 
     next_offsets: per partition, the first offset the state has not seen (replay from there);
     gate: the promotion gate's metrics and decision; parent: the version it was fine-tuned
-    from (None for the first)."""
+    from (None for the first); lineage: the store history it belongs to (module docstring)."""
 
     path: Path
     version: str
@@ -95,6 +102,7 @@ class PublishedModel:
     # On an object store: the version's URL; ``path`` is then its local copy (made by ``fetch``).
     url: str | None = None
     fetch: Callable[[PublishedModel], None] | None = field(default=None, repr=False, compare=False)
+    lineage: str | None = None
 
     @property
     def where(self) -> str:
@@ -158,6 +166,8 @@ class ModelStore:
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
         self._warned: set[tuple[Path, str]] = set()
+        # Versions whose manifest cannot be trusted, as of the last listing: name -> why.
+        self.untrusted: dict[str, str] = {}
 
     def _numbers(self) -> list[int]:
         return [int(m.group(1)) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
@@ -176,6 +186,7 @@ class ModelStore:
         version behind and raises."""
         number = max(self._numbers(), default=0) + 1
         version = version_name(number)
+        lineage = self.lineage() or new_lineage()
         path = self.root / version
         path.mkdir()
         created = time.time()
@@ -183,7 +194,9 @@ class ModelStore:
             save_checkpoint(path / _STATE, engine, {"model_version": version, "parent": parent})
             (path / _CONFIG).write_text(json.dumps(engine.config.model_dump(), indent=1, sort_keys=True))
             files = {name: file_sha256(path / name) for name in (_STATE, _CONFIG)}
-            manifest = _manifest(engine, version, next_offsets, topic, topic_id, parent, gate, created, files)
+            manifest = _manifest(
+                engine, version, next_offsets, topic, topic_id, parent, gate, created, files, lineage
+            )
             write_manifest(path, manifest)
         except BaseException:
             discard(path)
@@ -200,9 +213,15 @@ class ModelStore:
             parent,
             dict(gate or {}),
             files,
+            lineage=lineage,
         )
         self.prune()
         return published
+
+    def lineage(self) -> str | None:
+        """The lineage of the newest complete version (None: an empty store, or older manifests)."""
+        latest = self.latest()
+        return latest.lineage if latest is not None else None
 
     def _warn_once(self, path: Path, message: str) -> None:
         if (path, message) not in self._warned:
@@ -215,7 +234,7 @@ class ModelStore:
     def versions(self) -> list[PublishedModel]:
         """Complete versions, oldest first. Unreadable, edited or unsupported manifests are
         ignored with one warning each (their files are not checked here: ``load`` does)."""
-        found = []
+        found, untrusted = [], {}
         for number in sorted(self._numbers()):
             path = self.root / version_name(number)
             if not (path / MANIFEST).is_file():
@@ -223,10 +242,18 @@ class ModelStore:
             try:
                 found.append(self._read(path))
             except UntrustedManifest as e:
-                self._warn_once(path, str(e))
+                untrusted[path.name] = str(e)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                self._warn_once(path, f"{path}: unreadable manifest ({e!r}), ignored")
+                untrusted[path.name] = f"{path}: unreadable manifest ({e!r}), ignored"
+        self._record_untrusted(untrusted)
         return found
+
+    def _record_untrusted(self, untrusted: dict[str, str]) -> None:
+        """Keep the listing's untrusted manifests (name -> why, for hot swap's refusals) and
+        warn once about each."""
+        self.untrusted = untrusted
+        for name, message in untrusted.items():
+            self._warn_once(name, message)
 
     def latest(self) -> PublishedModel | None:
         versions = self.versions()
@@ -279,11 +306,13 @@ def _manifest(
     gate: dict | None,
     created: float,
     files: dict[str, str],
+    lineage: str,
 ) -> dict:
     """A version's manifest, before it is sealed."""
     return {
         "format": MODEL_FORMAT,
         "version": version,
+        "lineage": lineage,
         "parent": parent,
         "topic": topic,
         "topic_id": topic_id,
@@ -321,4 +350,10 @@ def _from_manifest(
         {str(k): str(v) for k, v in m["files"].items()},
         url,
         fetch,
+        m.get("lineage"),
     )
+
+
+def new_lineage() -> str:
+    """A fresh lineage id (a store's first version)."""
+    return uuid.uuid4().hex

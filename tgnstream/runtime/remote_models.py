@@ -58,6 +58,7 @@ from tgnstream.runtime.models import (
     PublishedModel,
     _from_manifest,
     _manifest,
+    new_lineage,
     verify_files,
     version_name,
 )
@@ -107,6 +108,7 @@ class RemoteModelStore(ModelStore):
         self._base = base.rstrip("/") or base
         self._local = isinstance(self.fs, LocalFileSystem)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.url)
+        self.untrusted: dict[str, str] = {}
         self._warned: set[tuple[Any, str]] = set()
         if self._local:  # an object store has no directories; a file:// one is created like a local store
             self.fs.makedirs(self._base, exist_ok=True)
@@ -156,7 +158,7 @@ class RemoteModelStore(ModelStore):
     def versions(self) -> list[PublishedModel]:
         """Complete versions (a manifest exists), oldest first. Unreadable, edited or unsupported
         manifests are ignored with one warning each (files are checked by ``load``)."""
-        found = []
+        found, untrusted = [], {}
         for number in sorted(self._listing()[1]):
             name = version_name(number)
             text = self._manifest_text(name)
@@ -165,9 +167,10 @@ class RemoteModelStore(ModelStore):
             try:
                 found.append(self._read_remote(name, text))
             except UntrustedManifest as e:
-                self._warn_once(name, str(e))
+                untrusted[name] = str(e)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                self._warn_once(name, f"{self._url(name)}: unreadable manifest ({e!r}), ignored")
+                untrusted[name] = f"{self._url(name)}: unreadable manifest ({e!r}), ignored"
+        self._record_untrusted(untrusted)
         return found
 
     def get(self, version: str) -> PublishedModel:
@@ -194,6 +197,7 @@ class RemoteModelStore(ModelStore):
         staging copy becomes this store's cached copy of the version."""
         number = max(self._numbers(), default=0) + 1
         version = version_name(number)
+        lineage = self.lineage() or new_lineage()
         remote = self._remote(version)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.staging-", dir=self.cache_dir))
@@ -202,7 +206,9 @@ class RemoteModelStore(ModelStore):
             save_checkpoint(staging / _STATE, engine, {"model_version": version, "parent": parent})
             (staging / _CONFIG).write_text(json.dumps(engine.config.model_dump(), indent=1, sort_keys=True))
             files = {name: file_sha256(staging / name) for name in (_STATE, _CONFIG)}
-            manifest = _manifest(engine, version, next_offsets, topic, topic_id, parent, gate, created, files)
+            manifest = _manifest(
+                engine, version, next_offsets, topic, topic_id, parent, gate, created, files, lineage
+            )
             if self._local:
                 self.fs.makedirs(remote, exist_ok=True)
             for name in files:
@@ -231,6 +237,7 @@ class RemoteModelStore(ModelStore):
             files,
             url,
             self._fetch,
+            lineage,
         )
         self._into_cache(staging, published)
         self.prune()

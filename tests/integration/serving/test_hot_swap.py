@@ -172,7 +172,7 @@ def test_versions_are_swapped_in_under_load_without_a_failed_query(
     swapped = [
         line
         for line in metrics.splitlines()
-        if line.startswith('tgnstream_model_swaps_total{result="swapped"}')
+        if line.startswith('tgnstream_model_swaps_total{reason="",result="swapped"}')
     ]
     assert swapped and float(swapped[0].split()[-1]) >= len(served) - 1
 
@@ -212,7 +212,8 @@ def test_a_damaged_or_incompatible_version_is_refused_and_the_old_one_keeps_serv
     raw[len(raw) // 2] ^= 0xFF
     state.write_bytes(bytes(raw))
     wait_until(
-        lambda: 'tgnstream_model_swaps_total{result="refused"} 1.0' in _scrape(server.ports["metrics_port"]),
+        lambda: 'tgnstream_model_swaps_total{reason="unloadable",result="refused"} 1.0'
+        in _scrape(server.ports["metrics_port"]),
         30,
         "the damaged version's refusal",
     )
@@ -220,7 +221,8 @@ def test_a_damaged_or_incompatible_version_is_refused_and_the_old_one_keeps_serv
     other = ModelConfig.preset("tgn", width=32, pair_features=True)
     store.publish(MemoryEngine(other, 64).eval(), {}, kafka_topic)
     wait_until(
-        lambda: 'tgnstream_model_swaps_total{result="refused"} 2.0' in _scrape(server.ports["metrics_port"]),
+        lambda: 'tgnstream_model_swaps_total{reason="architecture",result="refused"} 1.0'
+        in _scrape(server.ports["metrics_port"]),
         30,
         "the incompatible version's refusal",
     )

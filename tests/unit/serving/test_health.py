@@ -33,7 +33,9 @@ def test_a_held_reason_clears_once_when_it_is_the_only_one_left():
     released, order = [], []
     r.add_listener(lambda ready, reasons: order.append(("ready", ready)))
     r.set("ingest_down", "starting")
-    r.hold_until_ready("restoring", "replaying", lambda: (released.append(r.reasons()), order.append("released")))
+    r.hold_until_ready(
+        "restoring", "replaying", lambda: (released.append(r.reasons()), order.append("released"))
+    )
     r.set("catching_up", "log end unknown")
     r.set("ingest_down", None)
     assert not released  # catching_up still holds

@@ -24,7 +24,12 @@ def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, m
     refused: list[tuple[str, str]] = []
     config = HotSwapConfig(dir=tmp_path / "models", watch_interval_s=0.05)
     swapper = HotSwapper(
-        config, stream, live, "v000001", on_refused=lambda v, r: refused.append((v, r)), topic_id="old-topic"
+        config,
+        stream,
+        live,
+        "v000001",
+        on_refused=lambda v, r, m: refused.append((v, r, m)),
+        topic_id="old-topic",
     )
     # The ingest loop adopts the fetch side's topic id and hands it to the swapper.
     loop = SimpleNamespace(topic_id="old-topic", swapper=swapper)
@@ -38,6 +43,6 @@ def test_versions_of_the_topic_the_server_now_follows_are_swapped_in(tmp_path, m
         # A version trained on the old incarnation is refused, with the reason.
         store.publish(small_engine(seed=3), {}, stream.kafka.topic, topic_id="old-topic", parent="v000002")
         wait_until(lambda: refused)
-        assert refused[0][0] == "v000003" and "another incarnation" in refused[0][1]
+        assert refused[0][:2] == ("v000003", "topic") and "another incarnation" in refused[0][2]
     finally:
         swapper.stop()

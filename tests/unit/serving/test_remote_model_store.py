@@ -313,7 +313,9 @@ def test_a_server_hot_swaps_versions_from_an_object_store(remote, monkeypatch):
         cache_dir=remote.tmp / "server-cache",
         watch_interval_s=0.05,
     )
-    swapper = HotSwapper(config, stream, live, "v000001", on_refused=lambda v, r: refused.append((v, r)))
+    swapper = HotSwapper(
+        config, stream, live, "v000001", on_refused=lambda v, r, m: refused.append((v, r, m))
+    )
     assert swapper.store.url == remote.url
 
     # A version the store cannot deliver for now is retried, not refused.
@@ -352,7 +354,7 @@ def test_a_server_hot_swaps_versions_from_an_object_store(remote, monkeypatch):
         monkeypatch.setattr(writer.fs, "put_file", corrupting_put)
         writer.publish(_engine(40, seed=3), {0: 40}, stream.kafka.topic, parent="v000002")
         wait_until(lambda: refused)
-        assert refused[0][0] == "v000003" and "checksum" in refused[0][1]
+        assert refused[0][:2] == ("v000003", "unloadable") and "checksum" in refused[0][2]
         assert swapper.take_ready({0: 40}) is None and swapper.error is None
     finally:
         swapper.stop()
