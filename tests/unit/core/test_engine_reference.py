@@ -135,9 +135,10 @@ def test_edge_history_matches_naive():
                 assert float(lt[j]) == last[key]
             else:
                 assert torch.isnan(lt[j])
-    live = engine.history.keys[: len(engine.history)]
-    assert len(engine.history) == len(counts)
-    assert torch.all(live[1:] > live[:-1]), "keys stay sorted and unique"
+    keys, n, _ = engine.history.entries()
+    assert len(engine.history) == len(counts) == keys.numel()
+    assert torch.all(keys[1:] > keys[:-1]), "entries are sorted and unique"
+    assert dict(zip(keys.tolist(), n.tolist())) == {(a << 32) | b: c for (a, b), c in counts.items()}
 
 
 def test_capacity_grows_and_keeps_state():
