@@ -21,7 +21,7 @@ from tgnstream.runtime.health import Readiness
 from tgnstream.runtime.live import LiveEngine, OpenBatch
 from tgnstream.runtime.metrics import ServerMetrics
 from tgnstream.runtime.snapshots import SnapshotConfig, SnapshotStore
-from tgnstream.stream.assemble import BatchAssembler, RecordRejection
+from tgnstream.stream.assemble import BatchAssembler, RecordRejection, known_in
 from tgnstream.stream.batcher import ClosedBatch
 from tgnstream.stream.prefetch import FetchedBatch, Prefetcher
 from tgnstream.stream.records import RecordDecoder
@@ -91,6 +91,7 @@ class IngestLoop:
         self.assembler = BatchAssembler(
             config, live.engine.config.edge_dim, float(live.engine.watermark), live.engine.device, decoder
         )
+        self._known = known_in(lambda: self.live.engine.ids)  # for stream.max_nodes
 
     # ----------------------------------------------------------------------------- control
     def stop(self, deadline: float | None = None) -> None:
@@ -223,7 +224,12 @@ class IngestLoop:
         go to dead letters, new events are sampled for prequential quality, each full batch is
         applied before the next record is looked at."""
         self.assembler.feed(
-            fetched, self._register, on_close=self._close, on_reject=self._reject, on_added=self._score_new
+            fetched,
+            self._register,
+            on_close=self._close,
+            on_reject=self._reject,
+            on_added=self._score_new,
+            known=self._known,
         )
         self._publish_open()
         self._publish_state_metrics()

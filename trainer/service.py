@@ -22,7 +22,7 @@ from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.spec import build_engine
 from tgnstream.runtime.health import Readiness
 from tgnstream.runtime.sysinfo import resolve_device
-from tgnstream.stream.assemble import RecordRejection
+from tgnstream.stream.assemble import RecordRejection, known_in
 from tgnstream.stream.consumers import TopicUnavailableError
 from tgnstream.stream.reader import BatchReader
 from tgnstream.trainer.continual import ContinualTrainer
@@ -222,6 +222,7 @@ class TrainerService:
                     device="cpu",
                     topic_id=self.topic_id,
                     on_reject=self._reject,
+                    known=known_in(lambda: self.trainer.head.ids),
                 )
             except TopicUnavailableError as e:  # not a log gap or a bug: those must not loop
                 if self._stop.is_set():

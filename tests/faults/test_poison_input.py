@@ -124,3 +124,35 @@ def test_every_kind_of_malformed_record_is_dead_lettered_with_its_reason(broker,
     for reason in bad:
         assert server.metric("tgnstream_ingest_dlq_total", reason=reason) == 1, reason
     _all_finite_answers(server)
+
+
+def test_new_nodes_past_ingest_max_nodes_are_dead_lettered_and_the_state_stays_bounded(
+    broker, servers, tmp_path
+):
+    """ingest.max_nodes = 60 with 70 distinct ids in the stream (u0..u49, p0..p19): every event
+    that would add a node past 60 goes to the DLQ as node_limit, counted; events between known
+    nodes are applied; the same decisions after a restart (a function of the log)."""
+    produce(broker.bootstrap, stream(2000))
+    server = servers(server_config(tmp_path, broker.bootstrap, ingest={"max_nodes": 60})).start()
+    server.wait_offset(2000)
+    info = server.info()
+    limited = int(server.metric("tgnstream_ingest_dlq_total", reason="node_limit"))
+    assert info.num_nodes == 60 and limited > 0 and info.events_applied == 2000 - limited
+    letters = read_dead_letters(broker.bootstrap, "events.dlq", timeout=30)
+    assert {d["reason"] for d in letters} == {"node_limit"} and len(letters) == limited
+    # Offline, in log order: the ids of the first 60 distinct nodes; an event is kept iff both
+    # of its ids are among them once it is reached (the stream adds one new id at a time here).
+    seen, kept = [], 0
+    for i in range(2000):
+        pair = [f"u{i % 50}", f"p{i % 20}"]
+        fresh = [n for n in pair if n not in seen]
+        if len(seen) + len(fresh) <= 60:
+            seen += fresh
+            kept += 1
+    assert info.events_applied == kept
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    server.start()
+    server.wait_offset(2000)
+    again = server.info()
+    assert (again.num_nodes, again.events_applied) == (60, kept)

@@ -55,6 +55,7 @@ from tgnstream.runtime.preflight import (
     probe_set,
 )
 from tgnstream.runtime.store_location import StoreLocation
+from tgnstream.stream.assemble import known_in
 from tgnstream.stream.config import StreamConfig
 from tgnstream.stream.reader import BatchReader
 
@@ -386,6 +387,7 @@ class HotSwapper:
             register,
             device=shadow.device,
             topic_id=self.topic_id,
+            known=known_in(lambda: ids),
         )
         position = dict(reader.next_offsets)
         replayed, looked_at, checked = 0, time.monotonic(), False

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 # Every reason a record is dead-lettered for (decoding, time screening, a damaged model).
-DLQ_REASONS = (*RECORD_REASONS, "too_late", "too_far_ahead", "non_finite_state")
+DLQ_REASONS = (*RECORD_REASONS, "too_late", "too_far_ahead", "node_limit", "non_finite_state")
 
 # Every value the ``result`` label of tgnstream_ingest_events_total takes.
 INGEST_RESULTS = ("applied", "late_clamped", "dlq")

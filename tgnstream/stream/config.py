@@ -107,6 +107,13 @@ class StreamConfig(BaseModel):
         "timestamp go to the DLQ as 'too_far_ahead' (the timestamp is in the log, so replays agree); "
         "needs event times in Unix seconds; None: off",
     )
+    max_nodes: int | None = Field(
+        None,
+        ge=1,
+        description="most node ids the state may hold: an event that would add a node past it goes to "
+        "the DLQ as 'node_limit' (counted; decided in log order, so replays and replicas agree) and "
+        "events between known nodes go on; None: no limit (the state grows with every new id)",
+    )
     max_abs_ts_s: float = Field(
         MAX_ABS_EVENT_TIME_S,
         gt=0,

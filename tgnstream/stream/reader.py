@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from tgnstream.stream.assemble import BatchAssembler, RecordRejection, Register
+from tgnstream.stream.assemble import BatchAssembler, Known, RecordRejection, Register
 from tgnstream.stream.batcher import ClosedBatch
 from tgnstream.stream.config import StreamConfig
 from tgnstream.stream.prefetch import FetchedBatch, package, take_resets
@@ -99,10 +99,12 @@ class BatchReader:
         topic_id: str | None = None,
         fetcher: LocalFetcher | None = None,
         on_reject: Callable[[RecordRejection], None] | None = None,
+        known: Known | None = None,
     ):
         self.fetcher = fetcher if fetcher is not None else LocalFetcher(config, start_offsets, topic_id)
         self.assembler = BatchAssembler(config, edge_dim, watermark, device)
         self.register = register
+        self.known = known  # the id map's lookup, for stream.max_nodes
         self.rejected: Counter[str] = Counter()  # by reason
         self._on_reject = on_reject
         self._closed_watermark = float(watermark)  # the running watermark after the last close
@@ -150,7 +152,7 @@ class BatchReader:
             out.append(batch)
             self._closed_watermark = self.assembler.watermark
 
-        self.assembler.feed(fetched, self.register, on_close=closed, on_reject=self._reject)
+        self.assembler.feed(fetched, self.register, on_close=closed, on_reject=self._reject, known=self.known)
         for b in out:
             self.next_offsets.update(b.next_offsets)
         return out
