@@ -102,3 +102,22 @@ def test_readme_indexes_every_script_and_cites_every_result():
     assert not missing_scripts, f"not indexed in benchmarks/README.md: {missing_scripts}"
     uncited = [p.name for p in sorted((BENCH / "results").iterdir()) if p.name not in readme]
     assert not uncited, f"results files cited nowhere in benchmarks/README.md: {uncited}"
+
+
+def test_the_scale_benchmark_runs_at_small_sizes(tmp_path):
+    """``benchmarks/scale.py`` end to end at two small sizes: every cost measured, each fitted."""
+    out = tmp_path / "scale.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "scale.py"), "--nodes", "1500", "3000", "--events-per-node", "4",
+         "--query-reps", "5", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    sizes = doc["sizes"]
+    assert [s["events"] for s in sizes] == [6000, 12000]
+    for s in sizes:
+        assert s["ingest_events_per_s"] > 0 and s["snapshot"]["bytes"] > 0 and s["bytes_per_node_total"] > 0
+        assert s["nodes"] == s["capacity"] or s["nodes"] < s["capacity"]
+    assert all(f is not None for f in doc["fits"].values())
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -147,7 +147,7 @@ class EdgeHistory(ResizableBufferModule):
         if fresh.any():
             total = len(self) + int(fresh.sum())
             if 2 * total > self.keys.numel():
-                self._rehash(_slots_for(max(total, 2 * len(self))))
+                self._rehash(_slots_for(total))  # about twice the slots: half full at most
             self._place(uniq[fresh], n_new_events[fresh], newest[fresh])
 
     def _place(self, keys: torch.Tensor, counts: torch.Tensor, last_t: torch.Tensor) -> None:
