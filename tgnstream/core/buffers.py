@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["ResizableBufferModule"]
+__all__ = ["ResizableBufferModule", "grown"]
+
+
+def grown(current: torch.Tensor, rows: int, fill: float | int = 0) -> torch.Tensor:
+    """``current`` with ``rows`` rows (at least its own): its rows first, ``fill`` after.
+
+    A tensor in shared memory (the state reader processes map) grows into a new shared-memory
+    block directly: one copy of the rows in use instead of a copy into private memory and
+    another into shared memory; rows past them stay untouched zero pages (no memory is taken
+    for them until they are written), so capacity ahead of need costs nothing."""
+    extra = rows - current.shape[0]
+    if extra <= 0:
+        return current
+    shape = (rows, *current.shape[1:])
+    if current.device.type == "cpu" and current.is_shared():
+        nbytes = current.element_size() * current[:1].numel() * rows if current.numel() else 0
+        storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+        out = torch.empty(0, dtype=current.dtype).set_(storage, 0, shape, torch.empty(shape).stride())
+        out[: current.shape[0]] = current
+        if fill != 0:
+            out[current.shape[0] :] = fill
+        return out
+    pad = torch.full((extra, *current.shape[1:]), fill, dtype=current.dtype, device=current.device)
+    return torch.cat([current, pad])
 
 
 class ResizableBufferModule(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tgnstream.core.buffers import ResizableBufferModule
+from tgnstream.core.buffers import ResizableBufferModule, grown
 
 __all__ = ["NodeMemory"]
 
@@ -46,9 +46,7 @@ class NodeMemory(ResizableBufferModule):
         if extra <= 0:
             return
         for name in ("memory", "last_update", "mail", "mail_ts", "has_mail", "is_destination"):
-            cur = getattr(self, name)
-            pad = torch.zeros((extra, *cur.shape[1:]), dtype=cur.dtype, device=cur.device)
-            setattr(self, name, torch.cat([cur, pad]))
+            setattr(self, name, grown(getattr(self, name), capacity))
 
     def reset(self) -> None:
         self.memory.zero_()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tgnstream.core.buffers import ResizableBufferModule
+from tgnstream.core.buffers import ResizableBufferModule, grown
 
 __all__ = ["RecentNeighbors", "group_ranks"]
 
@@ -60,13 +60,10 @@ class RecentNeighbors(ResizableBufferModule):
         extra = capacity - self.capacity
         if extra <= 0:
             return
-        dev = self.ids.device
-        self.ids = torch.cat([self.ids, torch.full((extra, self.k), -1, dtype=torch.long, device=dev)])
-        self.ts = torch.cat([self.ts, torch.zeros(extra, self.k, dtype=torch.float64, device=dev)])
-        self.feats = torch.cat(
-            [self.feats, torch.zeros(extra, self.k, self.edge_dim, dtype=torch.float32, device=dev)]
-        )
-        self.count = torch.cat([self.count, torch.zeros(extra, dtype=torch.long, device=dev)])
+        self.ids = grown(self.ids, capacity, -1)
+        self.ts = grown(self.ts, capacity)
+        self.feats = grown(self.feats, capacity)
+        self.count = grown(self.count, capacity)
 
     def reset(self) -> None:
         self.ids.fill_(-1)

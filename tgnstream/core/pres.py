@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tgnstream.core.buffers import ResizableBufferModule
+from tgnstream.core.buffers import ResizableBufferModule, grown
 
 __all__ = ["TransitionStats", "pres_fuse", "coherence_loss"]
 
@@ -41,8 +41,7 @@ class TransitionStats(ResizableBufferModule):
         if extra <= 0:
             return
         for name in ("count", "mean", "m2"):
-            cur = getattr(self, name)
-            setattr(self, name, torch.cat([cur, cur.new_zeros((extra, *cur.shape[1:]))]))
+            setattr(self, name, grown(getattr(self, name), capacity))
 
     def reset(self) -> None:
         self.count.zero_()
