@@ -120,6 +120,27 @@ class GrpcConfig(BaseModel):
         "neighbourhood, so only candidates a batch reached are recomputed; evaluate the model with the "
         "same setting, docs/serving.md, 'TopK candidate times')",
     )
+    topk_catalog_threshold: int = Field(
+        50_000,
+        ge=1,
+        description="TopK over the default candidates ranks every candidate exactly below this many "
+        "candidates; from it on, it ranks exactly only a shortlist: an ANN search (FAISS IVF, the "
+        "decoder linearised) plus the source's past partners and the newest and busiest candidates "
+        "(docs/topk-catalog.md)",
+    )
+    topk_shortlist: int = Field(
+        500, ge=1, description="two-stage TopK: candidates the ANN search adds to a source's shortlist"
+    )
+    topk_ivf_nprobe: int = Field(32, ge=1, description="two-stage TopK: IVF lists scanned per source")
+    topk_ivf_nlist: int = Field(
+        0, ge=0, description="two-stage TopK: IVF lists; 0: about sqrt(candidates), a power of two"
+    )
+    topk_recent: int = Field(
+        200, ge=0, description="two-stage TopK: candidates with the newest events added to every shortlist"
+    )
+    topk_popular: int = Field(
+        100, ge=0, description="two-stage TopK: candidates with the most events added to every shortlist"
+    )
     query_time_slack_s: float = Field(
         86_400.0,
         ge=0.0,

@@ -39,6 +39,7 @@ import torch
 
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.events import EventBatch
+from tgnstream.model_server.catalog import CatalogIndex, CatalogSettings, PairPartners
 from tgnstream.model_server.convert import EmbedQuery, RequestError, ScoreQuery, TopKQuery
 from tgnstream.runtime.live import LiveEngine, StateStamp
 
@@ -202,7 +203,14 @@ class CandidateCache:
     """Thread-safe, newest-version-only cache of ``CandidateEmbeddings``. Call under the read
     lock (the key must describe the state being read)."""
 
-    def __init__(self, max_age_s: float = 0.0, candidate_time: str = "query") -> None:
+    def __init__(
+        self, max_age_s: float = 0.0, candidate_time: str = "query", catalog: CatalogSettings | None = None
+    ) -> None:
+        # Two-stage TopK over large catalogs (catalog.py): settings, and the index kept in step
+        # with this cache's entries (made on first use).
+        self.catalog_settings = catalog or CatalogSettings()
+        self.catalog: CatalogIndex | None = None
+        self.partners = PairPartners()
         # max_age_s > 0 lets an entry of an older version of the same engine and model serve
         # for that long (bounded staleness: under a live feed every applied batch would cost a
         # rebuild); 0 keeps replies exact for every version.
@@ -222,6 +230,13 @@ class CandidateCache:
         # With reader processes: how long to wait for another reader's entry before building.
         self.shared_wait_s = 0.25
         self.last_used = float("-inf")  # time.monotonic() of the last get() (the warmer's cue)
+
+    def mode_for(self, candidates: int) -> str:
+        """The candidate times of an entry over ``candidates`` destinations: the configured ones
+        below the catalog threshold; from it on ``last_change``, so that a new state version
+        recomputes only the candidates its batch reached (re-embedding a whole catalog per applied
+        batch cannot keep up with a feed) and the ANN index updates only those rows."""
+        return self.candidate_time if candidates < self.catalog_settings.threshold else "last_change"
 
     @staticmethod
     def key(live: LiveEngine, engine: MemoryEngine) -> tuple:
@@ -286,7 +301,7 @@ class CandidateCache:
                 if got is not None:
                     t, nodes, z = got
                     self.shared_hits += 1
-                    if self.candidate_time == "query":
+                    if self.mode_for(nodes.numel()) == "query":
                         return CandidateEmbeddings(key, t, nodes, z, time.monotonic()), True
                     # The signature that goes with it is the state's, read now: keep the entry
                     # (as the base of later refreshes) only if the state is still that one.
@@ -299,13 +314,17 @@ class CandidateCache:
         try:
             t = state_time(engine)
             nodes = engine.destinations()
+            mode = self.mode_for(nodes.numel())
             with torch.inference_mode():
                 # Copy what the embeddings read (fast), check that it is one state, then compute
                 # from the copies: a batch applied meanwhile cannot spoil the entry.
-                times = engine.candidate_times(nodes, t, self.candidate_time)
                 sig = todo = None
-                if self.candidate_time == "last_change":
-                    _, sig = engine.last_change(nodes)
+                if mode == "last_change":  # candidate_times's rule, with one pass over the table
+                    times, sig = engine.last_change(nodes)
+                    times = torch.where(torch.isfinite(times), times, torch.full_like(times, t))
+                else:
+                    times = engine.candidate_times(nodes, t, mode)
+                if mode == "last_change":
                     base, base_rows, kept = self._unchanged(key, nodes, sig)
                     todo = (~kept).nonzero().squeeze(1)
                     inputs, rows = engine.embed_inputs(nodes[todo], times[todo])
@@ -558,6 +577,8 @@ def _top_k_shared(
     qn = cand.numel()
     if qn == 0:
         return [TopKResult([], [], [], bool(u), stamp) for u in src_unknown.tolist()]
+    if qn >= cache.catalog_settings.threshold:
+        return _top_k_catalog(live, engine, qs, t, cache, stamp, entry, src, src_unknown)
     z_s, stats, t_src = _rank_inputs(engine, src, t, cand, live.context)
     seen_rows = torch.tensor([q.exclude_seen for q in qs], device=src.device)
     seen = None
@@ -591,6 +612,67 @@ def _top_k_shared(
     return out
 
 
+def _top_k_catalog(
+    live: LiveEngine,
+    engine: MemoryEngine,
+    qs: list[TopKQuery],
+    t: float,
+    cache: CandidateCache,
+    stamp: StateStamp,
+    entry: CandidateEmbeddings,
+    src: torch.Tensor,
+    src_unknown: torch.Tensor,
+) -> list[TopKResult]:
+    """``_top_k_shared`` over a large catalog: each source's shortlist (``CatalogIndex``: ANN
+    top-M, its past partners, the newest and busiest candidates) ranked exactly, with the same
+    embeddings, pair features and drops as the exact path; one ranking pass per source, so an
+    answer does not depend on the batch it came in."""
+    cand = entry.nodes
+    decoder = engine.model.decoder
+    if cache.catalog is None:
+        cache.catalog = CatalogIndex(cache.catalog_settings)
+    index = cache.catalog
+    # Only an entry the cache kept describes a state (a reader's discarded attempt does not).
+    if cache.peek(entry.key, exact=True) is entry or index.key is None:
+        index.sync(entry, decoder)
+    key = cache.key(live, engine)
+    extras = index.extras(key, cand, engine.neighbors.latest, lambda n: engine.neighbors.count[n])
+    cache.partners.build(key, engine.history)
+    t_src = _full(src.numel(), t, src.device)
+    z_s = engine.embed(src, t_src, live.context)
+    ann = index.shortlist(decoder, z_s, max(q.k for q in qs))
+    visible = None if live.context is None else torch.full((1,), len(live.context), device=src.device)
+    work = []
+    for p, q in enumerate(qs):
+        s = src[p : p + 1]
+        mine = torch.unique(torch.cat([ann[p], cache.partners.partners(int(s)), extras]))
+        rows = torch.searchsorted(cand, mine).clamp(max=cand.numel() - 1)
+        mine = mine[cand[rows] == mine]  # candidates only (a partner may never have been a destination)
+        rows = torch.searchsorted(cand, mine)
+        stats = engine.gather_ranking(s, mine, live.context, visible)
+        drop = mine == s
+        if q.exclude_seen:
+            count, _ = engine.history.lookup(s.expand(mine.numel()), mine)
+            drop |= count > 0
+        work.append((mine, entry.z.index_select(0, rows), stats, drop))
+    if not live.still_valid():
+        # A reader process's view changed while reading: this attempt is discarded and
+        # retried; what it read must not be kept for the state's key.
+        index.extras_key = cache.partners.key = None
+    live.reads_done()
+    out = []
+    for p, (q, (mine, z_c, stats, drop)) in enumerate(zip(qs, work)):
+        logits = engine.rank_forward(z_s[p : p + 1], z_c, stats, t_src[p : p + 1])[0]  # [S]
+        _finite_or_raise(logits, "topk")
+        logits = logits.masked_fill(drop, float("-inf"))
+        top = torch.topk(logits, min(q.k, mine.numel()))
+        keep = torch.isfinite(top.values)
+        ids = mine[top.indices[keep]].cpu().tolist()
+        probs = torch.sigmoid(top.values[keep]).float().cpu().tolist()
+        out.append(TopKResult(engine.ids.names(ids), probs, [False] * len(ids), bool(src_unknown[p]), stamp))
+    return out
+
+
 def _top_k_explicit(
     live: LiveEngine, engine: MemoryEngine, q: TopKQuery, cache: CandidateCache, stamp: StateStamp
 ) -> TopKResult:
@@ -604,7 +686,9 @@ def _top_k_explicit(
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise RequestError(f"unknown candidate ids with strict=true: {', '.join(map(repr, bad[:5]))}{more}")
     cached = cache.peek(cache.key(live, engine), exact=True)
-    z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine), cache.candidate_time)
+    # The state's catalog size decides the candidate times (CandidateCache.mode_for), warm cache or not.
+    mode = cache.mode_for(int(engine.memory.is_destination.sum()))
+    z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine), mode)
     qn = cand.numel()
     logits = _rank(engine, src, t, cand, z_c, live.context)[0]  # [Q]
     _finite_or_raise(logits, "topk")

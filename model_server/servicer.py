@@ -16,6 +16,7 @@ from typing import TypeVar
 import grpc
 
 from tgnstream.model_server import convert, queries
+from tgnstream.model_server.catalog import CatalogSettings
 from tgnstream.model_server.coalesce import Coalescer
 from tgnstream.model_server.config import GrpcConfig
 from tgnstream.model_server.convert import RequestError
@@ -36,6 +37,18 @@ RESTORING_DETAILS = (
     "the server is restoring its state (loading it, then replaying the log to its end); it answers once "
     "caught up: retry later or on another replica"
 )
+
+
+def catalog_settings(config: GrpcConfig) -> CatalogSettings:
+    """When TopK goes two-stage, and its shortlist (``GrpcConfig.topk_*``; docs/topk-catalog.md)."""
+    return CatalogSettings(
+        threshold=config.topk_catalog_threshold,
+        shortlist=config.topk_shortlist,
+        nprobe=config.topk_ivf_nprobe,
+        nlist=config.topk_ivf_nlist,
+        recent=config.topk_recent,
+        popular=config.topk_popular,
+    )
 
 
 def _pairs(q: convert.ScoreQuery) -> int:
@@ -64,7 +77,11 @@ class LinkPredictionServicer(pb_grpc.LinkPredictionServicer):
         self.cache = (
             cache
             if cache is not None
-            else queries.CandidateCache(config.topk_cache_max_age_ms / 1000, config.topk_candidate_time)
+            else queries.CandidateCache(
+                config.topk_cache_max_age_ms / 1000,
+                config.topk_candidate_time,
+                catalog=catalog_settings(config),
+            )
         )
         # Concurrent Score requests, and TopK requests over the default candidates, share
         # engine calls (see coalesce.py). A batch runs at a time per kind; other requests

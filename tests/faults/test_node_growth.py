@@ -27,7 +27,7 @@ class Probes(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.done = server, threading.Event()
         self.latencies, self.errors = [], []
-        self.topk = False
+        self.topk = True
 
     def run(self) -> None:
         with self.server.channel() as ch:

@@ -101,8 +101,7 @@ class RecentNeighbors(ResizableBufferModule):
 
     def latest(self, nodes: torch.Tensor) -> torch.Tensor:
         """Time of each node's newest interaction ``[*]`` for ``nodes [*]`` (-inf: none yet)."""
-        ids, ts = self.ids[nodes], self.ts[nodes]
-        return torch.where(ids >= 0, ts, torch.full_like(ts, float("-inf"))).amax(-1)
+        return self.ts[nodes].masked_fill(self.ids[nodes] < 0, float("-inf")).amax(-1)
 
     def gather(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Neighbours of ``nodes [M]``: ids, ts, mask ``[M, K]`` and feats ``[M, K, d]``."""

@@ -265,8 +265,12 @@ class MemoryState(nn.Module):
         ids = nb.ids[nodes]
         present = ids >= 0
         safe = ids.clamp(min=0)
-        around = torch.where(present, nb.latest(safe), torch.full_like(nb.ts[nodes], float("-inf")))
-        times = torch.maximum(nb.latest(nodes), around.amax(-1))
+        if safe.numel() > nb.capacity:  # a catalog: every node's newest time once, then gathered
+            every = nb.ts.masked_fill(nb.ids < 0, float("-inf")).amax(-1)
+            own, newest = every[nodes], every[safe]
+        else:
+            own, newest = nb.latest(nodes), nb.latest(safe)
+        times = torch.maximum(own, newest.masked_fill(~present, float("-inf")).amax(-1))
         signature = nb.count[nodes] + torch.where(present, nb.count[safe], 0).sum(-1)
         return times, signature
 
