@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,9 +21,10 @@ def grown(current: torch.Tensor, rows: int, fill: float | int = 0) -> torch.Tens
     if extra <= 0:
         return current
     shape = (rows, *current.shape[1:])
-    if current.device.type == "cpu" and current.is_shared():
-        nbytes = current.element_size() * current[:1].numel() * rows if current.numel() else 0
-        storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    row_elements = math.prod(current.shape[1:])
+    if current.device.type == "cpu" and current.is_shared() and row_elements > 0:
+        nbytes = current.element_size() * row_elements * rows
+        storage = torch.UntypedStorage._new_shared(nbytes)
         out = torch.empty(0, dtype=current.dtype).set_(storage, 0, shape, torch.empty(shape).stride())
         out[: current.shape[0]] = current
         if fill != 0:
