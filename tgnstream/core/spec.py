@@ -108,6 +108,12 @@ class ModelSpec(BaseModel):
     pres_learn_gamma: bool = Field(
         False, description="learn gamma (as sigmoid of a parameter initialised at pres_gamma)"
     )
+    state_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="storage type of node memories and pending messages (the largest per-node buffers); "
+        "computation stays float32, values are rounded when stored. bfloat16 halves their bytes "
+        "(benchmarks/state_precision.py measures what it costs in AP/MRR)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

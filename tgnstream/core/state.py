@@ -119,7 +119,9 @@ class MemoryState(nn.Module):
         capacity = max(int(capacity), 1)
         self.instance = next(_INSTANCES)  # unique in this process (copies get their own: __deepcopy__)
         self.config = config
-        self.memory = NodeMemory(capacity, config.memory_dim, config.edge_dim)
+        self.memory = NodeMemory(
+            capacity, config.memory_dim, config.edge_dim, dtype=getattr(torch, config.state_dtype)
+        )
         self.neighbors = RecentNeighbors(capacity, config.num_neighbors, config.edge_dim)
         self.history = EdgeHistory()
         self.ids = IdMap()
@@ -235,10 +237,10 @@ class MemoryState(nn.Module):
         pres = self.pres
         return MemoryRows(
             nodes=nodes,
-            memory=mem.memory[nodes],
+            memory=mem.memory[nodes].float(),  # stored in state_dtype, computed in float32
             last_update=mem.last_update[nodes],
             pending=pending,
-            mail=mem.mail[ids],
+            mail=mem.mail[ids].float(),
             mail_ts=mem.mail_ts[ids],
             pres_mean=None if pres is None else pres.mean[ids],
             pres_count=None if pres is None else pres.count[ids],
@@ -317,7 +319,7 @@ class MemoryState(nn.Module):
         persisted = fresh.nodes[rows_f]
         if self.config.fold_once:
             # The batch's own nodes are overwritten below; this persists the neighbours' folds.
-            mem.memory[persisted] = fresh.memory[rows_f].detach()
+            mem.memory[persisted] = fresh.memory[rows_f].detach().to(mem.memory.dtype)
             mem.last_update[persisted] = fresh.last_update[rows_f]
             mem.has_mail[persisted] = False
         else:
@@ -330,14 +332,14 @@ class MemoryState(nn.Module):
         agg, mail_ts = aggregate_messages(batch, nodes, mem_nodes, self.config.aggregator)
         if in_order_only:
             fwd = last_nodes >= mem.last_update[nodes]
-            mem.memory[nodes[fwd]] = mem_nodes[fwd]
+            mem.memory[nodes[fwd]] = mem_nodes[fwd].to(mem.memory.dtype)
             mem.last_update[nodes[fwd]] = last_nodes[fwd]
             newer = mail_ts >= mem.mail_ts[nodes]
             nodes, agg, mail_ts = nodes[newer], agg[newer], mail_ts[newer]
         else:
-            mem.memory[nodes] = mem_nodes
+            mem.memory[nodes] = mem_nodes.to(mem.memory.dtype)
             mem.last_update[nodes] = last_nodes
-        mem.mail[nodes] = agg
+        mem.mail[nodes] = agg.to(mem.mail.dtype)
         mem.mail_ts[nodes] = mail_ts
         mem.has_mail[nodes] = True
         if fresh.prev_memory is None:
@@ -354,7 +356,7 @@ class MemoryState(nn.Module):
         """Persist ``fresh`` (memories of nodes with every pending message folded in, e.g. of
         ``pending_nodes()``) and mark their messages consumed."""
         nodes, mem = fresh.nodes, self.memory
-        mem.memory[nodes] = fresh.memory
+        mem.memory[nodes] = fresh.memory.to(mem.memory.dtype)
         mem.last_update[nodes] = fresh.last_update
         mem.has_mail[nodes] = False
 
@@ -370,9 +372,9 @@ class MemoryState(nn.Module):
                 f"batch prepared at {prepared.version} events, state now has {int(self.events_applied)}"
             )
         mem, nodes = self.memory, prepared.nodes
-        mem.memory[nodes] = prepared.memory
+        mem.memory[nodes] = prepared.memory.to(mem.memory.dtype)
         mem.last_update[nodes] = prepared.mail_ts
-        mem.mail[nodes] = prepared.mail
+        mem.mail[nodes] = prepared.mail.to(mem.mail.dtype)
         mem.mail_ts[nodes] = prepared.mail_ts
         mem.has_mail[nodes] = False
         self.record(prepared.batch)

@@ -45,6 +45,7 @@ MAKE_TRAIN_SPEC = dict(
     pres=False,
     pres_gamma=0.9,
     pres_learn_gamma=False,
+    state_dtype="float32",
 )
 
 
