@@ -77,10 +77,11 @@ def test_flags_override_the_preset_and_keep_their_meaning(monkeypatch):
         monkeypatch.delenv(var)
     assert _config("--preset", "tgn").model_spec() == ModelSpec.preset("tgn")
     assert _config("--model", "jodie").model_spec() == ModelSpec.preset(
-        "jodie", pair_features=True, activity_features=True
+        "jodie", pair_features=True, activity_features=True, state_dtype="bfloat16"
     )
     spec = _config("--memory-dim", "32", "--no-pair-features", "--no-fold-once").model_spec()
-    assert spec == ModelSpec.preset("tgn", width=32, fold_once=False)  # --memory-dim: one width
+    # --memory-dim: one width; the recommended storage stays
+    assert spec == ModelSpec.preset("tgn", width=32, fold_once=False, state_dtype="bfloat16")
     cfg = _config("--no-pipeline-mitigation", "--pipeline-depth", "1", "--no-progress")
     assert (cfg.pipeline_mitigation, cfg.pipeline_depth, cfg.progress) == (None, 1, False)
     assert _config("--pipeline-mitigation", "0.5").pipeline_mitigation == 0.5
@@ -90,7 +91,7 @@ def test_flags_override_the_preset_and_keep_their_meaning(monkeypatch):
 def test_the_environment_still_sets_what_no_flag_does(monkeypatch):
     monkeypatch.setenv("TGNSTREAM_TRAIN_PAIR_FEATURES", "false")
     monkeypatch.setenv("TGNSTREAM_TRAIN_PRESET", "recommended")
-    assert _config().model_spec() == ModelSpec.preset("tgn")
+    assert _config().model_spec() == ModelSpec.preset("tgn", state_dtype="bfloat16")
     assert _config("--pair-features").model_spec() == ModelSpec.preset("recommended")  # flag wins
 
 

@@ -155,8 +155,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 #: ``fold_once`` on everywhere: measured no worse and faster, see the fields).
 PRESETS: dict[str, dict[str, Any]] = {
     # The best measured recipe (benchmarks/README.md, quality: "tgnstream default (make train)"): TGN
-    # whose decoder also sees pair statistics and each endpoint's recency and popularity.
-    "recommended": dict(**ARCHITECTURES["tgn"], pair_features=True, activity_features=True),
+    # whose decoder also sees pair statistics and each endpoint's recency and popularity; memories
+    # and messages stored in bfloat16 (half their bytes; no AP/MRR cost measured:
+    # benchmarks/state_precision.py).
+    "recommended": dict(
+        **ARCHITECTURES["tgn"], pair_features=True, activity_features=True, state_dtype="bfloat16"
+    ),
     # Memory-only TGN (Rossi et al. 2020): GRU memory, temporal graph attention, MLP decoder.
     "tgn": dict(ARCHITECTURES["tgn"]),
     # JODIE (Kumar et al. 2019): RNN memory, time projection embedding.

@@ -45,7 +45,7 @@ MAKE_TRAIN_SPEC = dict(
     pres=False,
     pres_gamma=0.9,
     pres_learn_gamma=False,
-    state_dtype="float32",
+    state_dtype="bfloat16",
 )
 
 
@@ -62,6 +62,7 @@ def test_tgn_and_jodie_presets_are_the_architectures_they_always_were():
         **MAKE_TRAIN_SPEC,
         "pair_features": False,
         "activity_features": False,
+        "state_dtype": "float32",
     }
     assert ModelSpec.preset("jodie") == ModelSpec(updater="rnn", embedding="time")
     assert ModelSpec.preset("jodie").label == "jodie" and ModelSpec.preset("tgn").label == "tgn"
@@ -83,10 +84,11 @@ def test_resolve_spec_overrides_the_preset():
     assert spec.num_neighbors == 10 and spec.pair_features and spec.activity_features
     assert resolve_spec("recommended", memory_dim=32, time_dim=8).time_dim == 8
     assert resolve_spec("recommended", architecture="jodie") == ModelSpec.preset(
-        "jodie", pair_features=True, activity_features=True
+        "jodie", pair_features=True, activity_features=True, state_dtype="bfloat16"
     )
-    # Activity features extend the pair statistics: recommended without pair features is tgn.
-    assert resolve_spec("recommended", pair_features=False) == ModelSpec.preset("tgn")
+    # Activity features extend the pair statistics: recommended without pair features is tgn
+    # (with the recommended storage).
+    assert resolve_spec("recommended", pair_features=False) == ModelSpec.preset("tgn", state_dtype="bfloat16")
     with pytest.raises(pydantic.ValidationError, match="divisible by num_heads"):
         resolve_spec("recommended", num_heads=3)
 
