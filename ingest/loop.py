@@ -20,7 +20,7 @@ from tgnstream.ingest.quality import PrequentialQuality
 from tgnstream.runtime.health import Readiness
 from tgnstream.runtime.live import LiveEngine, OpenBatch
 from tgnstream.runtime.metrics import ServerMetrics
-from tgnstream.runtime.snapshots import SnapshotConfig, SnapshotStore
+from tgnstream.runtime.snapshots import Changes, SnapshotConfig, SnapshotStore
 from tgnstream.stream.assemble import BatchAssembler, RecordRejection, known_in
 from tgnstream.stream.batcher import ClosedBatch
 from tgnstream.stream.prefetch import FetchedBatch, Prefetcher
@@ -82,6 +82,12 @@ class IngestLoop:
         self._dirty_since = time.time()  # when the oldest change no snapshot holds happened
         self._snapshot_failures = 0  # consecutive
         self._snapshot_retry_at = 0.0  # time.monotonic() before which a failed snapshot is not retried
+        # Nodes and pairs written since the last snapshot (what a delta snapshot holds;
+        # docs/snapshots.md says why the set is complete). It counts only once a snapshot of this
+        # loop succeeded (the state it started from may differ from the one restored: folds at
+        # start-up), and not after the engine was replaced: the next snapshot is then a full base.
+        self._changes = Changes()
+        self._changes_complete = False
         self._quality_published_at = float("-inf")
         self.batches = 0
         self.final_snapshot_ok: bool | None = None  # set when run() returns after stop()
@@ -202,6 +208,7 @@ class IngestLoop:
         pause = time.perf_counter() - paused
         total = time.perf_counter() - t0 if started is None else time.monotonic() - started
         self._changed(1)  # the next snapshot records the new version
+        self._changes_complete = False  # another engine: the next snapshot is a full base
         log.info(
             "hot swap: now serving %s at offsets %s (write lock held %.1f ms)",
             version,
@@ -272,6 +279,9 @@ class IngestLoop:
             if prepared is not None:
                 events = prepared.batch
                 late = int((events.t < engine.watermark).sum())
+                # Before the commit: should it fail part-way, its rows are still in the set.
+                if self.snapshots is not None:
+                    self._changes.add(events.src, events.dst)
                 TemporalStep(engine).commit_live(prepared)
                 applied = len(events)
                 # One result per record: applied on time, applied late (clamped), or dead-lettered.
@@ -440,8 +450,16 @@ class IngestLoop:
             if self.dead_letters is not None:
                 self.dead_letters.flush(timeout=self._left(30.0) if final else 30.0)
             # This thread is the only writer, so reading without the lock sees a batch boundary.
+            cfg = self.snapshot_config
             snap = self.snapshots.write(
-                self.live.engine, self.live.model_version, self.live.next_offsets, self.topic, self.topic_id
+                self.live.engine,
+                self.live.model_version,
+                self.live.next_offsets,
+                self.topic,
+                self.topic_id,
+                changes=self._changes if self._changes_complete else None,
+                full_every=cfg.full_every,
+                delta_max_fraction=cfg.delta_max_fraction,
             )
         except Exception as e:
             self._snapshot_failed(e, final)
@@ -454,10 +472,13 @@ class IngestLoop:
         self._snapshot_failures = 0
         self._snapshot_retry_at = 0.0
         self._since_snapshot = 0
+        # Only here: after a failed write the set still covers everything since the last snapshot.
+        self._changes = Changes()
+        self._changes_complete = True
         self._last_snapshot_at = time.monotonic()
         if self.fetcher is not None:
             self.fetcher.request_commit(snap.next_offsets)
-        log.info("snapshot %s (%d events)", snap.path.name, snap.events_applied)
+        log.info("snapshot %s (%s, %d events)", snap.path.name, snap.kind, snap.events_applied)
         return True
 
     def _snapshot_failed(self, error: Exception, final: bool) -> None:

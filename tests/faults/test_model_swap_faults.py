@@ -6,7 +6,6 @@ v000001 is detected and followed."""
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import threading
 import time
@@ -15,10 +14,10 @@ import grpc
 import pytest
 import torch
 
+from tgnstream.apps.testing import publish_tampered
 from tgnstream.core.config import ModelConfig
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.rpc.v1 import link_prediction_pb2 as pb
-from tgnstream.runtime.durable import MANIFEST, seal_manifest
 from tgnstream.runtime.models import ModelStore
 
 from .conftest import TOPIC, produce, server_config, stream, wait_for
@@ -53,13 +52,6 @@ def _copy(engine: MemoryEngine) -> MemoryEngine:
     return copy.deepcopy(engine).eval()
 
 
-def _rewrite(store: ModelStore, version: str, edit, reseal: bool) -> None:
-    path = store.root / version / MANIFEST
-    m = json.loads(path.read_text())
-    edit(m)
-    path.write_text(json.dumps(seal_manifest(m) if reseal else m))
-
-
 def test_broken_and_tampered_versions_are_refused_under_load_and_a_restarted_store_is_followed(
     broker, servers, tmp_path
 ):
@@ -87,12 +79,10 @@ def test_broken_and_tampered_versions_are_refused_under_load_and_a_restarted_sto
     store.publish(nan, {}, TOPIC, parent="v000001")
     wait_for(lambda: refused("nonfinite_weights") == 1, 30, "the NaN version's refusal")
     # 2. A manifest edited without resealing.
-    edited = store.publish(_copy(model), {}, TOPIC, parent="v000001")
-    _rewrite(store, edited.version, lambda m: m.update(next_offsets={"0": 1000}), reseal=False)
+    publish_tampered(store.root, _copy(model), TOPIC, lambda m: m.update(next_offsets={"0": 1000}), False)
     wait_for(lambda: refused("manifest") == 1, 30, "the edited manifest's refusal")
     # 3. A sealed manifest that names another version.
-    misnamed = store.publish(_copy(model), {}, TOPIC, parent="v000001")
-    _rewrite(store, misnamed.version, lambda m: m.update(version="v000001"), reseal=True)
+    publish_tampered(store.root, _copy(model), TOPIC, lambda m: m.update(version="v000001"), True)
     wait_for(lambda: refused("manifest") == 2, 30, "the misnamed manifest's refusal")
     # A sound version after them is swapped in.
     good = store.publish(_copy(model), {}, TOPIC, parent="v000001")

@@ -227,3 +227,31 @@ def small_engine(events: int = 0, seed: int = 0):
             EventBatch(dense[0::2].contiguous(), dense[1::2].contiguous(), t, torch.zeros(10, 0))
         )
     return engine.eval()
+
+
+def publish_tampered(root: Path, engine, topic: str, edit, reseal: bool, **kwargs: Any):
+    """Publish ``engine`` as the next version of the store at ``root`` with its manifest changed by
+    ``edit(manifest)`` (resealed or not) before any watcher can see it: the version is written in
+    a staging store numbered alike, tampered there, then renamed into ``root`` (one atomic
+    step). Returns its version name."""
+    import json
+    import os
+    import shutil
+
+    from tgnstream.runtime.durable import MANIFEST, seal_manifest
+    from tgnstream.runtime.models import ModelStore
+
+    staging = root.parent / f".{root.name}-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    store, target = ModelStore(staging, keep=1_000), ModelStore(root)
+    want = max(target._numbers(), default=0) + 1
+    published = None
+    while published is None or published.number < want:
+        published = store.publish(engine, {}, topic, **kwargs)
+    path = published.path / MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(seal_manifest(manifest) if reseal else manifest))
+    os.rename(published.path, root / published.version)
+    shutil.rmtree(staging, ignore_errors=True)
+    return published.version

@@ -4,15 +4,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 
 import pytest
 import torch
 
-from tgnstream.apps.testing import NoNewEvents, small_engine, wait_until
-from tgnstream.runtime.durable import MANIFEST, seal_manifest
+from tgnstream.apps.testing import NoNewEvents, publish_tampered, small_engine, wait_until
 from tgnstream.runtime.hot_swap import HotSwapConfig, HotSwapper
 from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.models import ModelStore
@@ -54,23 +52,18 @@ def test_a_sealed_version_with_one_nan_weight_is_refused_before_any_replay(setup
     assert ready.version == "v000003" and len(refused) == 1  # refused once, never retried
 
 
-def _rewrite_manifest(store: ModelStore, version: str, edit, reseal: bool) -> None:
-    path = store.root / version / MANIFEST
-    m = json.loads(path.read_text())
-    edit(m)
-    path.write_text(json.dumps(seal_manifest(m) if reseal else m))
-
-
 def test_an_edited_manifest_and_one_naming_another_version_are_refused_and_counted_once(setup):
     store, swapper, refused, _, topic = setup
-    edited = store.publish(small_engine(seed=2), {}, topic, parent="v000001")
-    _rewrite_manifest(store, edited.version, lambda m: m.update(events_applied=12345), reseal=False)
+    edited = publish_tampered(
+        store.root, small_engine(seed=2), topic, lambda m: m.update(events_applied=12345), reseal=False
+    )
     wait_until(lambda: refused, 10, "the edited manifest's refusal")
-    assert refused[0][:2] == ("v000002", "manifest") and "checksum does not match" in refused[0][2]
-    other = store.publish(small_engine(seed=3), {}, topic, parent="v000001")
-    _rewrite_manifest(store, other.version, lambda m: m.update(version="v000001"), reseal=True)
+    assert refused[0][:2] == (edited, "manifest") and "checksum does not match" in refused[0][2]
+    other = publish_tampered(
+        store.root, small_engine(seed=3), topic, lambda m: m.update(version="v000001"), reseal=True
+    )
     wait_until(lambda: len(refused) == 2, 10, "the misnamed manifest's refusal")
-    assert refused[1][:2] == ("v000003", "manifest") and "names version 'v000001'" in refused[1][2]
+    assert refused[1][:2] == (other, "manifest") and "names version 'v000001'" in refused[1][2]
     time.sleep(0.3)  # several more looks at the store
     assert len(refused) == 2 and swapper.take_ready({}) is None
 
