@@ -22,27 +22,13 @@ from _harness import RESULTS, dataset_path, write_results
 from tgnstream.apps.replay import iter_records
 from tgnstream.apps.serve import initial_engine
 from tgnstream.apps.serve_config import ServeConfig
+from tgnstream.apps.testing import StubFetcher
 from tgnstream.core.loaders import load_dataset
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.runtime.live import LiveEngine
 from tgnstream.runtime.metrics import ServerMetrics
 from tgnstream.stream.prefetch import FetchedBatch
 from tgnstream.stream.records import RecordDecoder
-
-
-class _NoKafka:
-    """What the loop asks of its fetcher besides batches (lag, commits)."""
-
-    def __init__(self, end: int):
-        self.highwater = {0: end}
-        self.partitions = [0]
-        self.connected = True
-        self.topic_id = None
-        self.resets: list = []
-
-    def request_commit(self, offsets: dict[int, int]) -> None:
-        pass
-
 
 _NESTED: list[float] = []  # time spent in timed calls nested inside the running one
 
@@ -81,7 +67,7 @@ def main() -> int:
     live = LiveEngine(engine, version, {})
     decoder = RecordDecoder(edge_dim=engine.config.edge_dim, encoding="json")
     loop = IngestLoop(
-        cfg.ingest, live, _NoKafka(len(values)), decoder, None, None, cfg.snapshots, ServerMetrics()
+        cfg.ingest, live, StubFetcher(len(values)), decoder, None, None, cfg.snapshots, ServerMetrics()
     )
     stages = dict.fromkeys(["decode", "assemble: screen, register ids", "quality", "prepare", "commit"], 0.0)
     assembler = loop.assembler

@@ -41,6 +41,7 @@ from _harness import RESULTS, write_results
 from tgnstream.apps.replay import encode_event
 from tgnstream.apps.serve import initial_engine
 from tgnstream.apps.serve_config import ServeConfig
+from tgnstream.apps.testing import StubFetcher
 from tgnstream.core.synthetic import generate_stream
 from tgnstream.ingest.loop import IngestLoop
 from tgnstream.model_server.convert import ScoreQuery, TopKQuery
@@ -51,20 +52,6 @@ from tgnstream.runtime.shared_state import StateBoard
 from tgnstream.runtime.snapshots import SnapshotStore
 from tgnstream.stream.prefetch import FetchedBatch
 from tgnstream.stream.records import RecordDecoder
-
-
-class _NoKafka:
-    """What the loop asks of its fetcher besides batches (lag, commits)."""
-
-    def __init__(self, end: int):
-        self.highwater = {0: end}
-        self.partitions = [0]
-        self.connected = True
-        self.topic_id = None
-        self.resets: list = []
-
-    def request_commit(self, offsets: dict[int, int]) -> None:
-        pass
 
 
 def _rss_mb() -> float:
@@ -117,7 +104,7 @@ def run_size(n_nodes: int, args) -> dict:
     with live.write():  # reader processes would map this shared state (the server's default)
         live.board = StateBoard(engine, version, cfg.ingest.batch_max_events, ctx)
     decoder = RecordDecoder(edge_dim=engine.config.edge_dim, encoding="json")
-    loop = IngestLoop(cfg.ingest, live, _NoKafka(n), decoder, None, None, cfg.snapshots, ServerMetrics())
+    loop = IngestLoop(cfg.ingest, live, StubFetcher(n), decoder, None, None, cfg.snapshots, ServerMetrics())
     b = cfg.ingest.batch_max_events
     src, dst, ts = ev.src.numpy(), ev.dst.numpy(), ev.t.numpy()
     batch_s: list[float] = []

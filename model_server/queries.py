@@ -687,7 +687,8 @@ def _top_k_explicit(
         raise RequestError(f"unknown candidate ids with strict=true: {', '.join(map(repr, bad[:5]))}{more}")
     cached = cache.peek(cache.key(live, engine), exact=True)
     # The state's catalog size decides the candidate times (CandidateCache.mode_for), warm cache or not.
-    mode = cache.mode_for(int(engine.memory.is_destination.sum()))
+    catalog = cached.nodes.numel() if cached is not None else int(engine.memory.is_destination.sum())
+    mode = cache.mode_for(catalog)
     z_c = _explicit_candidate_embeddings(engine, cand, cached, state_time(engine), mode)
     qn = cand.numel()
     logits = _rank(engine, src, t, cand, z_c, live.context)[0]  # [Q]
