@@ -89,6 +89,9 @@ class IngestLoop:
         self._changes = Changes()
         self._changes_complete = False
         self._quality_published_at = float("-inf")
+        # Pairs forgotten (by age, by count) that the metrics already count: a restored state's
+        # own were counted by the process that forgot them.
+        self._forgotten_seen = live.engine.history.evicted[:2].tolist()
         self.batches = 0
         self.final_snapshot_ok: bool | None = None  # set when run() returns after stop()
         # Offers a shadow engine to swap in between two batches (tgnstream.runtime.hot_swap); None: off.
@@ -353,6 +356,12 @@ class IngestLoop:
         engine = self.live.engine
         m.events_applied.set(self.live.stamp().events_applied)  # what answers reflect
         m.memory_nodes.set(len(engine.ids))
+        m.memory_pairs.set(len(engine.history))
+        forgotten = engine.history.evicted[:2].tolist()
+        for rule, now, seen in zip(("age", "count"), forgotten, self._forgotten_seen):
+            if now > seen:  # a restored or swapped-in state may hold fewer: counted from there on
+                m.pairs_forgotten.labels(rule).inc(now - seen)
+        self._forgotten_seen = forgotten
         if np.isfinite(float(engine.watermark)):
             m.ingest_watermark.set(float(engine.watermark))
         now = time.monotonic()

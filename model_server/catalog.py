@@ -41,6 +41,7 @@ import faiss
 import numpy as np
 import torch
 
+from tgnstream.core.edge_history import live_keys
 from tgnstream.core.retrieval import GateStats, candidate_vectors, gate_stats, query_vectors, score_weights
 
 __all__ = ["CatalogIndex", "CatalogSettings", "PairPartners"]
@@ -50,8 +51,6 @@ __all__ = ["CatalogIndex", "CatalogSettings", "PairPartners"]
 _REL_EPS = 1e-4
 # Rows assigned to centroids per chunk (bounds the [rows, nlist] score matrix).
 _ASSIGN_CHUNK = 16_384
-# EdgeHistory's empty-slot marker (the largest int64: never a pair key).
-_EMPTY_KEY = torch.iinfo(torch.int64).max
 # k-means: sample points per centroid and iterations.
 _TRAIN_PER_LIST = 48
 _TRAIN_ITERS = 12
@@ -318,7 +317,7 @@ class PairPartners:
         if self.key == key:
             return
         keys = history.keys.clone()  # a private copy: a reader's view may change under it
-        keys = keys[keys != _EMPTY_KEY]
+        keys = keys[live_keys(keys)]
         lo, hi = keys >> 32, keys & 0xFFFFFFFF
         node, partner = torch.cat([lo, hi]), torch.cat([hi, lo])
         order = torch.argsort(node * (1 << 32) + partner)

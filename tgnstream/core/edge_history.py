@@ -1,5 +1,6 @@
 """Exact per-pair interaction history (count, last time) in an open-addressing hash table of
-device tensors: a batch's lookups and inserts cost O(batch), whatever the number of pairs."""
+device tensors: a batch's lookups and inserts cost O(batch), whatever the number of pairs; an
+optional retention rule (by age in event time, by count) forgets old pairs at batch boundaries."""
 
 from __future__ import annotations
 
@@ -7,15 +8,28 @@ import torch
 
 from tgnstream.core.buffers import ResizableBufferModule
 
-__all__ = ["EdgeHistory", "pair_keys"]
+__all__ = ["EdgeHistory", "live_keys", "pair_keys", "SWEEP_FRACTION"]
 
 _SHIFT = 32
 # Marks an empty slot; never equals a real key (ids are < 2**31, so keys are < 2**63 - 1).
 _EMPTY = torch.iinfo(torch.int64).max
+# Marks a slot whose pair was forgotten (retention): probes pass it, inserts may claim it.
+_GONE = _EMPTY - 1
 _LOW31 = (1 << 31) - 1
 # Odd multipliers below 2**31: every product below stays under 2**62, so no int64 overflow.
 _M1, _M2, _M3 = 0x2545F491, 0x6C8E9CF5, 0x5BD1E995
 _MIN_SLOTS = 2048
+#: An age sweep runs once the watermark has moved this fraction of the age limit since the last
+#: one, so a pair is forgotten between ``max_age`` and ``(1 + SWEEP_FRACTION) * max_age`` after its
+#: newest event; a count sweep once the pairs exceed the limit by this fraction.
+SWEEP_FRACTION = 0.125
+# evicted[] slots: pairs forgotten by age, by count; sweeps run.
+_BY_AGE, _BY_COUNT, _SWEEPS = range(3)
+
+
+def live_keys(keys: torch.Tensor) -> torch.Tensor:
+    """``[S]`` bool: the slots of a table's ``keys [S]`` that hold a pair (neither empty nor forgotten)."""
+    return keys < _GONE
 
 
 def pair_keys(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -41,13 +55,17 @@ def _slots_for(pairs: int) -> int:
 
 
 class EdgeHistory(ResizableBufferModule):
-    """Count and last time of every undirected node pair seen so far.
+    """Count and last time of every undirected node pair seen so far (and not forgotten).
 
-    Buffers (S = slots, a power of two, at least twice the P pairs held):
-        keys: ``[S]`` int64 pair keys (see ``pair_keys``) at their slots, a sentinel where empty.
+    Buffers (S = slots, a power of two, at least twice the P pairs held plus the G forgotten slots):
+        keys: ``[S]`` int64 pair keys (see ``pair_keys``) at their slots, a sentinel where empty
+            and another where a pair was forgotten.
         counts: ``[S]`` int64 number of events on the pair.
         last_t: ``[S]`` float64 time of the newest event on the pair.
         size: ``[]`` int64, P.
+        gone: ``[]`` int64, G (forgotten slots the next reallocation reclaims).
+        evicted: ``[3]`` int64, pairs forgotten by age, by count, and the sweeps run.
+        swept_at: ``[]`` float64, the watermark at the last age sweep.
 
     An open-addressing hash table with linear probing: a lookup follows each key's probe
     sequence until it meets the key or an empty slot; an insert claims the first empty slot of
@@ -58,6 +76,12 @@ class EdgeHistory(ResizableBufferModule):
     re-placed) only when it would pass half full: the one growth event, so readers in other
     processes keep mapping the buffers between two. State dicts hold the ``P`` live entries
     sorted by key (independent of the layout; the format of the earlier sorted-array table).
+
+    Retention (``retain``, after a batch's insert): pairs whose newest event is older than the
+    age limit are forgotten, and beyond a count limit the oldest pairs (ties: smaller key) are;
+    a sweep runs at batch boundaries by a rule of the log alone (``SWEEP_FRACTION``). A forgotten
+    pair reads as never seen; its slot is marked, not emptied, so other keys' probe sequences
+    stay intact, and costs O(forgotten) to mark after an O(S) scan.
     """
 
     def __init__(self, device: torch.device | str = "cpu", capacity: int = 0):
@@ -67,6 +91,9 @@ class EdgeHistory(ResizableBufferModule):
         self.register_buffer("counts", torch.zeros(slots, dtype=torch.long, device=device))
         self.register_buffer("last_t", torch.zeros(slots, dtype=torch.float64, device=device))
         self.register_buffer("size", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("gone", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("evicted", torch.zeros(3, dtype=torch.long, device=device))
+        self.register_buffer("swept_at", torch.zeros((), dtype=torch.float64, device=device))
 
     def __len__(self) -> int:
         return int(self.size)
@@ -81,6 +108,13 @@ class EdgeHistory(ResizableBufferModule):
         self.counts.zero_()
         self.last_t.zero_()
         self.size.zero_()
+        self.gone.zero_()
+        self.evicted.zero_()
+        self.swept_at.zero_()
+
+    def needs_rehash(self, more: int) -> bool:
+        """Whether inserting ``more`` new pairs would reallocate the table."""
+        return 2 * (len(self) + int(self.gone) + more) > self.keys.numel()
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` pairs (a reallocation: the one explicit growth event)."""
@@ -88,16 +122,34 @@ class EdgeHistory(ResizableBufferModule):
         if slots > self.keys.numel():
             self._rehash(slots)
 
-    def _rehash(self, slots: int) -> None:
-        live = self.keys != _EMPTY
+    def table_for(self, more: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A table with room for ``more`` new pairs beyond those held, built aside (``rehashed``),
+        when inserting them would reallocate this one; None when they fit. A server builds it
+        ahead of its write lock and ``adopt``s it under the lock: the copy then holds nobody."""
+        return self.rehashed(_slots_for(len(self) + more)) if self.needs_rehash(more) else None
+
+    def rehashed(self, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New ``keys, counts, last_t [slots]`` holding the live entries (the table is not touched:
+        a writer may build them without its lock, then ``adopt`` them under it)."""
+        live = live_keys(self.keys)
         keys, counts, last_t = self.keys[live], self.counts[live], self.last_t[live]
         order = torch.argsort(keys)  # re-placed in key order: the new layout is a function of the set
         dev = self.keys.device
-        self.keys = torch.full((slots,), _EMPTY, dtype=torch.long, device=dev)
-        self.counts = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.last_t = torch.zeros(slots, dtype=torch.float64, device=dev)
-        self.size.zero_()
-        self._place(keys[order], counts[order], last_t[order])
+        table = (
+            torch.full((slots,), _EMPTY, dtype=torch.long, device=dev),
+            torch.zeros(slots, dtype=torch.long, device=dev),
+            torch.zeros(slots, dtype=torch.float64, device=dev),
+        )
+        _place_into(table, keys[order], counts[order], last_t[order])
+        return table
+
+    def adopt(self, table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Serve from ``table`` (built by ``rehashed`` from this state, which has not changed since)."""
+        self.keys, self.counts, self.last_t = table
+        self.gone.zero_()
+
+    def _rehash(self, slots: int) -> None:
+        self.adopt(self.rehashed(slots))
 
     def _find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ``[M]`` and found mask ``[M]`` of each key (the slot is meaningless where not found)."""
@@ -145,42 +197,55 @@ class EdgeHistory(ResizableBufferModule):
             self.last_t[p] = torch.maximum(self.last_t[p], newest[found])
         fresh = ~found
         if fresh.any():
-            total = len(self) + int(fresh.sum())
-            if 2 * total > self.keys.numel():
-                self._rehash(_slots_for(total))  # about twice the slots: half full at most
+            more = int(fresh.sum())
+            if self.needs_rehash(more):
+                self._rehash(_slots_for(len(self) + more))  # about twice the slots: half full at most
             self._place(uniq[fresh], n_new_events[fresh], newest[fresh])
 
     def _place(self, keys: torch.Tensor, counts: torch.Tensor, last_t: torch.Tensor) -> None:
         """Insert ``keys [K]`` (sorted, distinct, none present) with their values."""
-        table = self.keys
-        mask = table.numel() - 1
-        slot = _home(keys, mask)
-        todo = torch.arange(keys.numel(), device=keys.device)
-        for _ in range(table.numel()):
-            if todo.numel() == 0:
-                break
-            s = slot[todo]
-            free = table[s] == _EMPTY
-            # Of the keys reaching one free slot, the first in key order (todo is sorted) wins.
-            cand = todo[free]
-            cs = s[free]
-            order = torch.argsort(cs, stable=True)
-            cs_sorted = cs[order]
-            first = torch.ones_like(cs_sorted, dtype=torch.bool)
-            if cs_sorted.numel() > 1:
-                first[1:] = cs_sorted[1:] != cs_sorted[:-1]
-            won = cand[order[first]]
-            at = slot[won]
-            table[at], self.counts[at], self.last_t[at] = keys[won], counts[won], last_t[won]
-            placed = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-            placed[won] = True
-            todo = todo[~placed[todo]]
-            slot[todo] = (slot[todo] + 1) & mask
+        self.gone -= _place_into((self.keys, self.counts, self.last_t), keys, counts, last_t)
         self.size += keys.numel()
+
+    # --------------------------------------------------------------------------- retention
+    @torch.no_grad()
+    def retain(self, watermark: float, max_age: float | None, max_pairs: int | None) -> int:
+        """Forget pairs by the retention rule if a sweep is due at this batch boundary (see the
+        class docstring); returns the number forgotten. ``watermark``: the newest event time
+        applied. A function of the state and the log alone, so every replica forgets alike."""
+        forgotten = 0
+        sweeps = int(self.evicted[_SWEEPS])
+        if max_age is not None and (
+            sweeps == 0 or watermark - float(self.swept_at) >= SWEEP_FRACTION * max_age
+        ):
+            live = live_keys(self.keys)
+            old = live & (self.last_t < watermark - max_age)
+            forgotten += self._forget(torch.nonzero(old).squeeze(1), _BY_AGE)
+            self.swept_at.fill_(watermark)
+            self.evicted[_SWEEPS] += 1
+        if max_pairs is not None and len(self) > max_pairs + int(SWEEP_FRACTION * max_pairs):
+            slots = torch.nonzero(live_keys(self.keys)).squeeze(1)
+            # Oldest first, ties by smaller key: sort by key, then stably by time.
+            slots = slots[torch.argsort(self.keys[slots])]
+            slots = slots[torch.argsort(self.last_t[slots], stable=True)]
+            forgotten += self._forget(slots[: len(self) - max_pairs], _BY_COUNT)
+            self.evicted[_SWEEPS] += 1
+        return forgotten
+
+    def _forget(self, slots: torch.Tensor, rule: int) -> int:
+        n = int(slots.numel())
+        if n:
+            self.keys[slots] = _GONE
+            self.counts[slots] = 0
+            self.last_t[slots] = 0.0
+            self.size -= n
+            self.gone += n
+            self.evicted[rule] += n
+        return n
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live entries sorted by key: ``keys [P]``, ``counts [P]``, ``last_t [P]`` (copies)."""
-        live = self.keys != _EMPTY
+        live = live_keys(self.keys)
         keys = self.keys[live]
         order = torch.argsort(keys)
         return keys[order], self.counts[live][order], self.last_t[live][order]
@@ -193,11 +258,15 @@ class EdgeHistory(ResizableBufferModule):
             counts,
             last_t,
         )
+        destination[prefix + "gone"] = torch.zeros_like(self.gone)  # the saved entries are compact
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
         keys = state_dict.get(prefix + "keys")
         if keys is not None and prefix + "size" not in state_dict:
             state_dict[prefix + "size"] = torch.tensor(keys.numel(), dtype=torch.long)  # older states
+        for name in ("gone", "evicted", "swept_at"):  # states saved before retention existed
+            if keys is not None and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(getattr(self, name), device="cpu")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         p = len(self)
         if self.keys.numel() != p:
@@ -212,4 +281,43 @@ class EdgeHistory(ResizableBufferModule):
         self.counts = torch.zeros(slots, dtype=torch.long, device=dev)
         self.last_t = torch.zeros(slots, dtype=torch.float64, device=dev)
         self.size.zero_()
+        self.gone.zero_()
         self._place(keys, counts, last_t)
+
+
+def _place_into(
+    table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    keys: torch.Tensor,
+    counts: torch.Tensor,
+    last_t: torch.Tensor,
+) -> int:
+    """Write ``keys [K]`` (sorted, distinct, none present) with their values into the slots of
+    ``table`` (keys, counts, last times) their probe sequences reach first (an empty or a
+    forgotten slot); returns how many forgotten slots they took."""
+    slots, slot_counts, slot_t = table
+    mask = slots.numel() - 1
+    slot = _home(keys, mask)
+    todo = torch.arange(keys.numel(), device=keys.device)
+    reused = 0
+    for _ in range(slots.numel()):
+        if todo.numel() == 0:
+            break
+        s = slot[todo]
+        free = slots[s] >= _GONE
+        # Of the keys reaching one free slot, the first in key order (todo is sorted) wins.
+        cand = todo[free]
+        cs = s[free]
+        order = torch.argsort(cs, stable=True)
+        cs_sorted = cs[order]
+        first = torch.ones_like(cs_sorted, dtype=torch.bool)
+        if cs_sorted.numel() > 1:
+            first[1:] = cs_sorted[1:] != cs_sorted[:-1]
+        won = cand[order[first]]
+        at = slot[won]
+        reused += int((slots[at] == _GONE).sum())
+        slots[at], slot_counts[at], slot_t[at] = keys[won], counts[won], last_t[won]
+        placed = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+        placed[won] = True
+        todo = todo[~placed[todo]]
+        slot[todo] = (slot[todo] + 1) & mask
+    return reused

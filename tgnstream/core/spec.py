@@ -114,6 +114,20 @@ class ModelSpec(BaseModel):
         "computation stays float32, values are rounded when stored. bfloat16 halves their bytes "
         "(benchmarks/state_precision.py measures what it costs in AP/MRR)",
     )
+    history_max_age: float | None = Field(
+        None,
+        gt=0,
+        description="pair-history retention by age, in event-time units: a pair whose newest event is "
+        "this much older than the newest event applied is forgotten (reads as never seen) at the "
+        "next sweep, at most an eighth of it later; None keeps every pair (docs/scale-out.md, "
+        "retention)",
+    )
+    history_max_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="pair-history retention by count: once the pairs held pass this by an eighth, the "
+        "oldest (by newest event, ties by smaller ids) are forgotten down to it; None: no limit",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

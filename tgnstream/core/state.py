@@ -278,15 +278,19 @@ class MemoryState(nn.Module):
 
     # ------------------------------------------------------------------------------- write
     def record(self, batch: EventBatch) -> None:
-        """The structural part of applying a batch: neighbour table, pair history, destinations,
-        counters. Independent of the memory part (``apply_memory``), so a pipeline's producer can
-        keep structure exact while the trainer writes memories back."""
+        """The structural part of applying a batch: neighbour table, pair history (and its
+        retention rule, at this batch boundary), destinations, counters. Independent of the
+        memory part (``apply_memory``), so a pipeline's producer can keep structure exact while
+        the trainer writes memories back."""
         self.memory.is_destination[batch.dst] = True
         self.neighbors.insert(batch.src, batch.dst, batch.t, batch.feats)
         self.history.insert(batch.src, batch.dst, batch.t)
         self.events_applied += len(batch)
         self.watermark.copy_(torch.maximum(self.watermark, batch.t.max()))
         self.first_event_time.copy_(torch.minimum(self.first_event_time, batch.t.min()))
+        cfg = self.config
+        if cfg.history_max_age is not None or cfg.history_max_pairs is not None:
+            self.history.retain(float(self.watermark), cfg.history_max_age, cfg.history_max_pairs)
 
     @torch.no_grad()
     def apply_memory(

@@ -152,6 +152,17 @@ class ServerMetrics:
         )
         # --- memory
         self.memory_nodes = Gauge("tgnstream_memory_nodes", "Nodes known to the live memory", registry=r)
+        self.memory_pairs = Gauge(
+            "tgnstream_memory_pairs", "Node pairs held in the pair history (after retention)", registry=r
+        )
+        self.pairs_forgotten = Counter(
+            "tgnstream_pairs_forgotten_total",
+            "Pairs the pair-history retention forgot, by rule (age, count)",
+            ["rule"],
+            registry=r,
+        )
+        for rule in ("age", "count"):  # exported at zero: without retention they stay there
+            self.pairs_forgotten.labels(rule)
         self.memory_device_bytes = Gauge(
             "tgnstream_memory_device_bytes",
             "Bytes held by the engine's state and weights on its device",

@@ -28,6 +28,7 @@ __all__ = [
     "check_delta",
     "delta_payload",
     "id_extent",
+    "pairs_forgotten",
     "weights_stamp",
 ]
 
@@ -35,11 +36,13 @@ DELTA_FORMAT = 1
 
 #: Submodules whose every buffer has one row per node slot (first dimension = capacity).
 PER_NODE = ("memory", "neighbors", "pres")
-#: Scalar buffers a delta carries whole.
-SCALARS = ("events_applied", "watermark", "first_event_time")
+#: Scalar buffers a delta carries whole (the pair history's retention counters among them: a
+#: sweep that forgets nothing still moves them; one that forgets pairs makes the next snapshot a
+#: full base, see ``pairs_forgotten``).
+SCALARS = ("events_applied", "watermark", "first_event_time", "history.evicted", "history.swept_at")
 #: Submodules a delta carries as appended ids / touched entries.
 HISTORY, IDS = "history", "ids"
-_HISTORY_KEYS = {"history.keys", "history.counts", "history.last_t", "history.size"}
+_HISTORY_KEYS = {"history.keys", "history.counts", "history.last_t", "history.size", "history.gone"}
 _IDS_KEYS = {"ids.blob", "ids.offsets"}
 _LOW32 = 0xFFFFFFFF
 # Compact the accumulated ids once this many are pending: bounds the memory of a long interval
@@ -167,8 +170,9 @@ def delta_payload(
     keys = changes.pairs()
     k = keys.to(dev)
     counts, last_t = engine.history.lookup(k >> 32, k & _LOW32)
-    # Every pair written is in the table (it only grows); the filter keeps a stray key from
-    # ever adding an entry a full snapshot would not hold.
+    # Every pair written is in the table (nothing was forgotten since the parent, or this would
+    # be a full base); the filter keeps a stray key from ever adding an entry a full snapshot
+    # would not hold.
     held = (counts > 0).cpu()
     keys, counts, last_t = keys[held], counts.cpu()[held], last_t.cpu()[held]
     n_ids, id_bytes = id_extent(engine)
@@ -185,7 +189,7 @@ def delta_payload(
             "blob": ids.blob[parent_id_bytes:id_bytes].clone(),
             "offsets": ids.offsets[parent_ids + 1 : n_ids + 1].clone(),
         },
-        "scalars": {name: getattr(engine, name).detach().cpu().clone() for name in SCALARS},
+        "scalars": {name: engine.get_buffer(name).detach().cpu().clone() for name in SCALARS},
     }
 
 
@@ -282,7 +286,14 @@ def apply_deltas(engine: MemoryEngine, deltas: list[dict]) -> None:
         engine.ids.lookup(names, create=True)
         engine.ids.flush()
     for name in SCALARS:
-        getattr(engine, name).copy_(deltas[-1]["scalars"][name])
+        if name in deltas[-1]["scalars"]:  # deltas written before retention lack its counters
+            engine.get_buffer(name).copy_(deltas[-1]["scalars"][name])
+
+
+def pairs_forgotten(engine: MemoryEngine) -> int:
+    """Pairs the state's retention has forgotten so far. A delta carries the pairs written, not
+    those forgotten: a snapshot after any is a full base (``SnapshotStore`` compares this)."""
+    return int(engine.history.evicted[:2].sum())
 
 
 def _merge_pairs(engine: MemoryEngine, parts: list[dict]) -> None:

@@ -56,6 +56,7 @@ from tgnstream.runtime.snapshot_delta import (
     check_delta,
     delta_payload,
     id_extent,
+    pairs_forgotten,
     weights_stamp,
 )
 
@@ -193,6 +194,7 @@ class _Head:
     ids: int
     id_bytes: int
     depth: int  # deltas since the base
+    forgotten: int = 0  # pairs_forgotten at the time
 
 
 class SnapshotStore:
@@ -316,6 +318,7 @@ class SnapshotStore:
             n_ids,
             id_bytes,
             depth,
+            pairs_forgotten(engine),
         )
         self.prune()
         return snap
@@ -352,6 +355,8 @@ class SnapshotStore:
             return "the weights were written"
         if int(engine.events_applied) < s.events_applied or engine.capacity < head.capacity:
             return "the state went back"
+        if pairs_forgotten(engine) != head.forgotten:
+            return "the pair history's retention forgot pairs since the last snapshot"
         for path in (*s.chain, s.path):
             # The chain must still be there as written, or the delta could never be restored.
             try:

@@ -46,6 +46,8 @@ MAKE_TRAIN_SPEC = dict(
     pres_gamma=0.9,
     pres_learn_gamma=False,
     state_dtype="bfloat16",
+    history_max_age=None,
+    history_max_pairs=None,
 )
 
 

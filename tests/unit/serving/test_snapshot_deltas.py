@@ -34,10 +34,16 @@ class Writer:
     the ``Changes`` the ingest loop would accumulate."""
 
     def __init__(
-        self, pres: bool = False, edge_dim: int = 0, capacity: int = 8, seed: int = 0, dtype: str = "float32"
+        self,
+        pres: bool = False,
+        edge_dim: int = 0,
+        capacity: int = 8,
+        seed: int = 0,
+        dtype: str = "float32",
+        **spec,
     ):
         torch.manual_seed(seed)
-        config = ModelConfig.preset("tgn", width=8, edge_dim=edge_dim, pres=pres, state_dtype=dtype)
+        config = ModelConfig.preset("tgn", width=8, edge_dim=edge_dim, pres=pres, state_dtype=dtype, **spec)
         self.engine = MemoryEngine(config, capacity).eval()
         if pres:  # learnt statistics, as a trained checkpoint brings them
             g = torch.Generator().manual_seed(1)
@@ -116,6 +122,28 @@ def test_a_chain_restores_the_full_snapshot_state_bit_for_bit(tmp_path, pres, ed
     assert_same(got, wants[-1])
     for snap, want in zip(snaps, wants):
         assert_same(snap.load(), want)
+
+
+def test_retention_deltas_carry_its_counters_and_a_snapshot_after_forgetting_is_a_full_base(tmp_path):
+    """Pair-history retention forgets pairs no delta lists: a snapshot after any was forgotten
+    is a full base; one after sweeps that forgot nothing is a delta and carries the sweep
+    counters. Either way the chain restores the full snapshot's state bit for bit."""
+    w = Writer(history_max_age=40.0)
+    store = SnapshotStore(tmp_path / "snaps", keep=1, full_every=50, delta_max_fraction=1.0)
+    kinds, swept_in_delta = [], False
+    # Last, two names only: their three pairs recur so often that later sweeps forget nothing.
+    for i, (events, names) in enumerate([(300, 60), (4, 3), (300, 200), (120, 2), (30, 2), (30, 2)]):
+        forgotten, sweeps = snapshot_delta.pairs_forgotten(w.engine), int(w.engine.history.evicted[2])
+        w.run(events, names=names, batch=2 if events < 10 else 10)
+        snap = w.snapshot(store)
+        kinds.append(snap.kind)
+        assert (snap.kind == "full") == (i == 0 or snapshot_delta.pairs_forgotten(w.engine) != forgotten)
+        swept_in_delta |= snap.kind == "delta" and int(w.engine.history.evicted[2]) > sweeps
+        assert_same(
+            SnapshotStore(tmp_path / "snaps").restore_latest()[1], full_state(w.engine, tmp_path, str(i))
+        )
+    assert swept_in_delta and kinds.count("full") >= 2, kinds
+    assert int(w.engine.history.evicted[0]) > 100
 
 
 def test_a_delta_holds_only_what_changed(tmp_path):
@@ -332,3 +360,50 @@ def test_the_ingest_loop_writes_a_base_then_deltas_and_a_base_after_a_swap(tmp_p
     _feed(loop, values, 1200, 1300)
     assert loop.snapshot()
     assert store.complete()[-1].kind == "full" and store.complete()[-1].model_version == "v2"
+
+
+def test_the_ingest_loop_counts_what_retention_forgot(tmp_path):
+    """Served with a retention rule, the ingest path forgets pairs as the state's rule says and
+    counts them in ``tgnstream_pairs_forgotten_total``; the pairs held match a reference
+    EdgeHistory fed the same events, one batch of 20 at a time, with the same rule."""
+    from tgnstream.core.edge_history import EdgeHistory
+
+    spec = ModelConfig.preset("tgn", width=8, history_max_age=150.0, history_max_pairs=100)
+    live = LiveEngine(MemoryEngine(spec, 16).eval(), "v1", {})
+    metrics = ServerMetrics()
+    # Many pairs (the count rule forgets), then a few recurring ones (the age rule forgets the rest).
+    values = _records(600, 120, seed=3) + [
+        encode_event(f"u{i % 2}", f"p{i % 3}", 600.0 + i) for i in range(600)
+    ]
+    loop = IngestLoop(
+        IngestConfig(batch_max_events=20, quality={"enabled": False}),
+        live,
+        StubFetcher(len(values)),
+        RecordDecoder(),
+        None,
+        None,
+        SnapshotConfig(dir=tmp_path / "snaps"),
+        metrics,
+    )
+    _feed(loop, values, 0, 1200)
+    loop._publish_state_metrics(force=True)
+    ref = EdgeHistory()
+    engine = live.engine
+    events = [json.loads(v) for v in values]
+    for at in range(0, int(engine.events_applied), 20):  # the applied batches (not the open one)
+        batch = events[at : at + 20]
+        src, _ = engine.ids.lookup([e["src"] for e in batch], create=False)
+        dst, _ = engine.ids.lookup([e["dst"] for e in batch], create=False)
+        t = torch.tensor([e["ts"] for e in batch], dtype=torch.float64)
+        ref.insert(src, dst, t)
+        ref.retain(float(t.max()), 150.0, 100)
+    assert ref.evicted.tolist() == engine.history.evicted.tolist()
+    assert int(ref.evicted[0]) >= 50 and int(ref.evicted[1]) > 100  # both rules forgot
+    assert ref.state_dict()["keys"].equal(engine.history.state_dict()["keys"])
+    counted = {
+        m.labels["rule"]: m.value
+        for m in metrics.pairs_forgotten.collect()[0].samples
+        if m.name.endswith("_total")
+    }
+    assert counted == {"age": float(ref.evicted[0]), "count": float(ref.evicted[1])}
+    assert metrics.memory_pairs._value.get() == len(ref)
