@@ -245,6 +245,7 @@ class IngestLoop:
         self._publish_state_metrics()
 
     def _register(self, names: list[str]) -> torch.Tensor:
+        self.live.make_room(new_ids=len(names))  # any growth copies here, not under the lock
         with self.live.write(state=False) as engine:
             dense, _ = engine.ids.lookup(names, create=True)
             engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids
@@ -278,6 +279,8 @@ class IngestLoop:
         started = time.perf_counter()
         prepared = self._prepare(batch.events, batch.source) if len(batch.events) else None
         applied = 0
+        if prepared is not None:
+            self.live.make_room(new_pairs=len(prepared.batch))
         with self.live.write() as engine:
             if prepared is not None:
                 events = prepared.batch

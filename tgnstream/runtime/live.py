@@ -206,6 +206,25 @@ class LiveEngine:
     def reserve_cold_slot(self) -> None:
         self.engine.ensure_capacity(len(self.engine.ids) + 1)
 
+    def make_room(self, new_ids: int = 0, new_pairs: int = 0) -> None:
+        """Grow the state ahead of a write that may add up to ``new_ids`` ids and ``new_pairs``
+        pairs, so that the write itself never reallocates. Call from the writer thread outside
+        ``write()``: the copies then hold no lock, and queries go on meanwhile.
+
+        Node buffers keep every row at its index when they grow, and nothing writes them while
+        they are copied (the one writer is here), so a query that reads some old and some new
+        buffers reads the same values. The pair table's entries move to new slots: the new table
+        is built aside and adopted in one short write section."""
+        engine = self.engine
+        need = len(engine.ids) + new_ids + 1  # and the cold-start slot
+        if need > engine.capacity:
+            engine.ensure_capacity(need)
+        history = engine.history
+        table = history.table_for(new_pairs) if new_pairs else None
+        if table is not None:
+            with self.write():
+                history.adopt(table)
+
     @property
     def open(self) -> OpenBatch | None:
         return self._open
