@@ -13,22 +13,17 @@ stream. Also the pairs held at the end and the pairs forgotten.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _checkpoint_eval import checkpoint_runs_parser, replay_then_evaluate, test_start
 from _harness import RESULTS, dataset_path, write_results
-from tqdm.auto import tqdm
 
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.edge_history import pair_keys
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
-from tgnstream.core.step import TemporalStep
-from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
-from tgnstream.trainer.config import OfflineTrainConfig
 
 #: (label, age as a fraction of the span, count as a fraction of the pairs at the test span's start)
 RULES = (
@@ -42,8 +37,7 @@ RULES = (
 def evaluate(checkpoint: Path, data_name: str, rules, batch: int) -> dict:
     data = load_dataset(dataset_path(data_name))
     trained, _ = load_checkpoint(checkpoint)
-    defaults = OfflineTrainConfig.model_fields
-    _, test0 = data.chronological_split(defaults["val_frac"].default, defaults["test_frac"].default)
+    test0 = test_start(data)
     ev = data.events
     span = float(ev.t[-1] - ev.t[0])
     pairs_at_test = int(torch.unique(pair_keys(ev.src[:test0], ev.dst[:test0])).numel())
@@ -54,19 +48,18 @@ def evaluate(checkpoint: Path, data_name: str, rules, batch: int) -> dict:
         config = trained.config.model_copy(update={"history_max_age": age, "history_max_pairs": count})
         engine = MemoryEngine(config).eval()
         engine.model.load_state_dict(trained.model.state_dict())
-        started = time.perf_counter()
-        with torch.no_grad():
-            for i in tqdm(range(0, test0, batch), desc=f"{data_name} {label} history", leave=False):
-                TemporalStep(engine).apply(data.events.slice(i, min(i + batch, test0)))
-        replay_s = time.perf_counter() - started
-        held_at_test = len(engine.history)
-        metrics = summarise(evaluate_stream(engine, data, test0, len(data), EvalSettings(batch_size=batch)))
+        held_at_test: list[int] = []  # the pairs held when the test span begins (before it is evaluated)
+
+        def note_held(held=held_at_test, history=engine.history) -> None:
+            held.append(len(history))
+
+        metrics, replay_s = replay_then_evaluate(engine, data, batch, f"{data_name} {label}", note_held)
         h = engine.history
         out["rules"][label] = {
             "max_age": age,
             "max_pairs": count,
-            **{k: float(v) for k, v in metrics.items()},
-            "pairs_held_at_test_start": held_at_test,
+            **metrics,
+            "pairs_held_at_test_start": held_at_test[0],
             "pairs_held_at_end": len(h),
             "forgotten_by_age": int(h.evicted[0]),
             "forgotten_by_count": int(h.evicted[1]),
@@ -77,17 +70,7 @@ def evaluate(checkpoint: Path, data_name: str, rules, batch: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--run",
-        action="append",
-        required=True,
-        metavar="DATASET=CHECKPOINT",
-        help="dataset and its checkpoint",
-    )
-    p.add_argument("--batch-size", type=int, default=200, help="evaluation batch (the training protocol's)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS / "retention.json")
+    p = checkpoint_runs_parser(__doc__, RESULTS / "retention.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results = {}

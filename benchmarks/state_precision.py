@@ -11,20 +11,16 @@ buffers take with each type.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
+from _checkpoint_eval import checkpoint_runs_parser, replay_then_evaluate
 from _harness import RESULTS, dataset_path, write_results
-from tqdm.auto import tqdm
 
 from tgnstream.core.checkpoint import load_checkpoint
 from tgnstream.core.engine import MemoryEngine
 from tgnstream.core.loaders import load_dataset
-from tgnstream.core.step import TemporalStep
-from tgnstream.core.stream_eval import EvalSettings, evaluate_stream, summarise
-from tgnstream.trainer.config import OfflineTrainConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,31 +30,16 @@ def evaluate(checkpoint: Path, data_name: str, dtype: str, batch: int) -> dict:
     trained, _ = load_checkpoint(checkpoint)
     engine = MemoryEngine(trained.config.model_copy(update={"state_dtype": dtype})).eval()
     engine.model.load_state_dict(trained.model.state_dict())
-    defaults = OfflineTrainConfig.model_fields
-    _, test0 = data.chronological_split(defaults["val_frac"].default, defaults["test_frac"].default)
-    with torch.no_grad():
-        for i in tqdm(range(0, test0, batch), desc=f"{data_name} {dtype} history", leave=False):
-            TemporalStep(engine).apply(data.events.slice(i, min(i + batch, test0)))
-    metrics = summarise(evaluate_stream(engine, data, test0, len(data), EvalSettings(batch_size=batch)))
+    metrics, _ = replay_then_evaluate(engine, data, batch, f"{data_name} {dtype}")
     mem = engine.memory
     per_node = (mem.memory[0].numel() * mem.memory.element_size()) + (
         mem.mail[0].numel() * mem.mail.element_size()
     )
-    return {**{k: float(v) for k, v in metrics.items()}, "memory_and_mail_bytes_per_node": per_node}
+    return {**metrics, "memory_and_mail_bytes_per_node": per_node}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--run",
-        action="append",
-        required=True,
-        metavar="DATASET=CHECKPOINT",
-        help="dataset and its checkpoint",
-    )
-    p.add_argument("--batch-size", type=int, default=200, help="evaluation batch (the training protocol's)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS / "state_precision.json")
+    p = checkpoint_runs_parser(__doc__, RESULTS / "state_precision.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results = {}

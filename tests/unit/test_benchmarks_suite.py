@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))
 #: Sibling modules the scripts import by name (the script's folder is ``sys.path[0]``).
-SIBLINGS = ("_harness", "grpc_latency", "pyg_baseline")
+SIBLINGS = ("_harness", "_checkpoint_eval", "grpc_latency", "pyg_baseline")
 
 
 @pytest.fixture

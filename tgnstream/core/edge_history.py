@@ -204,7 +204,8 @@ class EdgeHistory(ResizableBufferModule):
 
     def _place(self, keys: torch.Tensor, counts: torch.Tensor, last_t: torch.Tensor) -> None:
         """Insert ``keys [K]`` (sorted, distinct, none present) with their values."""
-        self.gone -= _place_into((self.keys, self.counts, self.last_t), keys, counts, last_t)
+        table = (self.keys, self.counts, self.last_t)
+        self.gone -= _place_into(table, keys, counts, last_t, count_reused=bool(self.gone))
         self.size += keys.numel()
 
     # --------------------------------------------------------------------------- retention
@@ -290,10 +291,12 @@ def _place_into(
     keys: torch.Tensor,
     counts: torch.Tensor,
     last_t: torch.Tensor,
+    count_reused: bool = False,
 ) -> int:
     """Write ``keys [K]`` (sorted, distinct, none present) with their values into the slots of
     ``table`` (keys, counts, last times) their probe sequences reach first (an empty or a
-    forgotten slot); returns how many forgotten slots they took."""
+    forgotten slot); returns how many forgotten slots they took when ``count_reused`` (0
+    otherwise: a table without forgotten slots skips the count, a device sync per probe round)."""
     slots, slot_counts, slot_t = table
     mask = slots.numel() - 1
     slot = _home(keys, mask)
@@ -314,7 +317,8 @@ def _place_into(
             first[1:] = cs_sorted[1:] != cs_sorted[:-1]
         won = cand[order[first]]
         at = slot[won]
-        reused += int((slots[at] == _GONE).sum())
+        if count_reused:
+            reused += int((slots[at] == _GONE).sum())
         slots[at], slot_counts[at], slot_t[at] = keys[won], counts[won], last_t[won]
         placed = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
         placed[won] = True

@@ -325,6 +325,12 @@ def _records(n: int, names: int, seed: int) -> list[bytes]:
     return [encode_event(f"u{pick[2 * i]}", f"p{pick[2 * i + 1]}", float(i)) for i in range(n)]
 
 
+def _ingest_loop(live, records: int, store, cfg: SnapshotConfig, metrics: ServerMetrics) -> IngestLoop:
+    """The real ingest loop over ``live``, batches of 20 events, fed by ``_feed``."""
+    config = IngestConfig(batch_max_events=20, quality={"enabled": False})
+    return IngestLoop(config, live, StubFetcher(records), RecordDecoder(), None, store, cfg, metrics)
+
+
 def test_the_ingest_loop_writes_a_base_then_deltas_and_a_base_after_a_swap(tmp_path):
     """Through the real ingest path: the first snapshot of a loop is a full base (the state it
     started from may not be the one restored), later ones deltas of the nodes its batches
@@ -334,16 +340,7 @@ def test_the_ingest_loop_writes_a_base_then_deltas_and_a_base_after_a_swap(tmp_p
     store = SnapshotStore(tmp_path / "snaps", keep=3)
     cfg = SnapshotConfig(dir=tmp_path / "snaps", every_events=10**9, full_every=3, delta_max_fraction=1.0)
     values = _records(1200, 150, seed=1)
-    loop = IngestLoop(
-        IngestConfig(batch_max_events=20, quality={"enabled": False}),
-        live,
-        StubFetcher(len(values)),
-        RecordDecoder(),
-        None,
-        store,
-        cfg,
-        ServerMetrics(),
-    )
+    loop = _ingest_loop(live, len(values), store, cfg, ServerMetrics())
     kinds = []
     for part in range(4):
         _feed(loop, values, 300 * part, 300 * (part + 1))
@@ -375,16 +372,7 @@ def test_the_ingest_loop_counts_what_retention_forgot(tmp_path):
     values = _records(600, 120, seed=3) + [
         encode_event(f"u{i % 2}", f"p{i % 3}", 600.0 + i) for i in range(600)
     ]
-    loop = IngestLoop(
-        IngestConfig(batch_max_events=20, quality={"enabled": False}),
-        live,
-        StubFetcher(len(values)),
-        RecordDecoder(),
-        None,
-        None,
-        SnapshotConfig(dir=tmp_path / "snaps"),
-        metrics,
-    )
+    loop = _ingest_loop(live, len(values), None, SnapshotConfig(dir=tmp_path / "snaps"), metrics)
     _feed(loop, values, 0, 1200)
     loop._publish_state_metrics(force=True)
     ref = EdgeHistory()
