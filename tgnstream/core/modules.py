@@ -91,6 +91,11 @@ class MLPMessage(nn.Module):
         return self.net(torch.cat([mail, time_enc], dim=-1))
 
 
+#: Queries one attention pass takes at once: larger sets (a catalog's candidates) go in chunks of
+#: this many, so the per-edge tensors stay a few hundred MB. Sets up to it compute as one pass.
+ATTENTION_CHUNK = 1 << 15
+
+
 class TemporalAttentionEmbedding(nn.Module):
     """One layer of temporal graph attention over each query node's K most recent neighbours.
 
@@ -116,13 +121,31 @@ class TemporalAttentionEmbedding(nn.Module):
         self.out_dim = e
 
     def forward(self, node_mem, q_idx, nb_idx, nb_dt, nb_feats, mask):
+        # Project per node, then gather per edge: K times fewer rows through the matmul.
+        kv_nodes = self.kv_node(node_mem)
+        m = q_idx.shape[0]
+        if m <= ATTENTION_CHUNK:
+            return self._attend(node_mem, kv_nodes, q_idx, nb_idx, nb_dt, nb_feats, mask)
+        # A catalog's worth of queries: the per-edge tensors ([M, K, width] several times over)
+        # would take gigabytes at once; queries are independent, so they go in chunks.
+        return torch.cat(
+            [
+                self._attend(
+                    node_mem,
+                    kv_nodes,
+                    *(x[i : i + ATTENTION_CHUNK] for x in (q_idx, nb_idx, nb_dt, nb_feats, mask)),
+                )
+                for i in range(0, m, ATTENTION_CHUNK)
+            ]
+        )
+
+    def _attend(self, node_mem, kv_nodes, q_idx, nb_idx, nb_dt, nb_feats, mask):
         m, k = nb_idx.shape
         h_q = node_mem.index_select(0, q_idx)
         phi0 = self.time_encoder.at_zero().expand(m, -1)
         q = self.q(torch.cat([h_q, phi0], -1)).view(m, self.heads, self.head_dim)
-        # Project per node, then gather per edge: K times fewer rows through the matmul.
         # Explicit sizes, not -1: zero queries (a TopK before any event) must reshape too.
-        kv = self.kv_node(node_mem).index_select(0, nb_idx.reshape(-1)).view(m, k, 2 * self.out_dim)
+        kv = kv_nodes.index_select(0, nb_idx.reshape(-1)).view(m, k, 2 * self.out_dim)
         edge_in = self.time_encoder(nb_dt)
         if nb_feats.shape[-1]:
             edge_in = torch.cat([nb_feats, edge_in], -1)
