@@ -124,6 +124,7 @@ def synthetic(size: int, args) -> dict:
         "cache_refresh_s": refresh_s,
         "index_update_s": update_s,
         "rows_readded": two.catalog.rows_added - added,
+        "rows_near_two_centroids": two.catalog.rows_near_two,
         "two_stage_ms_p50": statistics.median(lat_two),
         "two_stage_ms_p99": _pct(lat_two, 0.99),
         "queries": len(sources),

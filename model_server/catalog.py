@@ -51,6 +51,8 @@ __all__ = ["CatalogIndex", "CatalogSettings", "PairPartners"]
 _REL_EPS = 1e-4
 # Rows assigned to centroids per chunk (bounds the [rows, nlist] score matrix).
 _ASSIGN_CHUNK = 16_384
+# Rows whose nearest centroid is decided in float64 at a time (bounds a [rows, nlist, h] product).
+_EXACT_CHUNK = 256
 # k-means: sample points per centroid and iterations.
 _TRAIN_PER_LIST = 48
 _TRAIN_ITERS = 12
@@ -99,6 +101,7 @@ class CatalogIndex:
         self._reset()
         self.trained = 0  # quantizers trained
         self.rows_added = 0  # vectors (re)added, first builds included
+        self.rows_near_two = 0  # of those, rows whose list was decided in float64 (near two centroids)
         self.extras_key: tuple | None = None
         self._extras: torch.Tensor | None = None
 
@@ -234,10 +237,12 @@ class CatalogIndex:
             best = top.indices[:, 0].clone()
             bound = _REL_EPS * (xb.norm(dim=1) * scale + scale * scale)
             close = (top.values[:, 0] - top.values[:, 1]) <= bound
-            if bool(close.any()):
-                xc = xb[close].double()
-                exact = (xc.unsqueeze(1) * c64.unsqueeze(0)).sum(-1) - half64
-                best[close] = exact.argmax(1)  # first maximum: exact ties go to the lower list
+            near = close.nonzero().squeeze(1)
+            self.rows_near_two += int(near.numel())
+            for j in range(0, near.numel(), _EXACT_CHUNK):
+                sel = near[j : j + _EXACT_CHUNK]
+                floor = top.values[sel, 0] - 2 * bound[sel]
+                best[sel] = _nearest_exactly(xb[sel], s[sel], floor, c64, half64)
             out.append(best)
         return torch.cat(out)
 
@@ -332,6 +337,26 @@ class PairPartners:
         if u < 0 or u + 1 >= self._ptr.numel():
             return self._partner[:0]
         return self._partner[int(self._ptr[u]) : int(self._ptr[u + 1])]
+
+
+def _nearest_exactly(
+    x: torch.Tensor, s: torch.Tensor, floor: torch.Tensor, c64: torch.Tensor, half64: torch.Tensor
+) -> torch.Tensor:
+    """Nearest centroid of each row of ``x [n, h]`` in float64, among the centroids whose float32
+    score ``s [n, nlist]`` is at least ``floor [n]`` (below the best by twice the rounding bound,
+    so the float64 best and every centroid tied with it are among them): ``[n]`` int64, the
+    first (lowest) of equal maxima, exactly what comparing against every centroid gives. Each
+    (row, centroid) value is one product summed over ``h``, whatever else is compared."""
+    nlist = s.shape[1]
+    within = s >= floor.unsqueeze(1)
+    width = int(within.sum(1).max())
+    ids = torch.arange(nlist).expand_as(s)
+    cand = torch.where(within, ids, nlist).sort(1).values[:, :width]  # ascending, padded with nlist
+    valid = cand < nlist
+    safe = cand.clamp(max=nlist - 1)
+    exact = (x.double().unsqueeze(1) * c64[safe]).sum(-1) - half64[safe]
+    exact = exact.masked_fill(~valid, float("-inf"))
+    return cand.gather(1, exact.argmax(1, keepdim=True)).squeeze(1)
 
 
 def _top_by_value_then_id(values: torch.Tensor, n: int, ids: torch.Tensor | None = None) -> torch.Tensor:
