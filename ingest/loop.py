@@ -245,7 +245,7 @@ class IngestLoop:
         self._publish_state_metrics()
 
     def _register(self, names: list[str]) -> torch.Tensor:
-        self.live.make_room(new_ids=len(names))  # any growth copies here, not under the lock
+        self.live.make_room(new_ids=names)  # any growth copies here, not under the lock
         with self.live.write(state=False) as engine:
             dense, _ = engine.ids.lookup(names, create=True)
             engine.ids.flush()  # leaving write() also reserves the cold-start slot for new ids

@@ -206,7 +206,7 @@ class LiveEngine:
     def reserve_cold_slot(self) -> None:
         self.engine.ensure_capacity(len(self.engine.ids) + 1)
 
-    def make_room(self, new_ids: int = 0, new_pairs: int = 0) -> None:
+    def make_room(self, new_ids: int | list[str] = 0, new_pairs: int = 0) -> None:
         """Grow the state ahead of a write that may add up to ``new_ids`` ids and ``new_pairs``
         pairs, so that the write itself never reallocates. Call from the writer thread outside
         ``write()``: the copies then hold no lock, and queries go on meanwhile.
@@ -214,8 +214,15 @@ class LiveEngine:
         Node buffers keep every row at its index when they grow, and nothing writes them while
         they are copied (the one writer is here), so a query that reads some old and some new
         buffers reads the same values. The pair table's entries move to new slots: the new table
-        is built aside and adopted in one short write section."""
+        is built aside and adopted in one short write section. ``new_ids`` may be the names about
+        to be registered: they are then counted (only when they might not fit), so that a chunk
+        of known names does not grow the state."""
         engine = self.engine
+        if isinstance(new_ids, list):
+            if len(engine.ids) + len(new_ids) + 1 <= engine.capacity:
+                new_ids = 0
+            else:  # the one writer is the only one that adds names: reading the map here is safe
+                new_ids = int((engine.ids.lookup(new_ids, create=False)[0] < 0).sum())
         need = len(engine.ids) + new_ids + 1  # and the cold-start slot
         if need > engine.capacity:
             engine.ensure_capacity(need)
